@@ -1,0 +1,211 @@
+//! Bazel 4.2.3 as the REAPI client: the product's reference scenarios.
+//!
+//! Every test builds a private copy of `tests/fixtures/cc-workspace` with its
+//! own Bazel output root, so no test sees another's local state, and checks
+//! the outputs byte for byte against `buildkube_tests::fixture`.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use buildkube_tests::fixture::{
+    self, ALL_TARGETS, BROKEN_EXIT_CODE, BROKEN_MESSAGE, BROKEN_TARGET,
+};
+use buildkube_tests::{
+    remote_cache_flags, remote_execution_flags, Bazel, BazelRun, Server, Worker,
+};
+
+/// How long a fresh worker may take to show up in the server's metrics.
+const WORKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `args` followed by `extra`.
+fn with(args: &[String], extra: &[&str]) -> Vec<String> {
+    args.iter()
+        .cloned()
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect()
+}
+
+/// A server and one worker in its own process, connected.
+fn farm() -> Result<(Server, Worker)> {
+    let server = Server::start()?;
+    let worker = Worker::start(&server)?;
+    server.wait_for_workers(1, WORKER_CONNECT_TIMEOUT)?;
+    Ok((server, worker))
+}
+
+/// Every spawn ran remotely: nothing on this machine, something remote.
+fn ensure_all_remote(run: &BazelRun) -> Result<()> {
+    let summary = run.summary()?;
+    ensure!(
+        summary.local().is_empty(),
+        "spawns ran locally: {summary}\n{run}"
+    );
+    ensure!(
+        summary.remote() > 0,
+        "no spawn ran remotely: {summary}\n{run}"
+    );
+    Ok(())
+}
+
+/// Every spawn was a cache hit: nothing executed, here or remotely.
+fn ensure_all_cache_hits(run: &BazelRun, expected_hits: u64) -> Result<()> {
+    let summary = run.summary()?;
+    ensure!(
+        summary.remote() == 0 && summary.local().is_empty(),
+        "spawns were executed instead of served from the cache: {summary}\n{run}"
+    );
+    ensure!(
+        summary.remote_cache_hits() == expected_hits,
+        "expected {expected_hits} remote cache hits: {summary}\n{run}"
+    );
+    Ok(())
+}
+
+/// What Bazel says about the failing target: its exit code and its stderr.
+fn ensure_reports_broken_target(run: &BazelRun) -> Result<()> {
+    ensure!(
+        run.exit_code == Some(1),
+        "expected Bazel's build-failure exit code 1\n{run}"
+    );
+    ensure!(
+        run.output().contains(&format!("(Exit {BROKEN_EXIT_CODE})")),
+        "Bazel does not report the action's exit code {BROKEN_EXIT_CODE}\n{run}"
+    );
+    // A line of its own: the message also appears quoted in the command line.
+    ensure!(
+        run.has_line(BROKEN_MESSAGE),
+        "Bazel does not show the action's stderr `{BROKEN_MESSAGE}`\n{run}"
+    );
+    Ok(())
+}
+
+/// The harness and fixture alone: Bazel builds and tests the workspace on
+/// this machine with no remote at all, and the failing target fails as the
+/// remote tests expect it to.
+#[test]
+fn local_build_and_test_need_no_remote() -> Result<()> {
+    let bazel = Bazel::new()?;
+    let build = bazel.build([ALL_TARGETS])?;
+    build.ensure_success()?;
+    ensure!(build.summary()?.remote() == 0, "{build}");
+    fixture::check_build_outputs(&bazel)?;
+    bazel.test([ALL_TARGETS])?.ensure_success()?;
+    fixture::check_test_outputs(&bazel)?;
+    ensure_reports_broken_target(&bazel.build([BROKEN_TARGET])?)
+}
+
+/// (a) `bazel build //...` and `bazel test //...` with every spawn executed
+/// by a worker in its own process; outputs byte-correct.
+#[test]
+fn remote_execution_builds_and_tests_everything_remotely() -> Result<()> {
+    let (server, _worker) = farm()?;
+    let bazel = Bazel::new()?;
+    let flags = remote_execution_flags(&server);
+
+    let build = bazel.build(with(&flags, &[ALL_TARGETS]))?;
+    build.ensure_success()?;
+    ensure_all_remote(&build)?;
+    fixture::check_build_outputs(&bazel)?;
+
+    let test = bazel.test(with(&flags, &[ALL_TARGETS]))?;
+    test.ensure_success()?;
+    ensure_all_remote(&test)?;
+    ensure!(
+        test.stdout
+            .lines()
+            .chain(test.stderr.lines())
+            .any(|line| line.contains("//app:greet_test") && line.contains("PASSED")),
+        "no `//app:greet_test PASSED` line\n{test}"
+    );
+    fixture::check_test_outputs(&bazel)
+}
+
+/// (b) After `bazel clean`, the same build executes nothing: every spawn is
+/// a remote cache hit.
+#[test]
+fn rebuild_after_clean_is_all_remote_cache_hits() -> Result<()> {
+    let (server, _worker) = farm()?;
+    let bazel = Bazel::new()?;
+    let flags = remote_execution_flags(&server);
+
+    let first = bazel.build(with(&flags, &[ALL_TARGETS]))?;
+    first.ensure_success()?;
+    ensure_all_remote(&first)?;
+    let spawns = first.summary()?.spawns();
+
+    bazel.clean()?;
+    let second = bazel.build(with(&flags, &[ALL_TARGETS]))?;
+    second.ensure_success()?;
+    ensure_all_cache_hits(&second, spawns)?;
+    fixture::check_build_outputs(&bazel)
+}
+
+/// (c) A failing action reports its exit code and its stderr through Bazel,
+/// and is not cached: building it again fails the same way.
+#[test]
+fn failing_action_reports_exit_code_and_stderr() -> Result<()> {
+    let (server, _worker) = farm()?;
+    let bazel = Bazel::new()?;
+    let flags = remote_execution_flags(&server);
+
+    for attempt in 1..=2 {
+        let run = bazel.build(with(&flags, &[BROKEN_TARGET]))?;
+        ensure_reports_broken_target(&run).with_context(|| format!("attempt {attempt}"))?;
+        let summary = run.summary()?;
+        ensure!(
+            summary.local().is_empty(),
+            "attempt {attempt}: ran locally: {summary}\n{run}"
+        );
+        ensure!(
+            summary.remote_cache_hits() == 0,
+            "attempt {attempt}: a failed action was served from the cache: {summary}\n{run}"
+        );
+    }
+    Ok(())
+}
+
+/// (d) `--remote_cache` alone: spawns run locally and are uploaded; after
+/// `bazel clean` the same build is all cache hits.
+#[test]
+fn remote_cache_only_serves_local_builds() -> Result<()> {
+    let server = Server::start()?;
+    let bazel = Bazel::new()?;
+    let flags = remote_cache_flags(&server);
+
+    let first = bazel.build(with(&flags, &[ALL_TARGETS]))?;
+    first.ensure_success()?;
+    let summary = first.summary()?;
+    ensure!(
+        summary.remote() == 0 && summary.remote_cache_hits() == 0 && !summary.local().is_empty(),
+        "a first cache-only build should run every spawn locally: {summary}\n{first}"
+    );
+    let spawns = summary.spawns();
+    fixture::check_build_outputs(&bazel)?;
+
+    bazel.clean()?;
+    let second = bazel.build(with(&flags, &[ALL_TARGETS]))?;
+    second.ensure_success()?;
+    ensure_all_cache_hits(&second, spawns)?;
+    fixture::check_build_outputs(&bazel)
+}
+
+/// (e) A server restarted on the same data dir still has the CAS and the
+/// action cache: after clean and restart, the build is all cache hits.
+#[test]
+fn restart_keeps_cas_and_action_cache() -> Result<()> {
+    let (mut server, _worker) = farm()?;
+    let bazel = Bazel::new()?;
+
+    let first = bazel.build(with(&remote_execution_flags(&server), &[ALL_TARGETS]))?;
+    first.ensure_success()?;
+    ensure_all_remote(&first)?;
+    let spawns = first.summary()?.spawns();
+
+    bazel.clean()?;
+    server.restart()?;
+    // The ports may have changed: the flags are made anew.
+    let second = bazel.build(with(&remote_execution_flags(&server), &[ALL_TARGETS]))?;
+    second.ensure_success()?;
+    ensure_all_cache_hits(&second, spawns)?;
+    fixture::check_build_outputs(&bazel)
+}

@@ -1,0 +1,6 @@
+//! buildkube's end-to-end tests: one test binary, one module per area.
+//!
+//! They run the real `buildkube-server`, `buildkube-worker` and Bazel; build
+//! the binaries first: `cargo build --workspace --bins`.
+
+mod e2e_bazel;
