@@ -1,0 +1,65 @@
+//! Distinct blobs made cheaply: random filler shared by all blobs, made
+//! unique by a prefix of the run's nonce and the blob's index.
+
+use buildkube_reapi::Digest;
+use bytes::{BufMut, Bytes, BytesMut};
+use rand::RngCore;
+
+/// Bytes of the unique prefix; smaller blobs are truncated prefixes and may repeat.
+const PREFIX_LEN: usize = 16;
+
+/// Makes blob number `i` of a given size, different from every other run's.
+#[derive(Clone)]
+pub(crate) struct BlobMaker {
+    nonce: u64,
+    filler: Bytes,
+}
+
+impl BlobMaker {
+    /// A maker for blobs of up to `max_size` bytes.
+    pub(crate) fn new(max_size: u64) -> BlobMaker {
+        let mut filler = vec![0u8; max_size as usize];
+        rand::thread_rng().fill_bytes(&mut filler);
+        BlobMaker {
+            nonce: rand::random(),
+            filler: filler.into(),
+        }
+    }
+
+    /// A random 64-bit number fixed for this run.
+    pub(crate) fn nonce(&self) -> u64 {
+        self.nonce
+    }
+
+    /// Blob `index` of `size` bytes (at most the maker's `max_size`) and its digest.
+    pub(crate) fn blob(&self, index: u64, size: u64) -> (Digest, Bytes) {
+        let size = size as usize;
+        let mut data = BytesMut::with_capacity(size.max(PREFIX_LEN));
+        data.put_u64(self.nonce);
+        data.put_u64(index);
+        data.truncate(size);
+        if size > PREFIX_LEN {
+            data.extend_from_slice(&self.filler[PREFIX_LEN..size]);
+        }
+        let data = data.freeze();
+        (Digest::of_bytes(&data), data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_have_the_size_asked_and_differ_by_index() {
+        let maker = BlobMaker::new(4096);
+        let (d1, b1) = maker.blob(1, 4096);
+        let (d2, b2) = maker.blob(2, 4096);
+        assert_eq!((b1.len(), b2.len()), (4096, 4096));
+        assert_ne!(d1, d2);
+        assert_eq!(maker.blob(1, 4096).0, d1);
+        assert_eq!(maker.blob(3, 5).1.len(), 5);
+        assert_eq!(maker.blob(3, 0).0, Digest::EMPTY);
+        assert_ne!(BlobMaker::new(64).blob(1, 64).0, BlobMaker::new(64).blob(1, 64).0);
+    }
+}

@@ -1,0 +1,307 @@
+//! The one source of truth for buildkube's names, ports and flags.
+//!
+//! The server and worker binaries parse their command lines with [`ServerArgs`]
+//! and [`WorkerArgs`]; `manifests-gen` builds the same structs and renders them
+//! back into container arguments with `to_args`, so a flag used in a manifest
+//! always exists in the binary, and a default port is written down once.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Default gRPC port of the server (REAPI and the worker protocol).
+pub const DEFAULT_GRPC_PORT: u16 = 8980;
+/// Default HTTP port of the server (`/healthz`, `/readyz`, `/metrics`, `/operations`).
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
+/// Default HTTP port of a worker (`/healthz`, `/metrics`).
+pub const DEFAULT_WORKER_HTTP_PORT: u16 = 8081;
+/// Instance name served when none is configured.
+pub const DEFAULT_INSTANCE: &str = "main";
+/// HTTP path of the liveness probe.
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// HTTP path of the readiness probe.
+pub const READYZ_PATH: &str = "/readyz";
+/// HTTP path of the Prometheus metrics.
+pub const METRICS_PATH: &str = "/metrics";
+/// Prometheus gauge: actions waiting for a worker, labelled `instance` and `platform`.
+pub const METRIC_QUEUE_DEPTH: &str = "buildkube_queue_depth";
+/// Prometheus gauge: actions leased to workers and running, labelled `instance` and `platform`.
+pub const METRIC_ACTIONS_RUNNING: &str = "buildkube_actions_running";
+/// Prometheus gauge: worker connections seen within the last lease interval.
+pub const METRIC_WORKERS_CONNECTED: &str = "buildkube_workers_connected";
+/// Prometheus gauge: workers with at least one running action.
+pub const METRIC_WORKERS_BUSY: &str = "buildkube_workers_busy";
+/// Worker platform property that selects how an action is run.
+pub const PLATFORM_RUNNER_KEY: &str = "runner";
+/// gRPC metadata key carrying the bearer token when auth is enabled.
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+
+/// Output format of the structured logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    fn as_arg(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+}
+
+/// Parses sizes such as `10GiB`, `512M`, `4096`.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (examples: 4096, 512MiB, 10G)"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit `{other}` in `{text}`")),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("size `{text}` overflows"))
+}
+
+/// Command line of `buildkube-server`. Every flag has a `BUILDKUBE_*` env fallback.
+#[derive(Parser, Debug, Clone, PartialEq)]
+#[command(name = "buildkube-server", version, about = "Remote Execution API v2 server and scheduler")]
+pub struct ServerArgs {
+    /// gRPC listen address (REAPI services, worker protocol, health).
+    #[arg(long, env = "BUILDKUBE_LISTEN", default_value_t = loopback(DEFAULT_GRPC_PORT))]
+    pub listen: SocketAddr,
+    /// HTTP listen address (/healthz, /readyz, /metrics, /operations).
+    #[arg(long, env = "BUILDKUBE_HTTP_LISTEN", default_value_t = loopback(DEFAULT_HTTP_PORT))]
+    pub http_listen: SocketAddr,
+    /// Directory holding the CAS and the action cache; created if missing.
+    #[arg(long, env = "BUILDKUBE_DATA_DIR", default_value = "buildkube-data")]
+    pub data_dir: PathBuf,
+    /// Instance names served (repeat the flag or separate with commas).
+    /// An empty instance name ("") is served only if listed.
+    #[arg(long = "instance", env = "BUILDKUBE_INSTANCE", value_delimiter = ',', default_value = DEFAULT_INSTANCE)]
+    pub instances: Vec<String>,
+    /// Run this many workers inside the server process (the one-command farm).
+    #[arg(long, env = "BUILDKUBE_LOCAL_WORKERS", default_value_t = 0)]
+    pub local_workers: usize,
+    /// CAS size budget; least recently used blobs are evicted beyond it.
+    #[arg(long, env = "BUILDKUBE_CAS_MAX_SIZE", default_value = "10GiB", value_parser = parse_byte_size)]
+    pub cas_max_size: u64,
+    /// Seconds a worker may go without a keep-alive before its leases are requeued.
+    #[arg(long, env = "BUILDKUBE_LEASE_TIMEOUT_SECS", default_value_t = 30)]
+    pub lease_timeout_secs: u64,
+    /// How many times an action is handed to a worker before it fails with an error.
+    #[arg(long, env = "BUILDKUBE_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// File holding the bearer token clients and workers must send; no auth if unset.
+    #[arg(long, env = "BUILDKUBE_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "BUILDKUBE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Write the bound gRPC and HTTP addresses to this file once listening
+    /// (lines `grpc=ADDR` and `http=ADDR`); for tests and scripts that bind port 0.
+    #[arg(long, env = "BUILDKUBE_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
+}
+
+impl Default for ServerArgs {
+    fn default() -> Self {
+        ServerArgs::parse_from(["buildkube-server"])
+    }
+}
+
+impl ServerArgs {
+    /// Renders the arguments as a command line (without the program name)
+    /// that parses back into `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("--listen={}", self.listen),
+            format!("--http-listen={}", self.http_listen),
+            format!("--data-dir={}", self.data_dir.display()),
+            format!("--instance={}", self.instances.join(",")),
+            format!("--local-workers={}", self.local_workers),
+            format!("--cas-max-size={}", self.cas_max_size),
+            format!("--lease-timeout-secs={}", self.lease_timeout_secs),
+            format!("--max-attempts={}", self.max_attempts),
+            format!("--log-format={}", self.log_format.as_arg()),
+        ];
+        if let Some(path) = &self.auth_token_file {
+            args.push(format!("--auth-token-file={}", path.display()));
+        }
+        if let Some(path) = &self.addr_file {
+            args.push(format!("--addr-file={}", path.display()));
+        }
+        args
+    }
+}
+
+/// Command line of `buildkube-worker`. Every flag has a `BUILDKUBE_*` env fallback.
+#[derive(Parser, Debug, Clone, PartialEq)]
+#[command(name = "buildkube-worker", version, about = "Runs actions leased from a buildkube server")]
+pub struct WorkerArgs {
+    /// Server gRPC endpoint, e.g. http://buildkube-server:8980.
+    #[arg(long, env = "BUILDKUBE_SERVER", default_value_t = format!("http://127.0.0.1:{DEFAULT_GRPC_PORT}"))]
+    pub server: String,
+    /// Instance name to take work from.
+    #[arg(long, env = "BUILDKUBE_INSTANCE", default_value = DEFAULT_INSTANCE)]
+    pub instance: String,
+    /// Directory for the file cache and the per-action directories; created if missing.
+    #[arg(long, env = "BUILDKUBE_WORK_DIR", default_value = "buildkube-worker")]
+    pub work_dir: PathBuf,
+    /// Actions run at once (default: the number of CPUs).
+    #[arg(long, env = "BUILDKUBE_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Platform property `key=value` this worker offers (repeatable, or comma separated in the env).
+    #[arg(long = "platform", env = "BUILDKUBE_PLATFORM", value_delimiter = ',', value_parser = parse_platform_property)]
+    pub platform: Vec<(String, String)>,
+    /// Worker name in logs and metrics (default: hostname-pid).
+    #[arg(long, env = "BUILDKUBE_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// File holding the bearer token sent to the server.
+    #[arg(long, env = "BUILDKUBE_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Shell script sourced (by bash) before every command, e.g. to export credentials.
+    #[arg(long, env = "BUILDKUBE_ENV_SCRIPT")]
+    pub env_script: Option<PathBuf>,
+    /// Local input file cache budget.
+    #[arg(long, env = "BUILDKUBE_CACHE_MAX_SIZE", default_value = "5GiB", value_parser = parse_byte_size)]
+    pub cache_max_size: u64,
+    /// On SIGTERM, seconds to let running actions finish before they are killed.
+    #[arg(long, env = "BUILDKUBE_DRAIN_TIMEOUT_SECS", default_value_t = 600)]
+    pub drain_timeout_secs: u64,
+    /// HTTP listen address of the worker (/healthz, /readyz, /metrics); readiness
+    /// turns false while draining.
+    #[arg(long, env = "BUILDKUBE_HTTP_LISTEN", default_value_t = loopback(DEFAULT_WORKER_HTTP_PORT))]
+    pub http_listen: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "BUILDKUBE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Default for WorkerArgs {
+    fn default() -> Self {
+        WorkerArgs::parse_from(["buildkube-worker"])
+    }
+}
+
+impl WorkerArgs {
+    /// Renders the arguments as a command line (without the program name)
+    /// that parses back into `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("--server={}", self.server),
+            format!("--instance={}", self.instance),
+            format!("--work-dir={}", self.work_dir.display()),
+        ];
+        if let Some(n) = self.concurrency {
+            args.push(format!("--concurrency={n}"));
+        }
+        for (key, value) in &self.platform {
+            args.push(format!("--platform={key}={value}"));
+        }
+        if let Some(id) = &self.worker_id {
+            args.push(format!("--worker-id={id}"));
+        }
+        if let Some(path) = &self.auth_token_file {
+            args.push(format!("--auth-token-file={}", path.display()));
+        }
+        if let Some(path) = &self.env_script {
+            args.push(format!("--env-script={}", path.display()));
+        }
+        args.push(format!("--cache-max-size={}", self.cache_max_size));
+        args.push(format!("--drain-timeout-secs={}", self.drain_timeout_secs));
+        args.push(format!("--http-listen={}", self.http_listen));
+        args.push(format!("--log-format={}", self.log_format.as_arg()));
+        args
+    }
+}
+
+/// The value of the `platform` label on the queue metrics for a set of
+/// platform properties: `key=value` pairs sorted by key then value, joined by
+/// commas (`OSFamily=Linux,runner=sandbox`); empty for no properties. The
+/// server labels its gauges with it and the autoscalers' queries match it.
+pub fn platform_label<'a>(properties: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut pairs: Vec<(&str, &str)> = properties.into_iter().collect();
+    pairs.sort_unstable();
+    pairs
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses one `key=value` platform property.
+pub fn parse_platform_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("platform property `{text}` must be key=value with a non-empty key")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_args_round_trip() {
+        let mut args = ServerArgs::default();
+        args.instances = vec!["main".into(), "ci".into()];
+        args.auth_token_file = Some("/etc/buildkube/token".into());
+        args.local_workers = 2;
+        let mut cmd = vec!["buildkube-server".to_string()];
+        cmd.extend(args.to_args());
+        assert_eq!(ServerArgs::try_parse_from(cmd).unwrap(), args);
+    }
+
+    #[test]
+    fn worker_args_round_trip() {
+        let mut args = WorkerArgs::default();
+        args.platform = vec![("OSFamily".into(), "Linux".into()), ("runner".into(), "sandbox".into())];
+        args.concurrency = Some(4);
+        args.env_script = Some("/etc/buildkube/env.sh".into());
+        let mut cmd = vec!["buildkube-worker".to_string()];
+        cmd.extend(args.to_args());
+        assert_eq!(WorkerArgs::try_parse_from(cmd).unwrap(), args);
+    }
+
+    #[test]
+    fn platform_label_is_sorted() {
+        assert_eq!(platform_label([("runner", "sandbox"), ("OSFamily", "Linux")]), "OSFamily=Linux,runner=sandbox");
+        assert_eq!(platform_label([]), "");
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_byte_size("4096").unwrap(), 4096);
+        assert_eq!(parse_byte_size("10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_byte_size("512M").unwrap(), 512 << 20);
+        assert!(parse_byte_size("12 parsecs").is_err());
+        assert!(parse_byte_size("-1").is_err());
+    }
+
+    #[test]
+    fn bad_platform_property_names_the_text() {
+        let err = parse_platform_property("novalue").unwrap_err();
+        assert!(err.contains("novalue"));
+    }
+}

@@ -1,0 +1,111 @@
+//! What every service shares: storage, the scheduler, instances, counters.
+
+use std::sync::Arc;
+
+use buildkube_proto::reapi;
+use buildkube_reapi::Digest;
+use prost::Message;
+use tonic::Status;
+
+use crate::error::{bad_digest, missing_blobs_status, to_tonic};
+use crate::instances::Instances;
+use crate::metrics::Metrics;
+use crate::scheduler::Scheduler;
+use crate::storage::{FsActionCache, FsCas};
+
+/// Shared state of one server.
+pub struct Farm {
+    /// Blob storage (shared by all instances: content addressing makes that safe).
+    pub cas: FsCas,
+    /// Action results, per instance.
+    pub action_cache: FsActionCache,
+    /// Operations and workers.
+    pub scheduler: Arc<Scheduler>,
+    /// Served instance names.
+    pub instances: Instances,
+    /// Counters.
+    pub metrics: Metrics,
+}
+
+impl Farm {
+    /// Reads and decodes a message stored in the CAS; `None` if absent.
+    pub async fn read_message<M: Message + Default>(&self, digest: &Digest, what: &str) -> Result<Option<M>, Status> {
+        let Some(data) = self.cas.read(digest).await? else {
+            return Ok(None);
+        };
+        M::decode(data).map(Some).map_err(|e| Status::invalid_argument(format!("{what} {digest} is not a valid message: {e}")))
+    }
+
+    /// Every directory of the tree under `root`, root first (breadth first).
+    /// Missing directories are collected in `missing` instead of failing.
+    pub async fn walk_tree(&self, root: Digest, missing: &mut Vec<Digest>) -> Result<Vec<(Digest, reapi::Directory)>, Status> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut frontier = vec![root];
+        while !frontier.is_empty() {
+            let mut next = Vec::new();
+            for digest in frontier {
+                if !seen.insert(digest) {
+                    continue;
+                }
+                let Some(directory) = self.read_message::<reapi::Directory>(&digest, "directory").await? else {
+                    missing.push(digest);
+                    continue;
+                };
+                for child in &directory.directories {
+                    next.push(Digest::from_field(child.digest.as_ref()).map_err(|e| bad_digest(&format!("directory {digest} entry {:?}", child.name), e))?);
+                }
+                out.push((digest, directory));
+            }
+            frontier = next;
+        }
+        Ok(out)
+    }
+
+    /// Fails with FAILED_PRECONDITION (and a PreconditionFailure listing every
+    /// missing blob) unless the input root and all it references are stored.
+    pub async fn check_inputs(&self, input_root: Digest) -> Result<(), Status> {
+        let mut missing = Vec::new();
+        let tree = self.walk_tree(input_root, &mut missing).await?;
+        let mut files = Vec::new();
+        for (digest, directory) in &tree {
+            for file in &directory.files {
+                files.push(Digest::from_field(file.digest.as_ref()).map_err(|e| bad_digest(&format!("directory {digest} file {:?}", file.name), e))?);
+            }
+        }
+        files.sort();
+        files.dedup();
+        missing.extend(self.cas.find_missing(&files));
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(to_tonic(missing_blobs_status("input", &missing)))
+        }
+    }
+
+    /// Whether every blob an action result references is still stored
+    /// (outputs, stdout/stderr, output trees and the files inside them).
+    pub async fn result_is_complete(&self, result: &reapi::ActionResult) -> Result<bool, Status> {
+        let mut wanted = Vec::new();
+        let parse = |d: Option<&reapi::Digest>| Digest::from_field(d).ok();
+        for file in &result.output_files {
+            wanted.extend(parse(file.digest.as_ref()));
+        }
+        wanted.extend(parse(result.stdout_digest.as_ref()));
+        wanted.extend(parse(result.stderr_digest.as_ref()));
+        for dir in &result.output_directories {
+            let Some(tree_digest) = parse(dir.tree_digest.as_ref()) else {
+                return Ok(false);
+            };
+            let Some(tree) = self.read_message::<reapi::Tree>(&tree_digest, "tree").await? else {
+                return Ok(false);
+            };
+            for directory in tree.root.iter().chain(tree.children.iter()) {
+                for file in &directory.files {
+                    wanted.extend(parse(file.digest.as_ref()));
+                }
+            }
+        }
+        Ok(self.cas.find_missing(&wanted).is_empty())
+    }
+}

@@ -1,0 +1,202 @@
+//! buildkube's REAPI server: CAS, ByteStream, ActionCache, Execution,
+//! Operations and Capabilities over embedded storage, plus the worker
+//! protocol and the scheduler behind it.
+//!
+//! Where things happen: bytes enter through [`service::CasService`] and
+//! [`service::ByteStreamService`] into [`storage::FsCas`]; actions are queued
+//! by [`service::ExecutionService`] in [`scheduler::Scheduler`] and leased to
+//! workers through [`service::WorkerProtocolService`].
+
+// Deprecated REAPI fields (Command.platform, output_files...) are still what
+// older clients such as Bazel 4 send, so they are read deliberately.
+#![allow(deprecated)]
+
+pub mod error;
+pub mod farm;
+pub mod http;
+pub mod instances;
+pub mod metrics;
+pub mod scheduler;
+pub mod service;
+pub mod storage;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use buildkube_config::{ServerArgs, WorkerArgs};
+use buildkube_proto::bytestream::byte_stream_server::ByteStreamServer;
+use buildkube_proto::longrunning::operations_server::OperationsServer;
+use buildkube_proto::reapi::action_cache_server::ActionCacheServer;
+use buildkube_proto::reapi::capabilities_server::CapabilitiesServer;
+use buildkube_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use buildkube_proto::reapi::execution_server::ExecutionServer;
+use buildkube_proto::worker::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::farm::Farm;
+use crate::instances::Instances;
+use crate::metrics::Metrics;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::service::MAX_GRPC_MESSAGE;
+use crate::storage::{FsActionCache, FsCas};
+
+/// Checks `authorization: Bearer TOKEN` on every gRPC call when a token is configured.
+fn auth_check(token: Option<String>) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    let expected = token.map(|t| format!("Bearer {}", t.trim()));
+    move |request: tonic::Request<()>| {
+        let Some(expected) = &expected else { return Ok(request) };
+        match request.metadata().get(buildkube_config::AUTHORIZATION_HEADER).and_then(|v| v.to_str().ok()) {
+            Some(given) if given == expected => Ok(request),
+            Some(_) => Err(tonic::Status::unauthenticated("wrong bearer token")),
+            None => Err(tonic::Status::unauthenticated("this server requires `authorization: Bearer <token>`")),
+        }
+    }
+}
+
+fn write_addr_file(path: &Path, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("grpc={grpc}\nhttp={http}\n")).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", path.display()))?;
+    Ok(())
+}
+
+/// Runs the server until `shutdown` resolves, then stops accepting calls,
+/// drains in-process workers and returns.
+pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let instances = Instances::new(&args.instances)?;
+    let token = match &args.auth_token_file {
+        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("--auth-token-file {}", path.display()))?),
+        None => None,
+    };
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    let cas = FsCas::open(&args.data_dir.join("cas"), args.cas_max_size)
+        .await
+        .with_context(|| format!("opening the CAS in {}", args.data_dir.display()))?;
+    let action_cache = FsActionCache::open(&args.data_dir.join("action-cache"))
+        .with_context(|| format!("opening the action cache in {}", args.data_dir.display()))?;
+    let scheduler = Arc::new(Scheduler::new(SchedulerConfig {
+        lease_timeout: Duration::from_secs(args.lease_timeout_secs.max(1)),
+        max_attempts: args.max_attempts.max(1),
+        ..Default::default()
+    }));
+    let farm = Arc::new(Farm {
+        cas,
+        action_cache,
+        scheduler: scheduler.clone(),
+        instances,
+        metrics: Metrics::default(),
+    });
+
+    let grpc_listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
+    let http_listener = TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("binding --http-listen {}", args.http_listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let reaper = {
+        let scheduler = scheduler.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                scheduler.reap();
+            }
+        })
+    };
+
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ExecutionServer<service::ExecutionService>>().await;
+    health.set_serving::<ContentAddressableStorageServer<service::CasService>>().await;
+
+    let auth = auth_check(token);
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(tonic::service::interceptor(auth))
+        .add_service(health_service)
+        .add_service(CapabilitiesServer::new(service::CapabilitiesService::new(farm.clone())))
+        .add_service(
+            ContentAddressableStorageServer::new(service::CasService::new(farm.clone()))
+                .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE),
+        )
+        .add_service(
+            ByteStreamServer::new(service::ByteStreamService::new(farm.clone()))
+                .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE),
+        )
+        .add_service(
+            ActionCacheServer::new(service::ActionCacheService::new(farm.clone()))
+                .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE),
+        )
+        .add_service(ExecutionServer::new(service::ExecutionService::new(farm.clone())))
+        .add_service(OperationsServer::new(service::OperationsService::new(farm.clone())))
+        .add_service(
+            WorkerServiceServer::new(service::WorkerProtocolService::new(farm.clone()))
+                .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE),
+        );
+    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+        stopped(stop_rx.clone()),
+    ));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_state = http::HttpState {
+        farm: farm.clone(),
+        ready: ready.clone(),
+    };
+    let http_server = axum::serve(http_listener, http::router(http_state)).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http = tokio::spawn(async move { http_server.await });
+
+    let mut local_workers = Vec::new();
+    for i in 0..args.local_workers {
+        let worker_args = WorkerArgs {
+            server: format!("http://{grpc_addr}"),
+            instance: farm.instances.first().to_string(),
+            work_dir: args.data_dir.join("local-workers").join(i.to_string()),
+            concurrency: Some(1),
+            worker_id: Some(format!("local-{i}")),
+            auth_token_file: args.auth_token_file.clone(),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log_format: args.log_format,
+            ..WorkerArgs::default()
+        };
+        // LOCAL_WORKERS_PLACEHOLDER
+        let _ = (worker_args, &mut local_workers as &mut Vec<tokio::task::JoinHandle<Result<(), std::io::Error>>>);
+    }
+
+    ready.store(true, Ordering::Release);
+    if let Some(path) = &args.addr_file {
+        write_addr_file(path, grpc_addr, http_addr)?;
+    }
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, data_dir = %args.data_dir.display(),
+        instances = ?farm.instances.names().collect::<Vec<_>>(), local_workers = args.local_workers, "buildkube server ready");
+
+    for worker in local_workers {
+        if let Ok(Err(e)) = worker.await {
+            tracing::error!(error = %e, "in-process worker failed");
+        }
+    }
+    grpc.await?.context("gRPC server failed")?;
+    http.await?.context("HTTP server failed")?;
+    reaper.abort();
+    tracing::info!("buildkube server stopped");
+    Ok(())
+}

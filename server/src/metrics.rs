@@ -1,0 +1,89 @@
+//! Counters kept by the services and the Prometheus text rendering of them.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use buildkube_config as names;
+
+use crate::scheduler::SchedulerStats;
+
+/// Counters updated by the gRPC services.
+#[derive(Default)]
+pub struct Metrics {
+    /// Blobs asked for (FindMissingBlobs, reads) that were present.
+    pub cas_hits: AtomicU64,
+    /// Blobs asked for that were missing.
+    pub cas_misses: AtomicU64,
+    /// Bytes accepted into the CAS.
+    pub cas_bytes_written: AtomicU64,
+    /// Bytes served from the CAS.
+    pub cas_bytes_read: AtomicU64,
+    /// Action cache lookups that hit.
+    pub ac_hits: AtomicU64,
+    /// Action cache lookups that missed (including results with missing outputs).
+    pub ac_misses: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Renders everything in the Prometheus text format.
+    pub fn render(&self, stats: &SchedulerStats, cas_bytes: u64, cas_blobs: usize) -> String {
+        let mut out = String::new();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut gauge = |name: &str, help: &str, kind: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        gauge(names::METRIC_QUEUE_DEPTH, "Actions waiting for a worker.", "gauge");
+        let mut lines = String::new();
+        for ((instance, platform), n) in &stats.queue_depth {
+            let _ = writeln!(lines, "{}{{instance=\"{instance}\",platform=\"{platform}\"}} {n}", names::METRIC_QUEUE_DEPTH);
+        }
+        out.push_str(&lines);
+        let _ = writeln!(out, "# HELP {0} Actions leased to workers.\n# TYPE {0} gauge", names::METRIC_ACTIONS_RUNNING);
+        for ((instance, platform), n) in &stats.running {
+            let _ = writeln!(out, "{}{{instance=\"{instance}\",platform=\"{platform}\"}} {n}", names::METRIC_ACTIONS_RUNNING);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {0} Workers seen within the lease timeout.\n# TYPE {0} gauge\n{0} {1}",
+            names::METRIC_WORKERS_CONNECTED,
+            stats.workers_connected
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {0} Workers running at least one action.\n# TYPE {0} gauge\n{0} {1}",
+            names::METRIC_WORKERS_BUSY,
+            stats.workers_busy
+        );
+        let _ = writeln!(out, "# HELP buildkube_actions_total Finished actions by outcome.\n# TYPE buildkube_actions_total counter");
+        for (outcome, n) in &stats.outcomes {
+            let _ = writeln!(out, "buildkube_actions_total{{outcome=\"{}\"}} {n}", outcome.label());
+        }
+        let hits = get(&self.cas_hits);
+        let misses = get(&self.cas_misses);
+        let ratio = if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 };
+        let ac_hits = get(&self.ac_hits);
+        let ac_misses = get(&self.ac_misses);
+        let ac_ratio = if ac_hits + ac_misses == 0 { 0.0 } else { ac_hits as f64 / (ac_hits + ac_misses) as f64 };
+        let _ = write!(
+            out,
+            "# HELP buildkube_cas_bytes Bytes stored in the CAS.\n# TYPE buildkube_cas_bytes gauge\nbuildkube_cas_bytes {cas_bytes}\n\
+             # HELP buildkube_cas_blobs Blobs stored in the CAS.\n# TYPE buildkube_cas_blobs gauge\nbuildkube_cas_blobs {cas_blobs}\n\
+             # HELP buildkube_cas_lookups_total Blob lookups by result.\n# TYPE buildkube_cas_lookups_total counter\n\
+             buildkube_cas_lookups_total{{result=\"hit\"}} {hits}\nbuildkube_cas_lookups_total{{result=\"miss\"}} {misses}\n\
+             # HELP buildkube_cas_hit_ratio Share of blob lookups that hit.\n# TYPE buildkube_cas_hit_ratio gauge\nbuildkube_cas_hit_ratio {ratio}\n\
+             # HELP buildkube_cas_written_bytes_total Bytes accepted into the CAS.\n# TYPE buildkube_cas_written_bytes_total counter\nbuildkube_cas_written_bytes_total {}\n\
+             # HELP buildkube_cas_read_bytes_total Bytes served from the CAS.\n# TYPE buildkube_cas_read_bytes_total counter\nbuildkube_cas_read_bytes_total {}\n\
+             # HELP buildkube_action_cache_lookups_total Action cache lookups by result.\n# TYPE buildkube_action_cache_lookups_total counter\n\
+             buildkube_action_cache_lookups_total{{result=\"hit\"}} {ac_hits}\nbuildkube_action_cache_lookups_total{{result=\"miss\"}} {ac_misses}\n\
+             # HELP buildkube_action_cache_hit_ratio Share of action cache lookups that hit.\n# TYPE buildkube_action_cache_hit_ratio gauge\nbuildkube_action_cache_hit_ratio {ac_ratio}\n",
+            get(&self.cas_bytes_written),
+            get(&self.cas_bytes_read),
+        );
+        out
+    }
+}

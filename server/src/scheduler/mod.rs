@@ -1,0 +1,845 @@
+//! The scheduler: operations, per-platform queues, and leases to workers.
+//!
+//! An accepted action becomes an operation in a queue keyed by (instance,
+//! platform). Workers long-poll [`Scheduler::lease`]; the best queued action
+//! their platform satisfies (lowest priority value, then oldest) is leased to
+//! them. A lease lives while the worker sends keep-alives; a lease that times
+//! out is requeued (keeping its place) until `max_attempts` hand-outs, then
+//! the operation fails with a clear error. Identical in-flight actions
+//! (same instance and action digest, cacheable) share one operation.
+
+mod platform;
+
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use buildkube_proto::longrunning::{self, operation};
+use buildkube_proto::reapi::{self, execution_stage};
+use buildkube_proto::rpc;
+use buildkube_proto::worker as wire;
+use buildkube_reapi::Digest;
+use prost::Message;
+use tokio::sync::{watch, Notify};
+
+pub use platform::PlatformKey;
+
+/// Tuning of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// A lease without keep-alive for this long is requeued.
+    pub lease_timeout: Duration,
+    /// Hand-outs of one action before it fails.
+    pub max_attempts: u32,
+    /// Finished operations remembered for Get/Wait/timelines.
+    pub retain_finished: usize,
+    /// An unfinished operation nobody has watched for this long is cancelled.
+    pub orphan_timeout: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            lease_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            retain_finished: 10_000,
+            orphan_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// An action accepted for execution.
+#[derive(Debug, Clone)]
+pub struct NewAction {
+    /// Instance it belongs to.
+    pub instance: String,
+    /// Digest of `action`.
+    pub action_digest: Digest,
+    /// The action.
+    pub action: reapi::Action,
+    /// Its command.
+    pub command: reapi::Command,
+    /// Lower runs sooner.
+    pub priority: i32,
+}
+
+/// One event of an operation's life, for the timeline on the HTTP side.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TimelineEvent {
+    /// What happened: queued, assigned, fetching_inputs, executing, uploading_outputs, completed, requeued, cancelled.
+    pub event: String,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u128,
+    /// Worker involved, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Free-form detail.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// What the HTTP side shows of an operation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OperationSummary {
+    /// Operation name.
+    pub name: String,
+    /// Instance.
+    pub instance: String,
+    /// Action digest as `hash/size`.
+    pub action_digest: String,
+    /// Platform.
+    pub platform: String,
+    /// QUEUED, EXECUTING or COMPLETED.
+    pub stage: &'static str,
+    /// Hand-outs so far.
+    pub attempts: u32,
+    /// Events, oldest first.
+    pub timeline: Vec<TimelineEvent>,
+}
+
+/// How an operation ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Ran, exit code 0.
+    Success,
+    /// Ran, non-zero exit code.
+    NonZeroExit,
+    /// Could not run (error status).
+    Error,
+    /// Answered from the action cache.
+    Cached,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl Outcome {
+    /// Label value in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::NonZeroExit => "nonzero_exit",
+            Outcome::Error => "error",
+            Outcome::Cached => "cached",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A point-in-time view of the scheduler for metrics.
+#[derive(Debug, Default, Clone)]
+pub struct SchedulerStats {
+    /// (instance, platform) → queued actions. Includes every known platform, zeros too.
+    pub queue_depth: BTreeMap<(String, String), usize>,
+    /// (instance, platform) → leased actions.
+    pub running: BTreeMap<(String, String), usize>,
+    /// Workers that polled or kept alive within the lease timeout.
+    pub workers_connected: usize,
+    /// Of those, workers running at least one action.
+    pub workers_busy: usize,
+    /// Finished operations by outcome, since start.
+    pub outcomes: BTreeMap<Outcome, u64>,
+}
+
+/// The outcome a worker reports for a lease.
+#[derive(Debug, Clone)]
+pub enum LeaseOutcome {
+    /// The action ran.
+    Ran(reapi::ActionResult),
+    /// The action could not run.
+    Failed(rpc::Status),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Queued,
+    Executing,
+    Completed,
+}
+
+struct Operation {
+    instance: String,
+    action_digest: Digest,
+    action: reapi::Action,
+    command: reapi::Command,
+    platform: PlatformKey,
+    priority: i32,
+    seq: u64,
+    stage: Stage,
+    attempts: u32,
+    lease: Option<String>,
+    workers_tried: Vec<String>,
+    queued_at: SystemTime,
+    updates: watch::Sender<longrunning::Operation>,
+    timeline: Vec<TimelineEvent>,
+    unwatched_since: Option<Instant>,
+}
+
+struct LeaseRecord {
+    operation: String,
+    worker: String,
+    deadline: Instant,
+}
+
+struct WorkerRecord {
+    instance: String,
+    last_seen: Instant,
+    leases: HashSet<String>,
+}
+
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct QueueKey {
+    instance: String,
+    platform: PlatformKey,
+}
+
+/// Heap entry: max-heap on Reverse((priority, seq)).
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Queued(std::cmp::Reverse<(i32, u64)>, String);
+
+#[derive(Default)]
+struct State {
+    operations: HashMap<String, Operation>,
+    in_flight: HashMap<(String, Digest), String>,
+    queues: BTreeMap<QueueKey, BinaryHeap<Queued>>,
+    leases: HashMap<String, LeaseRecord>,
+    workers: HashMap<String, WorkerRecord>,
+    finished: VecDeque<String>,
+    outcomes: BTreeMap<Outcome, u64>,
+    next_seq: u64,
+}
+
+/// Operations, queues and leases of every instance this server serves.
+pub struct Scheduler {
+    state: Mutex<State>,
+    work_available: Notify,
+    config: SchedulerConfig,
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+}
+
+fn event(event: &str, worker: Option<&str>, detail: Option<String>) -> TimelineEvent {
+    TimelineEvent {
+        event: event.to_string(),
+        at_ms: now_ms(),
+        worker: worker.map(str::to_string),
+        detail,
+    }
+}
+
+fn any<M: Message>(type_name: &str, message: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: format!("type.googleapis.com/{type_name}"),
+        value: message.encode_to_vec(),
+    }
+}
+
+fn status(code: tonic::Code, message: impl Into<String>) -> rpc::Status {
+    rpc::Status {
+        code: code as i32,
+        message: message.into(),
+        details: vec![],
+    }
+}
+
+fn metadata(stage: execution_stage::Value, digest: &Digest) -> prost_types::Any {
+    any(
+        "build.bazel.remote.execution.v2.ExecuteOperationMetadata",
+        &reapi::ExecuteOperationMetadata {
+            stage: stage as i32,
+            action_digest: Some(digest.to_proto()),
+            ..Default::default()
+        },
+    )
+}
+
+/// A finished operation carrying `response`.
+fn done_operation(name: &str, digest: &Digest, response: &reapi::ExecuteResponse) -> longrunning::Operation {
+    longrunning::Operation {
+        name: name.to_string(),
+        metadata: Some(metadata(execution_stage::Value::Completed, digest)),
+        done: true,
+        result: Some(operation::Result::Response(any(
+            "build.bazel.remote.execution.v2.ExecuteResponse",
+            response,
+        ))),
+    }
+}
+
+fn pending_operation(name: &str, digest: &Digest, stage: execution_stage::Value) -> longrunning::Operation {
+    longrunning::Operation {
+        name: name.to_string(),
+        metadata: Some(metadata(stage, digest)),
+        done: false,
+        result: None,
+    }
+}
+
+fn duration_proto(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+impl Scheduler {
+    /// A scheduler with no operations.
+    pub fn new(config: SchedulerConfig) -> Scheduler {
+        Scheduler {
+            state: Mutex::new(State::default()),
+            work_available: Notify::new(),
+            config,
+        }
+    }
+
+    /// How often workers must send keep-alives.
+    pub fn keep_alive_interval(&self) -> Duration {
+        (self.config.lease_timeout / 3).max(Duration::from_millis(200))
+    }
+
+    /// Queues an action, or joins an identical one in flight. Returns the
+    /// operation name and a receiver of its updates.
+    pub fn enqueue(&self, new: NewAction) -> (String, watch::Receiver<longrunning::Operation>) {
+        let do_not_cache = new.action.do_not_cache;
+        let mut state = self.state.lock().unwrap();
+        let merge_key = (new.instance.clone(), new.action_digest);
+        if !do_not_cache {
+            if let Some(name) = state.in_flight.get(&merge_key) {
+                if let Some(op) = state.operations.get(name) {
+                    tracing::debug!(operation = %name, action = %new.action_digest, "merged with in-flight action");
+                    return (name.clone(), op.updates.subscribe());
+                }
+            }
+        }
+        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let platform = PlatformKey::from_proto(
+            new.action
+                .platform
+                .as_ref()
+                .filter(|p| !p.properties.is_empty())
+                .or(new.command.platform.as_ref()),
+        );
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let (updates, receiver) = watch::channel(pending_operation(&name, &new.action_digest, execution_stage::Value::Queued));
+        tracing::info!(operation = %name, action = %new.action_digest, instance = %new.instance, %platform, "action queued");
+        let key = QueueKey {
+            instance: new.instance.clone(),
+            platform: platform.clone(),
+        };
+        state
+            .queues
+            .entry(key)
+            .or_default()
+            .push(Queued(std::cmp::Reverse((new.priority, seq)), name.clone()));
+        state.operations.insert(
+            name.clone(),
+            Operation {
+                instance: new.instance,
+                action_digest: new.action_digest,
+                action: new.action,
+                command: new.command,
+                platform,
+                priority: new.priority,
+                seq,
+                stage: Stage::Queued,
+                attempts: 0,
+                lease: None,
+                workers_tried: vec![],
+                queued_at: SystemTime::now(),
+                updates,
+                timeline: vec![event("queued", None, None)],
+                unwatched_since: None,
+            },
+        );
+        if !do_not_cache {
+            state.in_flight.insert(merge_key, name.clone());
+        }
+        drop(state);
+        self.work_available.notify_waiters();
+        (name, receiver)
+    }
+
+    /// Records an operation answered from the action cache and returns it (done).
+    pub fn record_cached(&self, instance: &str, action_digest: Digest, result: reapi::ActionResult) -> longrunning::Operation {
+        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let response = reapi::ExecuteResponse {
+            result: Some(result),
+            cached_result: true,
+            status: Some(status(tonic::Code::Ok, "")),
+            ..Default::default()
+        };
+        let done = done_operation(&name, &action_digest, &response);
+        let mut state = self.state.lock().unwrap();
+        *state.outcomes.entry(Outcome::Cached).or_default() += 1;
+        let (updates, _) = watch::channel(done.clone());
+        state.operations.insert(
+            name.clone(),
+            Operation {
+                instance: instance.to_string(),
+                action_digest,
+                action: reapi::Action::default(),
+                command: reapi::Command::default(),
+                platform: PlatformKey::default(),
+                priority: 0,
+                seq: 0,
+                stage: Stage::Completed,
+                attempts: 0,
+                lease: None,
+                workers_tried: vec![],
+                queued_at: SystemTime::now(),
+                updates,
+                timeline: vec![event("completed", None, Some("action cache hit".into()))],
+                unwatched_since: None,
+            },
+        );
+        Self::retire(&mut state, &name, self.config.retain_finished);
+        done
+    }
+
+    /// Subscribes to an operation's updates.
+    pub fn watch(&self, name: &str) -> Option<watch::Receiver<longrunning::Operation>> {
+        self.state.lock().unwrap().operations.get(name).map(|op| op.updates.subscribe())
+    }
+
+    /// The instance an operation belongs to.
+    pub fn instance_of(&self, name: &str) -> Option<String> {
+        self.state.lock().unwrap().operations.get(name).map(|op| op.instance.clone())
+    }
+
+    /// The latest state of an operation.
+    pub fn get(&self, name: &str) -> Option<longrunning::Operation> {
+        self.state.lock().unwrap().operations.get(name).map(|op| op.updates.borrow().clone())
+    }
+
+    /// Operations of `instance` (all if `None`), ordered by name, paged.
+    pub fn list(&self, instance: Option<&str>, page_size: usize, page_token: &str) -> (Vec<longrunning::Operation>, String) {
+        let state = self.state.lock().unwrap();
+        let mut names: Vec<&String> = state
+            .operations
+            .iter()
+            .filter(|(name, op)| instance.map_or(true, |i| op.instance == i) && name.as_str() > page_token)
+            .map(|(name, _)| name)
+            .collect();
+        names.sort();
+        let page_size = if page_size == 0 { 1000 } else { page_size };
+        let next = if names.len() > page_size {
+            names[page_size - 1].clone()
+        } else {
+            String::new()
+        };
+        let ops = names
+            .into_iter()
+            .take(page_size)
+            .map(|n| state.operations[n].updates.borrow().clone())
+            .collect();
+        (ops, next)
+    }
+
+    /// Timelines of the most recent operations, newest first.
+    pub fn recent(&self, limit: usize) -> Vec<OperationSummary> {
+        let state = self.state.lock().unwrap();
+        let mut ops: Vec<(&String, &Operation)> = state.operations.iter().collect();
+        ops.sort_by_key(|(_, op)| std::cmp::Reverse(op.timeline.first().map_or(0, |e| e.at_ms)));
+        ops.into_iter().take(limit).map(|(name, op)| Self::summary(name, op)).collect()
+    }
+
+    /// Timeline of one operation.
+    pub fn summary_of(&self, name: &str) -> Option<OperationSummary> {
+        let state = self.state.lock().unwrap();
+        state.operations.get(name).map(|op| Self::summary(name, op))
+    }
+
+    fn summary(name: &str, op: &Operation) -> OperationSummary {
+        OperationSummary {
+            name: name.to_string(),
+            instance: op.instance.clone(),
+            action_digest: op.action_digest.to_string(),
+            platform: op.platform.to_string(),
+            stage: match op.stage {
+                Stage::Queued => "QUEUED",
+                Stage::Executing => "EXECUTING",
+                Stage::Completed => "COMPLETED",
+            },
+            attempts: op.attempts,
+            timeline: op.timeline.clone(),
+        }
+    }
+
+    /// Cancels an operation. Queued: removed from its queue. Executing: the
+    /// worker is told to abandon the lease on its next keep-alive, which kills
+    /// the process group. Returns false if the operation is unknown.
+    pub fn cancel(&self, name: &str, why: &str) -> bool {
+        let mut state = self.state.lock().unwrap();
+        let Some(op) = state.operations.get(name) else {
+            return false;
+        };
+        if op.stage == Stage::Completed {
+            return true;
+        }
+        let key = QueueKey {
+            instance: op.instance.clone(),
+            platform: op.platform.clone(),
+        };
+        if let Some(queue) = state.queues.get_mut(&key) {
+            queue.retain(|q| q.1 != name);
+        }
+        tracing::info!(operation = %name, reason = why, "operation cancelled");
+        let response = reapi::ExecuteResponse {
+            status: Some(status(tonic::Code::Cancelled, format!("operation cancelled: {why}"))),
+            ..Default::default()
+        };
+        Self::finish(&mut state, name, response, Outcome::Cancelled, "cancelled", None, self.config.retain_finished);
+        true
+    }
+
+    /// Marks an operation finished, wakes its watchers, releases its lease.
+    fn finish(
+        state: &mut State,
+        name: &str,
+        response: reapi::ExecuteResponse,
+        outcome: Outcome,
+        what: &str,
+        worker: Option<&str>,
+        retain: usize,
+    ) {
+        let Some(op) = state.operations.get_mut(name) else { return };
+        op.stage = Stage::Completed;
+        op.timeline.push(event(what, worker, None));
+        let lease = op.lease.take();
+        let done = done_operation(name, &op.action_digest, &response);
+        op.updates.send_replace(done);
+        let merge_key = (op.instance.clone(), op.action_digest);
+        // Keep a finished operation's action and command only as long as needed.
+        op.action = reapi::Action::default();
+        op.command = reapi::Command::default();
+        if state.in_flight.get(&merge_key).map(String::as_str) == Some(name) {
+            state.in_flight.remove(&merge_key);
+        }
+        if let Some(lease) = lease {
+            if let Some(record) = state.leases.remove(&lease) {
+                if let Some(w) = state.workers.get_mut(&record.worker) {
+                    w.leases.remove(&lease);
+                }
+            }
+        }
+        *state.outcomes.entry(outcome).or_default() += 1;
+        Self::retire(state, name, retain);
+    }
+
+    fn retire(state: &mut State, name: &str, retain: usize) {
+        state.finished.push_back(name.to_string());
+        while state.finished.len() > retain {
+            if let Some(old) = state.finished.pop_front() {
+                state.operations.remove(&old);
+            }
+        }
+    }
+
+    fn touch_worker(state: &mut State, worker: &wire::WorkerInfo) {
+        let record = state.workers.entry(worker.worker_id.clone()).or_insert_with(|| {
+            tracing::info!(worker = %worker.worker_id, instance = %worker.instance_name, "worker connected");
+            WorkerRecord {
+                instance: worker.instance_name.clone(),
+                last_seen: Instant::now(),
+                leases: HashSet::new(),
+            }
+        });
+        record.last_seen = Instant::now();
+        record.instance = worker.instance_name.clone();
+    }
+
+    /// Takes the best queued action `worker` can run, waiting up to `wait`.
+    pub async fn lease(&self, worker: &wire::WorkerInfo, wait: Duration) -> Option<wire::Lease> {
+        let offered = PlatformKey::from_proto(worker.platform.as_ref());
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.work_available.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(lease) = self.try_lease(worker, &offered) {
+                return Some(lease);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
+    fn try_lease(&self, worker: &wire::WorkerInfo, offered: &PlatformKey) -> Option<wire::Lease> {
+        let mut state = self.state.lock().unwrap();
+        Self::touch_worker(&mut state, worker);
+        let best = state
+            .queues
+            .iter()
+            .filter(|(key, queue)| key.instance == worker.instance_name && !queue.is_empty() && key.platform.satisfied_by(offered))
+            .max_by(|(_, a), (_, b)| a.peek().cmp(&b.peek()))
+            .map(|(key, _)| key.clone())?;
+        let Queued(_, name) = state.queues.get_mut(&best)?.pop()?;
+        let lease_id = uuid::Uuid::new_v4().to_string();
+        let keep_alive = self.keep_alive_interval();
+        let op = state.operations.get_mut(&name)?;
+        op.stage = Stage::Executing;
+        op.attempts += 1;
+        op.lease = Some(lease_id.clone());
+        op.workers_tried.push(worker.worker_id.clone());
+        op.timeline.push(event("assigned", Some(&worker.worker_id), Some(format!("attempt {}", op.attempts))));
+        op.updates
+            .send_replace(pending_operation(&name, &op.action_digest, execution_stage::Value::Executing));
+        let lease = wire::Lease {
+            lease_id: lease_id.clone(),
+            operation_name: name.clone(),
+            action_digest: Some(op.action_digest.to_proto()),
+            action: Some(op.action.clone()),
+            command: Some(op.command.clone()),
+            keep_alive_interval: Some(duration_proto(keep_alive)),
+            attempt: op.attempts,
+        };
+        tracing::info!(operation = %name, action = %op.action_digest, worker = %worker.worker_id, attempt = op.attempts, "action assigned");
+        state.leases.insert(
+            lease_id.clone(),
+            LeaseRecord {
+                operation: name,
+                worker: worker.worker_id.clone(),
+                deadline: Instant::now() + self.config.lease_timeout,
+            },
+        );
+        if let Some(w) = state.workers.get_mut(&worker.worker_id) {
+            w.leases.insert(lease_id);
+        }
+        Some(lease)
+    }
+
+    /// Extends `worker`'s leases, records progress, and returns the leases the
+    /// worker must abandon (unknown, not its own, or cancelled).
+    pub fn keep_alive(&self, worker: &wire::WorkerInfo, progress: &[wire::LeaseProgress]) -> Vec<String> {
+        let mut state = self.state.lock().unwrap();
+        Self::touch_worker(&mut state, worker);
+        let deadline = Instant::now() + self.config.lease_timeout;
+        let mut abandon = Vec::new();
+        for p in progress {
+            let Some(record) = state.leases.get_mut(&p.lease_id) else {
+                abandon.push(p.lease_id.clone());
+                continue;
+            };
+            if record.worker != worker.worker_id {
+                abandon.push(p.lease_id.clone());
+                continue;
+            }
+            record.deadline = deadline;
+            let name = record.operation.clone();
+            if let Some(op) = state.operations.get_mut(&name) {
+                let stage = match wire::Stage::try_from(p.stage).unwrap_or(wire::Stage::Unspecified) {
+                    wire::Stage::FetchingInputs => Some("fetching_inputs"),
+                    wire::Stage::Executing => Some("executing"),
+                    wire::Stage::UploadingOutputs => Some("uploading_outputs"),
+                    wire::Stage::Unspecified => None,
+                };
+                if let Some(stage) = stage {
+                    if op.timeline.last().map(|e| e.event.as_str()) != Some(stage) {
+                        op.timeline.push(event(stage, Some(&worker.worker_id), None));
+                    }
+                }
+            }
+        }
+        abandon
+    }
+
+    /// Applies a worker's report. Returns whether it was accepted: the lease
+    /// is known, or the operation is still unfinished and the action ran (a
+    /// worker whose lease expired while it was cut off still delivers).
+    pub fn complete(&self, worker_id: &str, lease_id: &str, operation: &str, outcome: LeaseOutcome, message: String) -> bool {
+        let mut state = self.state.lock().unwrap();
+        let known = state.leases.get(lease_id).map(|r| r.operation.clone());
+        let name = match known {
+            Some(name) => name,
+            None => {
+                let running = state
+                    .operations
+                    .get(operation)
+                    .is_some_and(|op| op.stage != Stage::Completed);
+                if !running || !matches!(outcome, LeaseOutcome::Ran(_)) {
+                    tracing::info!(worker = worker_id, lease = lease_id, %operation, "result for an unknown lease dropped");
+                    return false;
+                }
+                // Take it out of the queue if it was requeued.
+                let op = &state.operations[operation];
+                let key = QueueKey {
+                    instance: op.instance.clone(),
+                    platform: op.platform.clone(),
+                };
+                if let Some(queue) = state.queues.get_mut(&key) {
+                    queue.retain(|q| q.1 != operation);
+                }
+                operation.to_string()
+            }
+        };
+        if let Some(record) = state.leases.remove(lease_id) {
+            if let Some(w) = state.workers.get_mut(&record.worker) {
+                w.leases.remove(lease_id);
+            }
+        }
+        let Some(op) = state.operations.get(&name) else { return false };
+        let queued_at = op.queued_at;
+        let digest = op.action_digest;
+        let (response, kind) = match outcome {
+            LeaseOutcome::Ran(mut result) => {
+                let metadata = result.execution_metadata.get_or_insert_with(Default::default);
+                metadata.queued_timestamp = Some(queued_at.into());
+                if metadata.worker.is_empty() {
+                    metadata.worker = worker_id.to_string();
+                }
+                let kind = if result.exit_code == 0 { Outcome::Success } else { Outcome::NonZeroExit };
+                tracing::info!(operation = %name, action = %digest, worker = worker_id, exit_code = result.exit_code, "action completed");
+                (
+                    reapi::ExecuteResponse {
+                        result: Some(result),
+                        status: Some(status(tonic::Code::Ok, "")),
+                        message,
+                        ..Default::default()
+                    },
+                    kind,
+                )
+            }
+            LeaseOutcome::Failed(error) => {
+                tracing::warn!(operation = %name, action = %digest, worker = worker_id, code = error.code, error = %error.message, "action failed to run");
+                (
+                    reapi::ExecuteResponse {
+                        status: Some(error),
+                        message,
+                        ..Default::default()
+                    },
+                    Outcome::Error,
+                )
+            }
+        };
+        Self::finish(&mut state, &name, response, kind, "completed", Some(worker_id), self.config.retain_finished);
+        true
+    }
+
+    /// Requeues leases whose worker went quiet, fails actions out of attempts,
+    /// forgets silent workers and cancels operations nobody watches.
+    /// Called about once a second.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap();
+        let expired: Vec<String> = state
+            .leases
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut requeued = false;
+        for lease_id in expired {
+            let Some(record) = state.leases.remove(&lease_id) else { continue };
+            if let Some(w) = state.workers.get_mut(&record.worker) {
+                w.leases.remove(&lease_id);
+            }
+            let max_attempts = self.config.max_attempts;
+            let Some(op) = state.operations.get_mut(&record.operation) else { continue };
+            op.lease = None;
+            if op.attempts >= max_attempts {
+                let message = format!(
+                    "action {} was lost by its worker {} times (workers: {}); giving up after --max-attempts={}",
+                    op.action_digest,
+                    op.attempts,
+                    op.workers_tried.join(", "),
+                    max_attempts
+                );
+                tracing::error!(operation = %record.operation, action = %op.action_digest, worker = %record.worker, "{message}");
+                let response = reapi::ExecuteResponse {
+                    status: Some(status(tonic::Code::Aborted, message)),
+                    ..Default::default()
+                };
+                let name = record.operation.clone();
+                Self::finish(&mut state, &name, response, Outcome::Error, "lost", Some(&record.worker), self.config.retain_finished);
+                continue;
+            }
+            tracing::warn!(operation = %record.operation, action = %op.action_digest, worker = %record.worker, attempt = op.attempts, "lease expired; requeueing action");
+            op.stage = Stage::Queued;
+            op.timeline.push(event("requeued", Some(&record.worker), Some("lease expired".into())));
+            op.updates
+                .send_replace(pending_operation(&record.operation, &op.action_digest, execution_stage::Value::Queued));
+            let key = QueueKey {
+                instance: op.instance.clone(),
+                platform: op.platform.clone(),
+            };
+            let entry = Queued(std::cmp::Reverse((op.priority, op.seq)), record.operation.clone());
+            state.queues.entry(key).or_default().push(entry);
+            requeued = true;
+        }
+        let silent = self.config.lease_timeout * 2;
+        state.workers.retain(|id, w| {
+            let keep = now.duration_since(w.last_seen) < silent || !w.leases.is_empty();
+            if !keep {
+                tracing::info!(worker = %id, "worker gone");
+            }
+            keep
+        });
+        // Operations no client watches any more are cancelled after a grace period
+        // (clients reconnect with WaitExecution within it).
+        let mut orphans = Vec::new();
+        for (name, op) in state.operations.iter_mut() {
+            if op.stage == Stage::Completed {
+                continue;
+            }
+            if op.updates.receiver_count() > 0 {
+                op.unwatched_since = None;
+            } else {
+                let since = *op.unwatched_since.get_or_insert(now);
+                if now.duration_since(since) >= self.config.orphan_timeout {
+                    orphans.push(name.clone());
+                }
+            }
+        }
+        drop(state);
+        for name in orphans {
+            self.cancel(&name, "no client has watched it");
+        }
+        if requeued {
+            self.work_available.notify_waiters();
+        }
+    }
+
+    /// Queue depths, running actions, workers and outcomes.
+    pub fn stats(&self) -> SchedulerStats {
+        let state = self.state.lock().unwrap();
+        let mut stats = SchedulerStats {
+            outcomes: state.outcomes.clone(),
+            ..Default::default()
+        };
+        for (key, queue) in &state.queues {
+            let label = (key.instance.clone(), key.platform.to_string());
+            *stats.queue_depth.entry(label.clone()).or_default() += queue.len();
+            stats.running.entry(label).or_default();
+        }
+        for record in state.leases.values() {
+            if let Some(op) = state.operations.get(&record.operation) {
+                *stats.running.entry((op.instance.clone(), op.platform.to_string())).or_default() += 1;
+            }
+        }
+        let fresh = self.config.lease_timeout;
+        for w in state.workers.values() {
+            if w.last_seen.elapsed() < fresh || !w.leases.is_empty() {
+                stats.workers_connected += 1;
+                if !w.leases.is_empty() {
+                    stats.workers_busy += 1;
+                }
+            }
+        }
+        stats
+    }
+
+    /// Instance of a worker, for logs.
+    pub fn worker_instance(&self, worker_id: &str) -> Option<String> {
+        self.state.lock().unwrap().workers.get(worker_id).map(|w| w.instance.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests;

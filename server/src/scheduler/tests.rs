@@ -1,0 +1,208 @@
+use super::*;
+
+fn worker(id: &str, props: &[(&str, &str)]) -> wire::WorkerInfo {
+    wire::WorkerInfo {
+        worker_id: id.into(),
+        instance_name: "main".into(),
+        platform: Some(reapi::Platform {
+            properties: props
+                .iter()
+                .map(|(n, v)| reapi::platform::Property {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+        }),
+        concurrency: 1,
+    }
+}
+
+fn action(tag: &str, props: &[(&str, &str)], priority: i32) -> NewAction {
+    let command = reapi::Command {
+        arguments: vec!["echo".into(), tag.into()],
+        ..Default::default()
+    };
+    let action = reapi::Action {
+        command_digest: Some(Digest::of_message(&command).to_proto()),
+        platform: Some(reapi::Platform {
+            properties: props
+                .iter()
+                .map(|(n, v)| reapi::platform::Property {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+        }),
+        ..Default::default()
+    };
+    NewAction {
+        instance: "main".into(),
+        action_digest: Digest::of_message(&action),
+        action,
+        command,
+        priority,
+    }
+}
+
+fn ran(exit_code: i32) -> LeaseOutcome {
+    LeaseOutcome::Ran(reapi::ActionResult {
+        exit_code,
+        ..Default::default()
+    })
+}
+
+const NO_WAIT: Duration = Duration::from_millis(1);
+
+#[tokio::test]
+async fn leases_by_platform_then_priority_then_fifo() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (linux_late, _r1) = s.enqueue(action("a", &[("OSFamily", "Linux")], 0));
+    let (gpu, _r2) = s.enqueue(action("b", &[("gpu", "1")], 0));
+    let (urgent, _r3) = s.enqueue(action("c", &[], -5));
+    let (linux_later, _r4) = s.enqueue(action("d", &[("OSFamily", "Linux")], 0));
+
+    let cpu = worker("cpu", &[("OSFamily", "Linux")]);
+    assert_eq!(s.lease(&cpu, NO_WAIT).await.unwrap().operation_name, urgent);
+    assert_eq!(s.lease(&cpu, NO_WAIT).await.unwrap().operation_name, linux_late);
+    assert_eq!(s.lease(&cpu, NO_WAIT).await.unwrap().operation_name, linux_later);
+    assert!(s.lease(&cpu, NO_WAIT).await.is_none(), "gpu action must not go to a cpu worker");
+    let gpu_worker = worker("gpu", &[("gpu", "1"), ("OSFamily", "Linux")]);
+    assert_eq!(s.lease(&gpu_worker, NO_WAIT).await.unwrap().operation_name, gpu);
+}
+
+#[tokio::test]
+async fn identical_in_flight_actions_merge_unless_do_not_cache() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (a, _ra) = s.enqueue(action("same", &[], 0));
+    let (b, _rb) = s.enqueue(action("same", &[], 0));
+    assert_eq!(a, b);
+    let mut uncached = action("same", &[], 0);
+    uncached.action.do_not_cache = true;
+    uncached.action_digest = Digest::of_message(&uncached.action);
+    let (c, _rc) = s.enqueue(uncached.clone());
+    let (d, _rd) = s.enqueue(uncached);
+    assert_ne!(c, d);
+    assert_eq!(s.stats().queue_depth.values().sum::<usize>(), 3);
+}
+
+#[tokio::test]
+async fn waiting_worker_wakes_when_work_arrives() {
+    let s = std::sync::Arc::new(Scheduler::new(SchedulerConfig::default()));
+    let s2 = s.clone();
+    let waiter = tokio::spawn(async move { s2.lease(&worker("w", &[]), Duration::from_secs(30)).await });
+    tokio::task::yield_now().await;
+    let (name, _r) = s.enqueue(action("x", &[], 0));
+    let lease = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    assert_eq!(lease.unwrap().operation_name, name);
+}
+
+#[tokio::test]
+async fn completion_reaches_watchers_and_counts_outcome() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (name, mut updates) = s.enqueue(action("x", &[], 0));
+    let w = worker("w", &[]);
+    let lease = s.lease(&w, NO_WAIT).await.unwrap();
+    assert!(s.keep_alive(&w, &[wire::LeaseProgress { lease_id: lease.lease_id.clone(), stage: wire::Stage::Executing as i32, since: None }]).is_empty());
+    assert!(s.complete("w", &lease.lease_id, &name, ran(0), String::new()));
+    updates.changed().await.unwrap();
+    let op = updates.borrow().clone();
+    assert!(op.done);
+    let Some(operation::Result::Response(any)) = op.result else { panic!("no response") };
+    let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    assert!(response.result.unwrap().execution_metadata.unwrap().queued_timestamp.is_some());
+    assert_eq!(s.stats().outcomes[&Outcome::Success], 1);
+    let events: Vec<String> = s.summary_of(&name).unwrap().timeline.into_iter().map(|e| e.event).collect();
+    assert_eq!(events, ["queued", "assigned", "executing", "completed"]);
+}
+
+#[tokio::test]
+async fn expired_lease_is_requeued_then_fails_after_max_attempts() {
+    let s = Scheduler::new(SchedulerConfig {
+        lease_timeout: Duration::from_millis(10),
+        max_attempts: 2,
+        ..Default::default()
+    });
+    let (name, _r) = s.enqueue(action("x", &[], 0));
+    let l1 = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.reap();
+    let l2 = s.lease(&worker("w2", &[]), NO_WAIT).await.unwrap();
+    assert_eq!(l2.operation_name, name);
+    assert_eq!(l2.attempt, 2);
+    assert_ne!(l1.lease_id, l2.lease_id);
+    // The first worker is told to abandon its stale lease.
+    assert_eq!(s.keep_alive(&worker("w1", &[]), &[wire::LeaseProgress { lease_id: l1.lease_id.clone(), stage: 0, since: None }]), vec![l1.lease_id.clone()]);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.reap();
+    let op = s.get(&name).unwrap();
+    assert!(op.done);
+    let Some(operation::Result::Response(any)) = op.result else { panic!() };
+    let status = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap().status.unwrap();
+    assert_eq!(status.code, tonic::Code::Aborted as i32);
+    assert!(status.message.contains("w1, w2"), "{}", status.message);
+}
+
+#[tokio::test]
+async fn late_result_of_expired_lease_is_accepted_once() {
+    let s = Scheduler::new(SchedulerConfig {
+        lease_timeout: Duration::from_millis(10),
+        ..Default::default()
+    });
+    let (name, _r) = s.enqueue(action("x", &[], 0));
+    let l1 = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.reap();
+    assert!(s.complete("w1", &l1.lease_id, &name, ran(0), String::new()));
+    assert!(s.lease(&worker("w2", &[]), NO_WAIT).await.is_none(), "requeued copy must be withdrawn");
+    assert!(!s.complete("w1", &l1.lease_id, &name, ran(0), String::new()), "second report is a duplicate");
+    assert_eq!(s.stats().outcomes[&Outcome::Success], 1);
+}
+
+#[tokio::test]
+async fn cancel_queued_and_running() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (queued, _r1) = s.enqueue(action("q", &[("never", "matched")], 0));
+    assert!(s.cancel(&queued, "test"));
+    assert!(s.get(&queued).unwrap().done);
+    assert_eq!(s.stats().queue_depth.values().sum::<usize>(), 0);
+
+    let (running, _r2) = s.enqueue(action("r", &[], 0));
+    let w = worker("w", &[]);
+    let lease = s.lease(&w, NO_WAIT).await.unwrap();
+    assert!(s.cancel(&running, "test"));
+    let progress = [wire::LeaseProgress { lease_id: lease.lease_id.clone(), stage: 2, since: None }];
+    assert_eq!(s.keep_alive(&w, &progress), vec![lease.lease_id]);
+    assert!(!s.cancel("operations/unknown", "test"));
+}
+
+#[tokio::test]
+async fn unwatched_operation_is_cancelled_after_grace() {
+    let s = Scheduler::new(SchedulerConfig {
+        orphan_timeout: Duration::from_millis(10),
+        ..Default::default()
+    });
+    let (name, receiver) = s.enqueue(action("x", &[], 0));
+    s.reap();
+    assert!(!s.get(&name).unwrap().done);
+    drop(receiver);
+    s.reap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.reap();
+    assert!(s.get(&name).unwrap().done);
+    assert_eq!(s.stats().outcomes[&Outcome::Cancelled], 1);
+}
+
+#[tokio::test]
+async fn stats_count_queue_running_and_workers() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (_a, _r1) = s.enqueue(action("a", &[], 0));
+    let (_b, _r2) = s.enqueue(action("b", &[], 0));
+    let (_c, _r3) = s.enqueue(action("c", &[("gpu", "1")], 0));
+    let _lease = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
+    assert!(s.lease(&worker("w2", &[("x", "y")]), NO_WAIT).await.is_some());
+    let stats = s.stats();
+    assert_eq!(stats.queue_depth[&("main".to_string(), "default".to_string())], 0);
+    assert_eq!(stats.queue_depth[&("main".to_string(), "gpu=1".to_string())], 1);
+    assert_eq!(stats.running[&("main".to_string(), "default".to_string())], 2);
+    assert_eq!((stats.workers_connected, stats.workers_busy), (2, 2));
+}

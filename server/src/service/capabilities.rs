@@ -1,0 +1,64 @@
+use std::sync::Arc;
+
+use buildkube_proto::reapi::{self, capabilities_server::Capabilities, digest_function, symlink_absolute_path_strategy};
+use buildkube_proto::semver::SemVer;
+use tonic::{Request, Response, Status};
+
+use super::MAX_BATCH_TOTAL_BYTES;
+use crate::farm::Farm;
+
+/// GetCapabilities: what this server really supports.
+pub struct CapabilitiesService {
+    farm: Arc<Farm>,
+}
+
+impl CapabilitiesService {
+    /// The service over `farm`.
+    pub fn new(farm: Arc<Farm>) -> Self {
+        CapabilitiesService { farm }
+    }
+}
+
+fn version(major: i32, minor: i32) -> SemVer {
+    SemVer {
+        major,
+        minor,
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl Capabilities for CapabilitiesService {
+    #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name))]
+    async fn get_capabilities(&self, request: Request<reapi::GetCapabilitiesRequest>) -> Result<Response<reapi::ServerCapabilities>, Status> {
+        self.farm.instances.check(&request.get_ref().instance_name)?;
+        Ok(Response::new(reapi::ServerCapabilities {
+            cache_capabilities: Some(reapi::CacheCapabilities {
+                digest_functions: vec![digest_function::Value::Sha256 as i32],
+                action_cache_update_capabilities: Some(reapi::ActionCacheUpdateCapabilities { update_enabled: true }),
+                cache_priority_capabilities: None,
+                max_batch_total_size_bytes: MAX_BATCH_TOTAL_BYTES,
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
+                supported_compressors: vec![],
+                supported_batch_update_compressors: vec![],
+                ..Default::default()
+            }),
+            execution_capabilities: Some(reapi::ExecutionCapabilities {
+                digest_function: digest_function::Value::Sha256 as i32,
+                exec_enabled: true,
+                execution_priority_capabilities: Some(reapi::PriorityCapabilities {
+                    priorities: vec![reapi::priority_capabilities::PriorityRange {
+                        min_priority: i32::MIN,
+                        max_priority: i32::MAX,
+                    }],
+                }),
+                supported_node_properties: vec![],
+                digest_functions: vec![digest_function::Value::Sha256 as i32],
+                ..Default::default()
+            }),
+            deprecated_api_version: None,
+            low_api_version: Some(version(2, 0)),
+            high_api_version: Some(version(2, 2)),
+        }))
+    }
+}

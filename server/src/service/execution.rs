@@ -1,0 +1,209 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use buildkube_proto::longrunning;
+use buildkube_proto::reapi::{self, execution_server::Execution};
+use buildkube_reapi::Digest;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::error::{bad_digest, missing_blobs_status, to_tonic};
+use crate::farm::Farm;
+use crate::metrics::Metrics;
+use crate::scheduler::NewAction;
+
+/// How often an unchanged operation is re-sent on an Execute stream, so
+/// proxies and clients see the stream is alive during long actions.
+const STREAM_HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// Execute and WaitExecution.
+pub struct ExecutionService {
+    farm: Arc<Farm>,
+}
+
+impl ExecutionService {
+    /// The service over `farm`.
+    pub fn new(farm: Arc<Farm>) -> Self {
+        ExecutionService { farm }
+    }
+}
+
+type OperationStream = BoxStream<'static, Result<longrunning::Operation, Status>>;
+
+/// Streams an operation's updates until (and including) the one that is done.
+fn follow(receiver: watch::Receiver<longrunning::Operation>) -> OperationStream {
+    futures::stream::unfold((receiver, false, true), |(mut receiver, finished, first)| async move {
+        if finished {
+            return None;
+        }
+        if !first {
+            tokio::select! {
+                changed = receiver.changed() => {
+                    if changed.is_err() {
+                        let last = receiver.borrow().clone();
+                        if last.done {
+                            return Some((Ok(last), (receiver, true, false)));
+                        }
+                        return Some((Err(Status::unavailable("operation was dropped by the server; retry with Execute")), (receiver, true, false)));
+                    }
+                }
+                _ = tokio::time::sleep(STREAM_HEARTBEAT) => {}
+            }
+        }
+        let operation = receiver.borrow_and_update().clone();
+        let done = operation.done;
+        Some((Ok(operation), (receiver, done, false)))
+    })
+    .boxed()
+}
+
+/// Rejects output paths that are absolute or climb out of the input root.
+pub(crate) fn validate_output_path(working_directory: &str, path: &str, field: &str) -> Result<(), Status> {
+    let bad = |why: &str| Status::invalid_argument(format!("command.{field} {path:?}: {why}"));
+    if path.is_empty() {
+        return Err(bad("is empty"));
+    }
+    if path.starts_with('/') {
+        return Err(bad("must be relative to the working directory"));
+    }
+    let mut depth: i64 = 0;
+    for part in working_directory.split('/').chain(path.split('/')) {
+        match part {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(bad("escapes the input root"));
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    if depth == 0 {
+        return Err(bad("names the input root itself"));
+    }
+    Ok(())
+}
+
+fn validate_command(command: &reapi::Command) -> Result<(), Status> {
+    if command.arguments.is_empty() {
+        return Err(Status::invalid_argument("command.arguments is empty"));
+    }
+    if command.working_directory.starts_with('/') {
+        return Err(Status::invalid_argument(format!("command.working_directory {:?} must be relative", command.working_directory)));
+    }
+    if !command.working_directory.is_empty() {
+        validate_output_path("", &format!("{}/x", command.working_directory), "working_directory")?;
+    }
+    for (field, paths) in [
+        ("output_files", &command.output_files),
+        ("output_directories", &command.output_directories),
+        ("output_paths", &command.output_paths),
+    ] {
+        for path in paths {
+            validate_output_path(&command.working_directory, path, field)?;
+        }
+    }
+    Ok(())
+}
+
+impl ExecutionService {
+    async fn load_action(&self, digest: &Digest) -> Result<(reapi::Action, reapi::Command), Status> {
+        let missing = |d: Digest, what: &str| to_tonic(missing_blobs_status(what, &[d]));
+        let action: reapi::Action = self.farm.read_message(digest, "action").await?.ok_or_else(|| missing(*digest, "action"))?;
+        let command_digest = Digest::from_field(action.command_digest.as_ref()).map_err(|e| bad_digest("action.command_digest", e))?;
+        let input_root = Digest::from_field(action.input_root_digest.as_ref()).map_err(|e| bad_digest("action.input_root_digest", e))?;
+        if let Some(timeout) = &action.timeout {
+            if timeout.seconds < 0 || timeout.nanos < 0 {
+                return Err(Status::invalid_argument("action.timeout is negative"));
+            }
+        }
+        let command: reapi::Command = self
+            .farm
+            .read_message(&command_digest, "command")
+            .await?
+            .ok_or_else(|| missing(command_digest, "command"))?;
+        validate_command(&command)?;
+        self.farm.check_inputs(input_root).await?;
+        Ok((action, command))
+    }
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = OperationStream;
+
+    #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name, action))]
+    async fn execute(&self, request: Request<reapi::ExecuteRequest>) -> Result<Response<OperationStream>, Status> {
+        let request = request.into_inner();
+        self.farm.instances.check(&request.instance_name)?;
+        let digest = Digest::from_field(request.action_digest.as_ref()).map_err(|e| bad_digest("action_digest", e))?;
+        tracing::Span::current().record("action", tracing::field::display(&digest));
+        let (action, command) = self.load_action(&digest).await?;
+        if !request.skip_cache_lookup && !action.do_not_cache {
+            if let Some(result) = self.farm.action_cache.get(&request.instance_name, &digest).await? {
+                if self.farm.result_is_complete(&result).await? {
+                    Metrics::add(&self.farm.metrics.ac_hits, 1);
+                    tracing::debug!("answered from the action cache");
+                    let op = self.farm.scheduler.record_cached(&request.instance_name, digest, result);
+                    return Ok(Response::new(futures::stream::iter([Ok(op)]).boxed()));
+                }
+            }
+            Metrics::add(&self.farm.metrics.ac_misses, 1);
+        }
+        let priority = request.execution_policy.as_ref().map_or(0, |p| p.priority);
+        let (_, receiver) = self.farm.scheduler.enqueue(NewAction {
+            instance: request.instance_name,
+            action_digest: digest,
+            action,
+            command,
+            priority,
+        });
+        Ok(Response::new(follow(receiver)))
+    }
+
+    type WaitExecutionStream = OperationStream;
+
+    #[tracing::instrument(skip_all, fields(operation = %request.get_ref().name))]
+    async fn wait_execution(&self, request: Request<reapi::WaitExecutionRequest>) -> Result<Response<OperationStream>, Status> {
+        let name = request.into_inner().name;
+        let receiver = self
+            .farm
+            .scheduler
+            .watch(&name)
+            .ok_or_else(|| Status::not_found(format!("operation {name:?} not found; it may predate a server restart, retry with Execute")))?;
+        Ok(Response::new(follow(receiver)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_paths_must_stay_inside_the_input_root() {
+        assert!(validate_output_path("", "out/a.o", "output_files").is_ok());
+        assert!(validate_output_path("pkg", "../other/a.o", "output_files").is_ok());
+        assert!(validate_output_path("", "./a/../b", "output_files").is_ok());
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", ".", "a/.."] {
+            let err = validate_output_path("", bad, "output_files").unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(err.message().contains("output_files"), "{}", err.message());
+        }
+        assert!(validate_output_path("pkg", "../../x", "output_paths").is_err());
+    }
+
+    #[test]
+    fn command_checks_name_the_field() {
+        let mut command = reapi::Command::default();
+        assert!(validate_command(&command).unwrap_err().message().contains("arguments"));
+        command.arguments = vec!["true".into()];
+        command.working_directory = "../up".into();
+        assert!(validate_command(&command).unwrap_err().message().contains("working_directory"));
+        command.working_directory = String::new();
+        command.output_paths = vec!["../x".into()];
+        assert!(validate_command(&command).unwrap_err().message().contains("output_paths"));
+    }
+}

@@ -1,0 +1,72 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use buildkube_proto::worker::{self as wire, complete_request, worker_service_server::WorkerService};
+use tonic::{Request, Response, Status};
+
+use crate::farm::Farm;
+use crate::scheduler::LeaseOutcome;
+
+/// Longest a Lease call is held open.
+const MAX_LEASE_WAIT: Duration = Duration::from_secs(60);
+
+/// The worker protocol: Lease, KeepAlive, Complete.
+pub struct WorkerProtocolService {
+    farm: Arc<Farm>,
+}
+
+impl WorkerProtocolService {
+    /// The service over `farm`.
+    pub fn new(farm: Arc<Farm>) -> Self {
+        WorkerProtocolService { farm }
+    }
+
+    fn check_worker(&self, worker: Option<&wire::WorkerInfo>) -> Result<wire::WorkerInfo, Status> {
+        let worker = worker.ok_or_else(|| Status::invalid_argument("worker is missing"))?;
+        if worker.worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker.worker_id is empty"));
+        }
+        self.farm.instances.check(&worker.instance_name)?;
+        Ok(worker.clone())
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerProtocolService {
+    #[tracing::instrument(skip_all, fields(worker = request.get_ref().worker.as_ref().map(|w| w.worker_id.as_str()).unwrap_or("")))]
+    async fn lease(&self, request: Request<wire::LeaseRequest>) -> Result<Response<wire::LeaseResponse>, Status> {
+        let request = request.into_inner();
+        let worker = self.check_worker(request.worker.as_ref())?;
+        let wait = request
+            .wait
+            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .unwrap_or_default()
+            .min(MAX_LEASE_WAIT);
+        let lease = self.farm.scheduler.lease(&worker, wait).await;
+        Ok(Response::new(wire::LeaseResponse { lease }))
+    }
+
+    #[tracing::instrument(skip_all, fields(worker = request.get_ref().worker.as_ref().map(|w| w.worker_id.as_str()).unwrap_or("")))]
+    async fn keep_alive(&self, request: Request<wire::KeepAliveRequest>) -> Result<Response<wire::KeepAliveResponse>, Status> {
+        let request = request.into_inner();
+        let worker = self.check_worker(request.worker.as_ref())?;
+        let abandon_lease_ids = self.farm.scheduler.keep_alive(&worker, &request.leases);
+        Ok(Response::new(wire::KeepAliveResponse { abandon_lease_ids }))
+    }
+
+    #[tracing::instrument(skip_all, fields(worker = request.get_ref().worker.as_ref().map(|w| w.worker_id.as_str()).unwrap_or(""), operation = %request.get_ref().operation_name))]
+    async fn complete(&self, request: Request<wire::CompleteRequest>) -> Result<Response<wire::CompleteResponse>, Status> {
+        let request = request.into_inner();
+        let worker = self.check_worker(request.worker.as_ref())?;
+        let outcome = match request.outcome {
+            Some(complete_request::Outcome::Result(result)) => LeaseOutcome::Ran(result),
+            Some(complete_request::Outcome::Error(status)) => LeaseOutcome::Failed(status),
+            None => return Err(Status::invalid_argument("outcome is missing: set result or error")),
+        };
+        let accepted = self
+            .farm
+            .scheduler
+            .complete(&worker.worker_id, &request.lease_id, &request.operation_name, outcome, request.message);
+        Ok(Response::new(wire::CompleteResponse { accepted }))
+    }
+}
