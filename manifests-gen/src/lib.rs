@@ -1,0 +1,19 @@
+//! manifests-gen: the buildkube kustomize tree (`overlays/`) and its client
+//! configuration, generated from one typed [`spec::StackSpec`].
+//!
+//! - [`spec`]: the stack spec (serde + JSON Schema), its defaults and validation;
+//! - [`objects`]: Kubernetes objects as typed k8s-openapi values;
+//! - [`crd`]: typed KEDA and Prometheus Operator resources;
+//! - [`kustomize`]: typed kustomization files and JSON 6902 patches;
+//! - [`overlays`]: the whole tree from a spec;
+//! - [`tree`]: writing, checking (`--check`) and pruning it.
+
+pub mod crd;
+pub mod kustomize;
+pub mod objects;
+pub mod overlays;
+pub mod spec;
+pub mod tree;
+
+pub use overlays::{generate, owned_roots, KUBERNETES_VERSION, REGENERATE};
+pub use spec::StackSpec;

@@ -1,0 +1,940 @@
+//! Kubernetes objects as typed k8s-openapi values, built by functions of the
+//! stack spec. Every name, port, label and path they share is a constant here
+//! or in `buildkube-config`; container arguments come from
+//! `ServerArgs::to_args` / `WorkerArgs::to_args`.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use buildkube_config::{
+    LogFormat, ServerArgs, WorkerArgs, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_WORKER_HTTP_PORT,
+    HEALTHZ_PATH, READYZ_PATH,
+};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet, StatefulSetSpec,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, ExecAction, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodAffinityTerm, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::core::v1::PodAntiAffinity;
+use k8s_openapi::api::networking::v1::{
+    HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule, IngressServiceBackend,
+    IngressSpec as K8sIngressSpec, IngressTLS, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec, ServiceBackendPort,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, ExternalMetricSource, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
+    MetricIdentifier, MetricSpec, MetricTarget,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::crd::{Endpoint, ScaledObject, ScaledObjectSpec, ScaleTargetRef, ServiceMonitor, ServiceMonitorSpec, Trigger};
+use crate::spec::{LogFormatSpec, ResourcesSpec, StackSpec, WorkerPoolSpec};
+
+/// Name of the server Deployment, Service, ServiceAccount and NetworkPolicy.
+pub const SERVER_NAME: &str = "buildkube-server";
+/// Prefix of a worker pool's Deployment name.
+pub const WORKER_NAME_PREFIX: &str = "buildkube-worker-";
+/// Name of the workers' ServiceAccount and NetworkPolicy.
+pub const WORKER_NAME: &str = "buildkube-worker";
+/// Image name of the server in the base (overlays pin registry and tag).
+pub const SERVER_IMAGE: &str = "buildkube-server";
+/// Image name of the worker in the base (overlays pin registry and tag).
+pub const WORKER_IMAGE: &str = "buildkube-worker";
+/// Name of the server container.
+pub const SERVER_CONTAINER: &str = "server";
+/// Name of the worker container.
+pub const WORKER_CONTAINER: &str = "worker";
+/// PersistentVolumeClaim holding the CAS.
+pub const SERVER_DATA_PVC: &str = "buildkube-server-data";
+/// ConfigMap with the workers' git configuration.
+pub const WORKER_GIT_CONFIGMAP: &str = "buildkube-worker-git";
+/// Secret with the bearer token (key [`AUTH_TOKEN_KEY`]).
+pub const AUTH_SECRET: &str = "buildkube-auth";
+/// Key of the token in [`AUTH_SECRET`].
+pub const AUTH_TOKEN_KEY: &str = "token";
+/// Secret with the workers' git credentials, SSH key, known_hosts and env script.
+pub const WORKER_CREDENTIALS_SECRET: &str = "buildkube-worker-credentials";
+/// Keys of [`WORKER_CREDENTIALS_SECRET`].
+pub const GIT_CREDENTIALS_KEY: &str = "git-credentials";
+/// SSH private key in [`WORKER_CREDENTIALS_SECRET`].
+pub const SSH_KEY_KEY: &str = "ssh-private-key";
+/// known_hosts in [`WORKER_CREDENTIALS_SECRET`].
+pub const KNOWN_HOSTS_KEY: &str = "known_hosts";
+/// Env script in [`WORKER_CREDENTIALS_SECRET`].
+pub const ENV_SCRIPT_KEY: &str = "env.sh";
+/// Secret with PostgreSQL's password (key [`POSTGRES_PASSWORD_KEY`]).
+pub const POSTGRES_SECRET: &str = "buildkube-postgres";
+/// Key of the password in [`POSTGRES_SECRET`].
+pub const POSTGRES_PASSWORD_KEY: &str = "password";
+/// PostgreSQL StatefulSet and Service.
+pub const POSTGRES_NAME: &str = "buildkube-postgres";
+/// Redis Deployment and Service.
+pub const REDIS_NAME: &str = "buildkube-redis";
+/// TLS Secret that cert-manager fills for the Ingress.
+pub const TLS_SECRET: &str = "buildkube-tls";
+/// Annotation that makes cert-manager issue [`TLS_SECRET`].
+pub const CERT_MANAGER_ISSUER_ANNOTATION: &str = "cert-manager.io/cluster-issuer";
+
+/// Name of the gRPC port on containers and Services.
+pub const GRPC_PORT_NAME: &str = "grpc";
+/// Name of the HTTP port on containers and Services.
+pub const HTTP_PORT_NAME: &str = "http";
+/// Port of PostgreSQL.
+pub const POSTGRES_PORT: i32 = 5432;
+/// Port of Redis.
+pub const REDIS_PORT: i32 = 6379;
+
+/// uid and gid of the buildkube processes (the images' user).
+pub const RUN_AS_ID: i64 = 10001;
+/// Server data directory (the PVC).
+pub const SERVER_DATA_DIR: &str = "/var/lib/buildkube";
+/// Worker work directory (an emptyDir).
+pub const WORKER_WORK_DIR: &str = "/var/lib/buildkube-worker";
+/// HOME of the worker (an emptyDir).
+pub const WORKER_HOME: &str = "/home/buildkube";
+/// Where [`AUTH_SECRET`] is mounted.
+pub const AUTH_MOUNT_DIR: &str = "/etc/buildkube/auth";
+/// Where [`WORKER_CREDENTIALS_SECRET`] is mounted.
+pub const CREDENTIALS_MOUNT_DIR: &str = "/etc/buildkube/credentials";
+/// Where [`WORKER_GIT_CONFIGMAP`] is mounted.
+pub const GIT_CONFIG_MOUNT_DIR: &str = "/etc/buildkube/git";
+/// Key of the git configuration in [`WORKER_GIT_CONFIGMAP`].
+pub const GIT_CONFIG_KEY: &str = "gitconfig";
+
+const LABEL_NAME: &str = "app.kubernetes.io/name";
+const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+const LABEL_POOL: &str = "buildkube.dev/pool";
+const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
+
+fn map<const N: usize>(entries: [(&str, &str); N]) -> BTreeMap<String, String> {
+    entries.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Labels selecting the server pod.
+pub fn server_selector() -> BTreeMap<String, String> {
+    map([(LABEL_NAME, "buildkube"), (LABEL_COMPONENT, "server")])
+}
+
+/// Labels selecting every worker pod, whatever its pool.
+pub fn workers_selector() -> BTreeMap<String, String> {
+    map([(LABEL_NAME, "buildkube"), (LABEL_COMPONENT, "worker")])
+}
+
+/// Labels selecting the pods of one pool.
+pub fn pool_selector(pool: &str) -> BTreeMap<String, String> {
+    let mut labels = workers_selector();
+    labels.insert(LABEL_POOL.into(), pool.into());
+    labels
+}
+
+fn store_selector(component: &str) -> BTreeMap<String, String> {
+    map([(LABEL_NAME, "buildkube"), (LABEL_COMPONENT, component)])
+}
+
+fn with_part_of(mut labels: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels.insert(LABEL_PART_OF.into(), "buildkube".into());
+    labels
+}
+
+fn meta(name: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta { name: Some(name.to_string()), labels: Some(with_part_of(labels)), ..Default::default() }
+}
+
+fn selector(labels: BTreeMap<String, String>) -> LabelSelector {
+    LabelSelector { match_labels: Some(labels), ..Default::default() }
+}
+
+/// Deployment name of a worker pool.
+pub fn worker_deployment_name(pool: &str) -> String {
+    format!("{WORKER_NAME_PREFIX}{pool}")
+}
+
+/// In-cluster gRPC address the workers use (same namespace, so the short name).
+pub fn server_grpc_url() -> String {
+    format!("http://{SERVER_NAME}:{DEFAULT_GRPC_PORT}")
+}
+
+fn log_format(spec: &StackSpec) -> LogFormat {
+    match spec.server.log_format {
+        LogFormatSpec::Text => LogFormat::Text,
+        LogFormatSpec::Json => LogFormat::Json,
+    }
+}
+
+fn any_addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+}
+
+/// The server's flags; `auth` adds the token file.
+pub fn server_args(spec: &StackSpec, auth: bool) -> ServerArgs {
+    ServerArgs {
+        listen: any_addr(DEFAULT_GRPC_PORT),
+        http_listen: any_addr(DEFAULT_HTTP_PORT),
+        data_dir: SERVER_DATA_DIR.into(),
+        instances: spec.instances.clone(),
+        local_workers: 0,
+        cas_max_size: buildkube_config::parse_byte_size(&spec.server.cas_max_size)
+            .expect("validated: server.cas_max_size"),
+        lease_timeout_secs: spec.server.lease_timeout_secs,
+        max_attempts: spec.server.max_attempts,
+        auth_token_file: auth.then(|| PathBuf::from(format!("{AUTH_MOUNT_DIR}/{AUTH_TOKEN_KEY}"))),
+        log_format: log_format(spec),
+        addr_file: None,
+        // Flags added later keep the binary's defaults until the spec models them.
+        ..ServerArgs::default()
+    }
+}
+
+/// A worker pool's flags; `auth` adds the token file, `credentials` the env script.
+pub fn worker_args(spec: &StackSpec, pool: &WorkerPoolSpec, auth: bool, credentials: bool) -> WorkerArgs {
+    WorkerArgs {
+        server: server_grpc_url(),
+        instance: pool.instance.clone(),
+        work_dir: WORKER_WORK_DIR.into(),
+        concurrency: Some(pool.concurrency),
+        platform: pool.platform.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        // Kubernetes expands $(POD_NAME) from the container's env.
+        worker_id: Some("$(POD_NAME)".into()),
+        auth_token_file: auth.then(|| PathBuf::from(format!("{AUTH_MOUNT_DIR}/{AUTH_TOKEN_KEY}"))),
+        env_script: credentials.then(|| PathBuf::from(format!("{CREDENTIALS_MOUNT_DIR}/{ENV_SCRIPT_KEY}"))),
+        cache_max_size: buildkube_config::parse_byte_size(&pool.cache_max_size).expect("validated: cache_max_size"),
+        drain_timeout_secs: pool.drain_timeout_secs,
+        http_listen: any_addr(DEFAULT_WORKER_HTTP_PORT),
+        log_format: log_format(spec),
+        // Flags added later keep the binary's defaults until the spec models them.
+        ..WorkerArgs::default()
+    }
+}
+
+/// terminationGracePeriodSeconds of a pool: the drain plus a margin.
+pub fn termination_grace_secs(pool: &WorkerPoolSpec) -> i64 {
+    (pool.drain_timeout_secs + pool.termination_grace_margin_secs) as i64
+}
+
+fn resources(spec: &ResourcesSpec) -> ResourceRequirements {
+    let mut limits = BTreeMap::from([("memory".to_string(), Quantity(spec.memory_limit.clone()))]);
+    if let Some(cpu) = &spec.cpu_limit {
+        limits.insert("cpu".into(), Quantity(cpu.clone()));
+    }
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(spec.cpu_request.clone())),
+            ("memory".to_string(), Quantity(spec.memory_request.clone())),
+        ])),
+        limits: Some(limits),
+        ..Default::default()
+    }
+}
+
+fn pod_security(id: i64) -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(id),
+        run_as_group: Some(id),
+        // fsGroup makes the PVC and emptyDirs writable by the non-root user.
+        fs_group: Some(id),
+        fs_group_change_policy: Some("OnRootMismatch".into()),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn container_security(read_only_root: bool) -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        read_only_root_filesystem: Some(read_only_root),
+        run_as_non_root: Some(true),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String(port.to_string()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+fn port(name: &str, number: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_string()),
+        container_port: number.into(),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+fn empty_dir(name: &str, size_limit: Option<&str>) -> Volume {
+    Volume {
+        name: name.to_string(),
+        empty_dir: Some(EmptyDirVolumeSource { size_limit: size_limit.map(|s| Quantity(s.into())), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.to_string(),
+        mount_path: path.to_string(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+}
+
+/// Volume and mount of the auth token secret.
+pub fn auth_volume() -> (Volume, VolumeMount) {
+    (
+        Volume {
+            name: "auth".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(AUTH_SECRET.into()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        mount("auth", AUTH_MOUNT_DIR, true),
+    )
+}
+
+/// Volume and mount of the worker credentials secret. Files are root-owned
+/// with group `fsGroup` and mode 0440: readable by the worker, and accepted
+/// by ssh (which only rejects group-readable keys the user itself owns).
+pub fn credentials_volume() -> (Volume, VolumeMount) {
+    (
+        Volume {
+            name: "credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(WORKER_CREDENTIALS_SECRET.into()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        mount("credentials", CREDENTIALS_MOUNT_DIR, true),
+    )
+}
+
+/// The server's ServiceAccount; the server never calls the Kubernetes API.
+pub fn service_account(name: &str, labels: BTreeMap<String, String>) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(name, labels),
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    }
+}
+
+/// The CAS volume claim.
+pub fn server_pvc(spec: &StackSpec) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: meta(SERVER_DATA_PVC, server_selector()),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: spec.server.storage_class.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".into(), Quantity(spec.server.storage_size.clone()))])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The server: one replica (the queue and the CAS live in it), replaced with
+/// `Recreate` because its ReadWriteOnce volume attaches to one pod at a time.
+pub fn server_deployment(spec: &StackSpec) -> Deployment {
+    let container = Container {
+        name: SERVER_CONTAINER.into(),
+        image: Some(SERVER_IMAGE.into()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(server_args(spec, false).to_args()),
+        ports: Some(vec![port(GRPC_PORT_NAME, DEFAULT_GRPC_PORT), port(HTTP_PORT_NAME, DEFAULT_HTTP_PORT)]),
+        resources: Some(resources(&spec.server.resources)),
+        // The CAS index is loaded at start; give it a minute before liveness counts.
+        startup_probe: Some(http_probe(HEALTHZ_PATH, HTTP_PORT_NAME, 2, 30)),
+        liveness_probe: Some(http_probe(HEALTHZ_PATH, HTTP_PORT_NAME, 10, 3)),
+        readiness_probe: Some(http_probe(READYZ_PATH, HTTP_PORT_NAME, 5, 2)),
+        security_context: Some(container_security(true)),
+        volume_mounts: Some(vec![mount("data", SERVER_DATA_DIR, false), mount("tmp", "/tmp", false)]),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: meta(SERVER_NAME, server_selector()),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: selector(server_selector()),
+            strategy: Some(DeploymentStrategy { type_: Some("Recreate".into()), ..Default::default() }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(with_part_of(server_selector())), ..Default::default() }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(SERVER_NAME.into()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security(RUN_AS_ID)),
+                    termination_grace_period_seconds: Some(30),
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        Volume {
+                            name: "data".into(),
+                            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                                claim_name: SERVER_DATA_PVC.into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                        empty_dir("tmp", None),
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The server Service: the gRPC port (h2c, so proxies and meshes speak
+/// HTTP/2 cleartext to it) first, then HTTP.
+pub fn server_service() -> Service {
+    Service {
+        metadata: meta(SERVER_NAME, server_selector()),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(server_selector()),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some(GRPC_PORT_NAME.into()),
+                    port: DEFAULT_GRPC_PORT.into(),
+                    target_port: Some(IntOrString::String(GRPC_PORT_NAME.into())),
+                    protocol: Some("TCP".into()),
+                    app_protocol: Some("kubernetes.io/h2c".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some(HTTP_PORT_NAME.into()),
+                    port: DEFAULT_HTTP_PORT.into(),
+                    target_port: Some(IntOrString::String(HTTP_PORT_NAME.into())),
+                    protocol: Some("TCP".into()),
+                    app_protocol: Some("http".into()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A LoadBalancer Service for the gRPC port only.
+pub fn server_load_balancer() -> Service {
+    let mut service = server_service();
+    service.metadata.name = Some(format!("{SERVER_NAME}-grpc"));
+    let spec = service.spec.as_mut().expect("built above");
+    spec.type_ = Some("LoadBalancer".into());
+    spec.ports.as_mut().expect("built above").truncate(1);
+    service
+}
+
+/// The workers' git configuration: credentials and SSH key from the
+/// credentials secret, hosts pinned by its known_hosts.
+pub fn worker_git_configmap(gitconfig: String) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(WORKER_GIT_CONFIGMAP, workers_selector()),
+        data: Some(BTreeMap::from([(GIT_CONFIG_KEY.into(), gitconfig)])),
+        ..Default::default()
+    }
+}
+
+/// A ConfigMap of client configuration files, for in-cluster clients.
+pub fn client_configmap(files: &BTreeMap<String, String>) -> ConfigMap {
+    ConfigMap {
+        metadata: meta("buildkube-client-config", map([(LABEL_NAME, "buildkube"), (LABEL_COMPONENT, "client")])),
+        data: Some(files.clone()),
+        ..Default::default()
+    }
+}
+
+/// One worker pool's Deployment.
+pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment {
+    let container = Container {
+        name: WORKER_CONTAINER.into(),
+        image: Some(WORKER_IMAGE.into()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(worker_args(spec, pool, false, false).to_args()),
+        env: Some(vec![
+            EnvVar {
+                name: "POD_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            env("HOME", WORKER_HOME),
+            env("GIT_CONFIG_GLOBAL", &format!("{GIT_CONFIG_MOUNT_DIR}/{GIT_CONFIG_KEY}")),
+        ]),
+        ports: Some(vec![port(HTTP_PORT_NAME, DEFAULT_WORKER_HTTP_PORT)]),
+        resources: Some(resources(&pool.resources)),
+        liveness_probe: Some(http_probe(HEALTHZ_PATH, HTTP_PORT_NAME, 10, 3)),
+        // Not ready while draining, so rollouts wait for the drain.
+        readiness_probe: Some(http_probe(READYZ_PATH, HTTP_PORT_NAME, 5, 2)),
+        security_context: Some(container_security(pool.read_only_root_filesystem)),
+        volume_mounts: Some(vec![
+            mount("work", WORKER_WORK_DIR, false),
+            mount("home", WORKER_HOME, false),
+            mount("tmp", "/tmp", false),
+            mount("git-config", GIT_CONFIG_MOUNT_DIR, true),
+        ]),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: meta(&worker_deployment_name(&pool.name), pool_selector(&pool.name)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(pool.replicas),
+            selector: selector(pool_selector(&pool.name)),
+            // Start the new worker before the old one drains.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(with_part_of(pool_selector(&pool.name))), ..Default::default() }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(WORKER_NAME.into()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security(RUN_AS_ID)),
+                    // SIGTERM drains: running actions get drain_timeout_secs to finish.
+                    termination_grace_period_seconds: Some(termination_grace_secs(pool)),
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        empty_dir("work", Some(&pool.work_dir_size)),
+                        empty_dir("home", None),
+                        empty_dir("tmp", None),
+                        Volume {
+                            name: "git-config".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: WORKER_GIT_CONFIGMAP.into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Prefer spreading a pool's pods over nodes.
+pub fn pool_anti_affinity(pool: &str) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(selector(pool_selector(pool))),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..Default::default()
+                },
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A pool's disruption budget: node drains evict a few workers at a time,
+/// each of which drains its running actions.
+pub fn worker_pdb(pool: &WorkerPoolSpec) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(&worker_deployment_name(&pool.name), pool_selector(&pool.name)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(pool.max_unavailable)),
+            selector: Some(selector(pool_selector(&pool.name))),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn tcp_port(port: IntOrString) -> NetworkPolicyPort {
+    NetworkPolicyPort { port: Some(port), protocol: Some("TCP".into()), ..Default::default() }
+}
+
+/// The server accepts its gRPC and HTTP ports from anywhere (workers, clients,
+/// ingress controllers, Prometheus) and nothing else.
+pub fn server_network_policy() -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: meta(SERVER_NAME, server_selector()),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: selector(server_selector()),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                ports: Some(vec![
+                    tcp_port(IntOrString::String(GRPC_PORT_NAME.into())),
+                    tcp_port(IntOrString::String(HTTP_PORT_NAME.into())),
+                ]),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Nothing reaches the workers: they only dial out (kubelet probes are
+/// not subject to NetworkPolicy).
+pub fn worker_network_policy() -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: meta(WORKER_NAME, workers_selector()),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: selector(workers_selector()),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// PromQL for the work waiting for, or running on, one pool.
+pub fn pool_load_query(spec: &StackSpec, pool: &WorkerPoolSpec, metric: &str) -> String {
+    let mut matchers = vec![format!("instance=\"{}\"", pool.instance)];
+    // With one pool per instance every action of the instance is this pool's;
+    // otherwise match the pool's runner inside the platform label.
+    let pools_for_instance = spec.worker_pools.iter().filter(|p| p.instance == pool.instance).count();
+    if pools_for_instance > 1 {
+        if let Some(runner) = pool.platform.get(buildkube_config::PLATFORM_RUNNER_KEY) {
+            matchers.push(format!(
+                "platform=~\"(.*,)?{}={}(,.*)?\"",
+                buildkube_config::PLATFORM_RUNNER_KEY,
+                runner
+            ));
+        }
+    }
+    format!("sum({metric}{{{}}})", matchers.join(","))
+}
+
+/// KEDA: replicas = (queued + running actions) / concurrency.
+pub fn worker_scaled_object(spec: &StackSpec, pool: &WorkerPoolSpec) -> ScaledObject {
+    let query = format!(
+        "{} + {}",
+        pool_load_query(spec, pool, buildkube_config::METRIC_QUEUE_DEPTH),
+        pool_load_query(spec, pool, buildkube_config::METRIC_ACTIONS_RUNNING)
+    );
+    ScaledObject::new(
+        meta(&worker_deployment_name(&pool.name), pool_selector(&pool.name)),
+        ScaledObjectSpec {
+            scale_target_ref: ScaleTargetRef {
+                api_version: "apps/v1".into(),
+                kind: "Deployment".into(),
+                name: worker_deployment_name(&pool.name),
+            },
+            min_replica_count: pool.autoscaling.min_replicas,
+            max_replica_count: pool.autoscaling.max_replicas,
+            polling_interval: 15,
+            // Long enough that a drained worker is not recreated right away.
+            cooldown_period: 300,
+            triggers: vec![Trigger {
+                type_: "prometheus".into(),
+                metadata: BTreeMap::from([
+                    ("serverAddress".to_string(), spec.monitoring.prometheus_url.clone()),
+                    ("query".to_string(), query),
+                    ("threshold".to_string(), pool.concurrency.to_string()),
+                ]),
+            }],
+        },
+    )
+}
+
+/// HPA: the queue depth as an external metric (from prometheus-adapter),
+/// one worker per `concurrency` queued actions.
+pub fn worker_hpa(pool: &WorkerPoolSpec) -> HorizontalPodAutoscaler {
+    HorizontalPodAutoscaler {
+        metadata: meta(&worker_deployment_name(&pool.name), pool_selector(&pool.name)),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: worker_deployment_name(&pool.name),
+            },
+            min_replicas: Some(pool.autoscaling.min_replicas.max(1)),
+            max_replicas: pool.autoscaling.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "External".into(),
+                external: Some(ExternalMetricSource {
+                    metric: MetricIdentifier {
+                        name: buildkube_config::METRIC_QUEUE_DEPTH.into(),
+                        selector: Some(selector(map([("instance", pool.instance.as_str())]))),
+                    },
+                    target: MetricTarget {
+                        type_: "AverageValue".into(),
+                        average_value: Some(Quantity(pool.concurrency.to_string())),
+                        ..Default::default()
+                    },
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Prometheus Operator: scrape the server's metrics port.
+pub fn server_service_monitor(spec: &StackSpec) -> ServiceMonitor {
+    ServiceMonitor::new(
+        meta(SERVER_NAME, server_selector()),
+        ServiceMonitorSpec {
+            selector: selector(server_selector()),
+            endpoints: vec![Endpoint {
+                port: HTTP_PORT_NAME.into(),
+                path: buildkube_config::METRICS_PATH.into(),
+                interval: spec.monitoring.scrape_interval.clone(),
+            }],
+        },
+    )
+}
+
+/// gRPC over TLS through ingress-nginx, certificate from cert-manager.
+pub fn server_ingress(spec: &StackSpec) -> Ingress {
+    let mut metadata = meta(SERVER_NAME, server_selector());
+    metadata.annotations = Some(map([
+        ("nginx.ingress.kubernetes.io/backend-protocol", "GRPC"),
+        // Long-running Execute and WaitExecution streams.
+        ("nginx.ingress.kubernetes.io/proxy-read-timeout", "3600"),
+        ("nginx.ingress.kubernetes.io/proxy-send-timeout", "3600"),
+        ("nginx.ingress.kubernetes.io/proxy-body-size", "0"),
+        (CERT_MANAGER_ISSUER_ANNOTATION, spec.ingress.cluster_issuer.as_str()),
+    ]));
+    Ingress {
+        metadata,
+        spec: Some(K8sIngressSpec {
+            ingress_class_name: Some(spec.ingress.class_name.clone()),
+            tls: Some(vec![IngressTLS {
+                hosts: Some(vec![spec.ingress.host.clone()]),
+                secret_name: Some(TLS_SECRET.into()),
+            }]),
+            rules: Some(vec![IngressRule {
+                host: Some(spec.ingress.host.clone()),
+                http: Some(HTTPIngressRuleValue {
+                    paths: vec![HTTPIngressPath {
+                        path: Some("/".into()),
+                        path_type: "Prefix".into(),
+                        backend: IngressBackend {
+                            service: Some(IngressServiceBackend {
+                                name: SERVER_NAME.into(),
+                                port: Some(ServiceBackendPort { name: Some(GRPC_PORT_NAME.into()), ..Default::default() }),
+                            }),
+                            ..Default::default()
+                        },
+                    }],
+                }),
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn store_service(name: &str, component: &str, port_number: i32) -> Service {
+    Service {
+        metadata: meta(name, store_selector(component)),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(store_selector(component)),
+            ports: Some(vec![ServicePort {
+                name: Some(component.into()),
+                port: port_number,
+                target_port: Some(IntOrString::String(component.into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn store_network_policy(name: &str, component: &str) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: meta(name, store_selector(component)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: selector(store_selector(component)),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![NetworkPolicyPeer {
+                    pod_selector: Some(selector(server_selector())),
+                    ..Default::default()
+                }]),
+                ports: Some(vec![tcp_port(IntOrString::String(component.into()))]),
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn exec_probe(command: &[&str], period: i32) -> Probe {
+    Probe {
+        exec: Some(ExecAction { command: Some(command.iter().map(|s| s.to_string()).collect()) }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
+/// The postgres and redis images run as uid 999.
+const STORE_UID: i64 = 999;
+
+/// PostgreSQL: a StatefulSet with its own volume, its Service and a policy
+/// that lets only the server in.
+pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
+    let component = "postgres";
+    let container = Container {
+        name: component.into(),
+        image: Some(spec.external_stores.postgres_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        env: Some(vec![
+            env("POSTGRES_USER", "buildkube"),
+            env("POSTGRES_DB", "buildkube"),
+            env("PGDATA", "/var/lib/postgresql/data/pgdata"),
+            EnvVar {
+                name: "POSTGRES_PASSWORD".into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: POSTGRES_SECRET.into(),
+                        key: POSTGRES_PASSWORD_KEY.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some(component.into()),
+            container_port: POSTGRES_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(exec_probe(&["pg_isready", "-U", "buildkube"], 10)),
+        liveness_probe: Some(exec_probe(&["pg_isready", "-U", "buildkube"], 30)),
+        resources: Some(resources(&ResourcesSpec::default())),
+        security_context: Some(container_security(false)),
+        volume_mounts: Some(vec![mount("data", "/var/lib/postgresql/data", false), mount("run", "/var/run/postgresql", false)]),
+        ..Default::default()
+    };
+    let statefulset = StatefulSet {
+        metadata: meta(POSTGRES_NAME, store_selector(component)),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(1),
+            service_name: POSTGRES_NAME.into(),
+            selector: selector(store_selector(component)),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(with_part_of(store_selector(component))), ..Default::default() }),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security(STORE_UID)),
+                    containers: vec![container],
+                    volumes: Some(vec![empty_dir("run", None)]),
+                    ..Default::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta { name: Some("data".into()), ..Default::default() },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([(
+                            "storage".into(),
+                            Quantity(spec.external_stores.postgres_storage_size.clone()),
+                        )])),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (statefulset, store_service(POSTGRES_NAME, component, POSTGRES_PORT), store_network_policy(POSTGRES_NAME, component))
+}
+
+/// Redis without persistence (a cache), its Service and its policy.
+pub fn redis(spec: &StackSpec) -> (Deployment, Service, NetworkPolicy) {
+    let component = "redis";
+    let container = Container {
+        name: component.into(),
+        image: Some(spec.external_stores.redis_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(vec!["--save".into(), "".into(), "--appendonly".into(), "no".into()]),
+        ports: Some(vec![ContainerPort {
+            name: Some(component.into()),
+            container_port: REDIS_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(exec_probe(&["redis-cli", "ping"], 10)),
+        liveness_probe: Some(exec_probe(&["redis-cli", "ping"], 30)),
+        resources: Some(resources(&ResourcesSpec::default())),
+        security_context: Some(container_security(true)),
+        volume_mounts: Some(vec![mount("data", "/data", false)]),
+        ..Default::default()
+    };
+    let deployment = Deployment {
+        metadata: meta(REDIS_NAME, store_selector(component)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: selector(store_selector(component)),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(with_part_of(store_selector(component))), ..Default::default() }),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security(STORE_UID)),
+                    containers: vec![container],
+                    volumes: Some(vec![empty_dir("data", None)]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (deployment, store_service(REDIS_NAME, component, REDIS_PORT), store_network_policy(REDIS_NAME, component))
+}

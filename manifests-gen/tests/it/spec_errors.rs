@@ -1,0 +1,85 @@
+//! Specs that cannot be deployed are rejected with a message naming the field.
+
+use manifests_gen::spec::StackSpec;
+
+use crate::insta_settings;
+
+/// The default spec as YAML, with `edit` applied to its text.
+fn default_yaml_with(edit: impl FnOnce(&mut serde_yaml::Value)) -> String {
+    let mut value = serde_yaml::to_value(StackSpec::default()).unwrap();
+    edit(&mut value);
+    serde_yaml::to_string(&value).unwrap()
+}
+
+fn error_of(yaml: &str) -> String {
+    StackSpec::from_yaml("stack.yaml", yaml).expect_err("the spec must be rejected").to_string()
+}
+
+fn pool(value: &mut serde_yaml::Value) -> &mut serde_yaml::Value {
+    &mut value["worker_pools"][0]
+}
+
+#[test]
+fn unknown_field_is_named_with_its_path() {
+    let yaml = default_yaml_with(|v| {
+        pool(v).as_mapping_mut().unwrap().insert("replica".into(), 3.into());
+    });
+    let error = error_of(&yaml);
+    assert!(error.contains("worker_pools[0]") && error.contains("unknown field `replica`"), "{error}");
+    insta_settings().bind(|| insta::assert_snapshot!("error-unknown-field", error));
+}
+
+#[test]
+fn impossible_specs_name_every_bad_field() {
+    let yaml = default_yaml_with(|v| {
+        pool(v)["autoscaling"]["min_replicas"] = 30.into();
+        pool(v)["platform"]["runner"] = "docker".into();
+        pool(v)["instance"] = "ci".into();
+        v["instances"][0] = "main/blobs".into();
+        v["overlays"]["example"]["images"]["registry"] = "GHCR.io/Acme".into();
+        v["overlays"]["example"]["images"]["tag"] = "latest".into();
+        v["overlays"]["kind"]["worker_replicas"]["gpu"] = 1.into();
+        v["server"]["cas_max_size"] = "200GiB".into();
+    });
+    let error = error_of(&yaml);
+    for field in [
+        "worker_pools[0].autoscaling.min_replicas",
+        "worker_pools[0].platform.runner",
+        "worker_pools[0].instance",
+        "instances[0]",
+        "overlays.example.images.registry",
+        "overlays.example.images.tag",
+        "overlays.kind.worker_replicas.gpu",
+        "server.cas_max_size",
+    ] {
+        assert!(error.contains(&format!("  {field}: ")), "{field} not named in:\n{error}");
+    }
+    insta_settings().bind(|| insta::assert_snapshot!("error-impossible-spec", error));
+}
+
+#[test]
+fn a_pool_without_a_runner_is_rejected() {
+    let yaml = default_yaml_with(|v| {
+        pool(v)["platform"].as_mapping_mut().unwrap().remove("runner");
+    });
+    let error = error_of(&yaml);
+    assert!(error.contains("worker_pools[0].platform: no `runner` property"), "{error}");
+}
+
+#[test]
+fn the_binary_reports_the_field_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stack.yaml");
+    std::fs::write(&config, default_yaml_with(|v| pool(v)["concurrency"] = 0.into())).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_manifests-gen"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("worker_pools[0].concurrency: must be at least 1"), "{stderr}");
+    assert!(!dir.path().join("out").exists(), "nothing written");
+}
