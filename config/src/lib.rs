@@ -189,6 +189,17 @@ pub struct WorkerArgs {
     /// On SIGTERM, seconds to let running actions finish before they are killed.
     #[arg(long, env = "BUILDKUBE_DRAIN_TIMEOUT_SECS", default_value_t = 600)]
     pub drain_timeout_secs: u64,
+    /// Largest total size of an action's output files; beyond it the action
+    /// fails with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BUILDKUBE_MAX_OUTPUT_SIZE", default_value = "16GiB", value_parser = parse_byte_size)]
+    pub max_output_size: u64,
+    /// Largest stdout, and largest stderr, of an action; beyond it the action
+    /// is killed and fails with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BUILDKUBE_MAX_STDIO_SIZE", default_value = "256MiB", value_parser = parse_byte_size)]
+    pub max_stdio_size: u64,
+    /// Timeout of actions that set none, and the longest timeout an action may ask for.
+    #[arg(long, env = "BUILDKUBE_MAX_ACTION_TIMEOUT_SECS", default_value_t = 3600)]
+    pub max_action_timeout_secs: u64,
     /// HTTP listen address of the worker (/healthz, /readyz, /metrics); readiness
     /// turns false while draining.
     #[arg(long, env = "BUILDKUBE_HTTP_LISTEN", default_value_t = loopback(DEFAULT_WORKER_HTTP_PORT))]
@@ -230,6 +241,9 @@ impl WorkerArgs {
         }
         args.push(format!("--cache-max-size={}", self.cache_max_size));
         args.push(format!("--drain-timeout-secs={}", self.drain_timeout_secs));
+        args.push(format!("--max-output-size={}", self.max_output_size));
+        args.push(format!("--max-stdio-size={}", self.max_stdio_size));
+        args.push(format!("--max-action-timeout-secs={}", self.max_action_timeout_secs));
         args.push(format!("--http-listen={}", self.http_listen));
         args.push(format!("--log-format={}", self.log_format.as_arg()));
         args
@@ -279,6 +293,9 @@ mod tests {
         args.platform = vec![("OSFamily".into(), "Linux".into()), ("runner".into(), "sandbox".into())];
         args.concurrency = Some(4);
         args.env_script = Some("/etc/buildkube/env.sh".into());
+        args.max_output_size = 1 << 30;
+        args.max_stdio_size = 1 << 20;
+        args.max_action_timeout_secs = 900;
         let mut cmd = vec!["buildkube-worker".to_string()];
         cmd.extend(args.to_args());
         assert_eq!(WorkerArgs::try_parse_from(cmd).unwrap(), args);

@@ -1,0 +1,563 @@
+//! The local, content-addressed cache of input files.
+//!
+//! Every file an action needs is fetched from the CAS once, into
+//! `{work_dir}/cache/{hh}/{hash}-{size}[-x]` (read-only; `-x` for the
+//! executable variant, which is a separate inode because the mode belongs to
+//! the inode), and hardlinked into each action directory: no copies. Entries
+//! in use by an action being set up are pinned; the least recently used
+//! unpinned entries are evicted once the cache exceeds its budget. The cache
+//! is emptied when the worker starts, so every entry was written and
+//! verified by this process.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use buildkube_reapi::{CasClient, CasClientError, Digest};
+use bytes::Bytes;
+use futures::StreamExt as _;
+
+use crate::metrics::WorkerMetrics;
+
+/// Blobs up to this size are fetched in batches.
+const SMALL_BLOB: u64 = 256 << 10;
+/// Bytes per batch read of small blobs.
+const BATCH_BYTES: u64 = 2 << 20;
+/// Blobs per batch read.
+const BATCH_COUNT: usize = 500;
+/// Batches or large downloads in flight per action.
+const PARALLEL_FETCHES: usize = 4;
+
+/// One cached file: a blob in its executable or non-executable variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct CacheKey {
+    pub(crate) digest: Digest,
+    pub(crate) executable: bool,
+}
+
+/// A file to put at `dest` (an absolute path whose parent exists).
+#[derive(Debug, Clone)]
+pub(crate) struct FileRequest {
+    pub(crate) key: CacheKey,
+    pub(crate) dest: PathBuf,
+}
+
+/// Why files could not be provided.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FetchError {
+    /// The CAS lacks these blobs.
+    #[error("{} blob(s) missing from the CAS", .0.len())]
+    Missing(Vec<Digest>),
+    /// A CAS call failed.
+    #[error("fetching {digest}: {source}")]
+    Cas {
+        digest: Digest,
+        source: CasClientError,
+    },
+    /// A local file operation failed.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> FetchError + 'a {
+    move |source| FetchError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    size: u64,
+    tick: u64,
+    pins: u32,
+}
+
+#[derive(Debug, Default)]
+struct CacheState {
+    entries: HashMap<CacheKey, Entry>,
+    /// Last use tick → key; the first entry is the least recently used.
+    lru: BTreeMap<u64, CacheKey>,
+    tick: u64,
+    total: u64,
+}
+
+impl CacheState {
+    fn touch(&mut self, key: CacheKey) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(entry) = self.entries.get_mut(&key) {
+            self.lru.remove(&entry.tick);
+            entry.tick = tick;
+            self.lru.insert(tick, key);
+        }
+    }
+}
+
+/// The cache; shared by all slots of a worker.
+#[derive(Debug)]
+pub(crate) struct FileCache {
+    dir: PathBuf,
+    tmp: PathBuf,
+    max_size: u64,
+    state: Mutex<CacheState>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl FileCache {
+    /// Empties and recreates `dir`.
+    pub(crate) fn open(dir: PathBuf, max_size: u64, metrics: Arc<WorkerMetrics>) -> std::io::Result<FileCache> {
+        if dir.exists() {
+            crate::fs_util::remove_tree(&dir)?;
+        }
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
+        for shard in 0..=255u8 {
+            std::fs::create_dir_all(dir.join(format!("{shard:02x}")))?;
+        }
+        metrics.cache_bytes.store(0, std::sync::atomic::Ordering::Relaxed);
+        Ok(FileCache {
+            dir,
+            tmp,
+            max_size,
+            state: Mutex::new(CacheState::default()),
+            metrics,
+        })
+    }
+
+    fn path_of(&self, key: &CacheKey) -> PathBuf {
+        let hash = key.digest.hash_hex();
+        let suffix = if key.executable { "-x" } else { "" };
+        self.dir
+            .join(&hash[..2])
+            .join(format!("{hash}-{}{suffix}", key.digest.size()))
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        self.tmp.join(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Bytes currently held.
+    #[cfg(test)]
+    pub(crate) fn total_bytes(&self) -> u64 {
+        self.state.lock().unwrap().total
+    }
+
+    /// Whether `key` is cached.
+    #[cfg(test)]
+    pub(crate) fn contains(&self, key: &CacheKey) -> bool {
+        self.state.lock().unwrap().entries.contains_key(key)
+    }
+
+    /// Puts every requested file in place, fetching what the cache lacks.
+    /// Missing blobs are all listed (one FindMissingBlobs call) so that the
+    /// client can upload them in one go.
+    pub(crate) async fn link_into(&self, cas: &CasClient, files: &[FileRequest]) -> Result<(), FetchError> {
+        let keys: HashSet<CacheKey> = files.iter().map(|f| f.key).collect();
+        let mut pins = Pins { cache: self, keys: Vec::new() };
+        let mut misses = Vec::new();
+        {
+            let mut state = self.state.lock().unwrap();
+            for key in keys {
+                if key.digest.size() == 0 {
+                    continue; // empty files are created, not cached
+                }
+                if let Some(entry) = state.entries.get_mut(&key) {
+                    entry.pins += 1;
+                    pins.keys.push(key);
+                    state.touch(key);
+                } else {
+                    misses.push(key);
+                }
+            }
+        }
+        // An action running as root can write through a read-only hardlink;
+        // drop entries whose size no longer matches instead of spreading them.
+        let hits: Vec<(CacheKey, PathBuf)> = pins.keys.iter().map(|k| (*k, self.path_of(k))).collect();
+        let damaged = tokio::task::spawn_blocking(move || {
+            hits.into_iter()
+                .filter(|(key, path)| std::fs::metadata(path).map(|m| m.len() != key.digest.size()).unwrap_or(true))
+                .map(|(key, _)| key)
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("stat task panicked");
+        for key in damaged {
+            tracing::warn!(digest = %key.digest, "cached input file was modified or removed; fetching it again");
+            pins.keys.retain(|k| *k != key);
+            self.forget(key);
+            misses.push(key);
+        }
+        let hits = pins.keys.len() as u64;
+        WorkerMetrics::add(&self.metrics.cache_hits, hits);
+        WorkerMetrics::add(&self.metrics.cache_misses, misses.len() as u64);
+
+        self.fetch(cas, &misses, &mut pins).await?;
+
+        let links: Vec<(CacheKey, PathBuf, PathBuf)> = files
+            .iter()
+            .map(|f| (f.key, self.path_of(&f.key), f.dest.clone()))
+            .collect();
+        tokio::task::spawn_blocking(move || -> Result<(), FetchError> {
+            for (key, src, dest) in links {
+                if key.digest.size() == 0 {
+                    let mode = if key.executable { 0o555 } else { 0o444 };
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(mode)
+                        .open(&dest)
+                        .map_err(io_error("creating", &dest))?;
+                } else {
+                    std::fs::hard_link(&src, &dest).map_err(io_error("hardlinking", &dest))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .expect("link task panicked")?;
+        drop(pins);
+        Ok(())
+    }
+
+    async fn fetch(&self, cas: &CasClient, misses: &[CacheKey], pins: &mut Pins<'_>) -> Result<(), FetchError> {
+        if misses.is_empty() {
+            return Ok(());
+        }
+        let (small, large): (Vec<CacheKey>, Vec<CacheKey>) =
+            misses.iter().partition(|k| k.digest.size() <= SMALL_BLOB);
+        let mut jobs: Vec<Vec<CacheKey>> = Vec::new();
+        let mut batch: Vec<CacheKey> = Vec::new();
+        let mut batch_bytes = 0;
+        for key in small {
+            if !batch.is_empty() && (batch_bytes + key.digest.size() > BATCH_BYTES || batch.len() >= BATCH_COUNT) {
+                jobs.push(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            batch_bytes += key.digest.size();
+            batch.push(key);
+        }
+        if !batch.is_empty() {
+            jobs.push(batch);
+        }
+        jobs.extend(large.into_iter().map(|k| vec![k]));
+
+        let results: Vec<Result<Vec<CacheKey>, FetchError>> = futures::stream::iter(jobs)
+            .map(|job| self.fetch_job(cas, job))
+            .buffer_unordered(PARALLEL_FETCHES)
+            .collect()
+            .await;
+        let mut first_error = None;
+        let mut missing = Vec::new();
+        for result in results {
+            match result {
+                Ok(keys) => pins.keys.extend(keys),
+                Err(FetchError::Missing(digests)) => missing.extend(digests),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if !missing.is_empty() {
+            // Name every missing blob, not only the first one a batch hit.
+            let wanted: Vec<Digest> = misses.iter().map(|k| k.digest).collect();
+            if let Ok(more) = cas.find_missing(&wanted).await {
+                missing.extend(more);
+            }
+            missing.sort();
+            missing.dedup();
+            return Err(FetchError::Missing(missing));
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Fetches one batch of small blobs or one large blob; returns the keys
+    /// installed (and pinned).
+    async fn fetch_job(&self, cas: &CasClient, keys: Vec<CacheKey>) -> Result<Vec<CacheKey>, FetchError> {
+        let cas_error = |digest: Digest| {
+            move |source: CasClientError| match source {
+                CasClientError::Missing(d) => FetchError::Missing(vec![d]),
+                source => FetchError::Cas { digest, source },
+            }
+        };
+        if keys.len() == 1 && keys[0].digest.size() > SMALL_BLOB {
+            let key = keys[0];
+            let tmp = self.temp_path();
+            let result = cas.download_to_file(key.digest, &tmp).await.map_err(cas_error(key.digest));
+            if let Err(e) = result {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+            WorkerMetrics::add(&self.metrics.bytes_downloaded, key.digest.size());
+            self.install(&tmp, key)?;
+            return Ok(keys);
+        }
+        // Fetch each distinct digest once, then write one file per variant.
+        let mut digests: Vec<Digest> = keys.iter().map(|k| k.digest).collect();
+        digests.sort();
+        digests.dedup();
+        let blobs: HashMap<Digest, Bytes> = cas
+            .read_blobs(&digests)
+            .await
+            .map_err(cas_error(digests[0]))?
+            .into_iter()
+            .collect();
+        let mut installed = Vec::new();
+        for key in keys {
+            let data = blobs
+                .get(&key.digest)
+                .ok_or(FetchError::Missing(vec![key.digest]))?
+                .clone();
+            WorkerMetrics::add(&self.metrics.bytes_downloaded, data.len() as u64);
+            let tmp = self.temp_path();
+            let write_tmp = tmp.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), FetchError> {
+                let mode = if key.executable { 0o555 } else { 0o444 };
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode)
+                    .open(&write_tmp)
+                    .map_err(io_error("creating", &write_tmp))?;
+                let written = file.write_all(&data).map_err(io_error("writing", &write_tmp));
+                if written.is_err() {
+                    let _ = std::fs::remove_file(&write_tmp);
+                }
+                written
+            })
+            .await
+            .expect("write task panicked")?;
+            self.install(&tmp, key)?;
+            installed.push(key);
+        }
+        Ok(installed)
+    }
+
+    /// Makes a verified temp file read-only, moves it into place and
+    /// records it, pinned.
+    fn install(&self, tmp: &Path, key: CacheKey) -> Result<(), FetchError> {
+        let path = self.path_of(&key);
+        let mode = if key.executable { 0o555 } else { 0o444 };
+        if let Err(e) = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode)) {
+            let _ = std::fs::remove_file(tmp);
+            return Err(FetchError::Io {
+                action: "setting permissions of",
+                path: tmp.to_path_buf(),
+                source: e,
+            });
+        }
+        let mut state = self.state.lock().unwrap();
+        if let Err(e) = std::fs::rename(tmp, &path) {
+            let _ = std::fs::remove_file(tmp);
+            return Err(FetchError::Io {
+                action: "installing",
+                path,
+                source: e,
+            });
+        }
+        state.tick += 1;
+        let tick = state.tick;
+        match state.entries.get_mut(&key) {
+            Some(entry) => {
+                entry.pins += 1;
+                let old = entry.tick;
+                entry.tick = tick;
+                state.lru.remove(&old);
+            }
+            None => {
+                state.entries.insert(key, Entry { size: key.digest.size(), tick, pins: 1 });
+                state.total += key.digest.size();
+            }
+        }
+        state.lru.insert(tick, key);
+        self.metrics.cache_bytes.store(state.total, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn forget(&self, key: CacheKey) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(entry) = state.entries.remove(&key) {
+            state.lru.remove(&entry.tick);
+            state.total -= entry.size;
+            let _ = std::fs::remove_file(self.path_of(&key));
+        }
+        self.metrics.cache_bytes.store(state.total, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn unpin_and_evict(&self, keys: &[CacheKey]) {
+        let mut state = self.state.lock().unwrap();
+        for key in keys {
+            if let Some(entry) = state.entries.get_mut(key) {
+                entry.pins = entry.pins.saturating_sub(1);
+            }
+        }
+        if state.total <= self.max_size {
+            return;
+        }
+        let victims: Vec<(u64, CacheKey)> = state
+            .lru
+            .iter()
+            .filter(|(_, key)| state.entries.get(key).is_some_and(|e| e.pins == 0))
+            .map(|(tick, key)| (*tick, *key))
+            .collect();
+        for (tick, key) in victims {
+            if state.total <= self.max_size {
+                break;
+            }
+            state.lru.remove(&tick);
+            if let Some(entry) = state.entries.remove(&key) {
+                state.total -= entry.size;
+            }
+            // Under the lock, so that a concurrent install of the same key
+            // cannot be unlinked after it was recorded.
+            let path = self.path_of(&key);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not evict cached file");
+            }
+        }
+        self.metrics.cache_bytes.store(state.total, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Entries pinned while an action's inputs are linked; unpinned on drop.
+struct Pins<'a> {
+    cache: &'a FileCache,
+    keys: Vec<CacheKey>,
+}
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        self.cache.unpin_and_evict(&self.keys);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    fn cache(dir: &Path, max: u64) -> FileCache {
+        FileCache::open(dir.join("cache"), max, Arc::new(WorkerMetrics::default())).unwrap()
+    }
+
+    /// Puts a blob in the cache as if it had been fetched.
+    fn put(cache: &FileCache, data: &[u8], executable: bool) -> CacheKey {
+        let key = CacheKey {
+            digest: Digest::of_bytes(data),
+            executable,
+        };
+        let tmp = cache.temp_path();
+        std::fs::write(&tmp, data).unwrap();
+        cache.install(&tmp, key).unwrap();
+        cache.unpin_and_evict(&[key]);
+        key
+    }
+
+    /// A CAS client whose server does not exist: any fetch fails.
+    fn unreachable_cas() -> CasClient {
+        CasClient::new(buildkube_reapi::connect_channel("http://127.0.0.1:1", None).unwrap(), "main")
+    }
+
+    #[tokio::test]
+    async fn hits_are_hardlinked_not_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), 1 << 20);
+        let key = put(&cache, b"hello", false);
+        let exec = put(&cache, b"hello", true);
+        let out = dir.path().join("action");
+        std::fs::create_dir(&out).unwrap();
+        let files = vec![
+            FileRequest { key, dest: out.join("a") },
+            FileRequest { key, dest: out.join("b") },
+            FileRequest { key: exec, dest: out.join("x") },
+            FileRequest {
+                key: CacheKey { digest: Digest::EMPTY, executable: false },
+                dest: out.join("empty"),
+            },
+        ];
+        cache.link_into(&unreachable_cas(), &files).await.unwrap();
+        let a = std::fs::metadata(out.join("a")).unwrap();
+        let b = std::fs::metadata(out.join("b")).unwrap();
+        let x = std::fs::metadata(out.join("x")).unwrap();
+        let cached = std::fs::metadata(cache.path_of(&key)).unwrap();
+        assert_eq!(a.ino(), cached.ino());
+        assert_eq!(b.ino(), cached.ino());
+        assert_eq!(a.nlink(), 3);
+        assert_ne!(x.ino(), a.ino(), "executable variant is its own inode");
+        assert_eq!(a.mode() & 0o777, 0o444);
+        assert_eq!(x.mode() & 0o777, 0o555);
+        assert_eq!(std::fs::read(out.join("x")).unwrap(), b"hello");
+        assert_eq!(std::fs::metadata(out.join("empty")).unwrap().len(), 0);
+        assert_eq!(cache.metrics.cache_hits.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn evicts_least_recently_used_beyond_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), 10);
+        let a = put(&cache, b"aaaa", false);
+        let b = put(&cache, b"bbbb", false);
+        // Use `a`, so that `b` is now the least recently used.
+        let out = dir.path().join("action");
+        std::fs::create_dir(&out).unwrap();
+        cache
+            .link_into(&unreachable_cas(), &[FileRequest { key: a, dest: out.join("a") }])
+            .await
+            .unwrap();
+        let c = put(&cache, b"cccc", false);
+        assert!(cache.contains(&a));
+        assert!(!cache.contains(&b));
+        assert!(cache.contains(&c));
+        assert!(!cache.path_of(&b).exists());
+        assert_eq!(cache.total_bytes(), 8);
+        // The action's link outlives the eviction of its cache entry.
+        let d = put(&cache, b"dddddddd", false);
+        assert!(!cache.contains(&a) && cache.contains(&d));
+        assert_eq!(std::fs::read(out.join("a")).unwrap(), b"aaaa");
+    }
+
+    #[tokio::test]
+    async fn pinned_entries_survive_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), 4);
+        let key = CacheKey { digest: Digest::of_bytes(b"aaaa"), executable: false };
+        let tmp = cache.temp_path();
+        std::fs::write(&tmp, b"aaaa").unwrap();
+        cache.install(&tmp, key).unwrap(); // pinned
+        put(&cache, b"bbbb", false);
+        assert!(cache.contains(&key), "pinned entry evicted");
+        cache.unpin_and_evict(&[key]);
+        assert!(cache.total_bytes() <= 4);
+    }
+
+    #[tokio::test]
+    async fn damaged_entries_are_refetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), 1 << 20);
+        let key = put(&cache, b"hello", false);
+        let path = cache.path_of(&key);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&path, b"hi").unwrap();
+        let out = dir.path().join("action");
+        std::fs::create_dir(&out).unwrap();
+        // The refetch fails (no server): the damaged file must not be linked.
+        let err = cache
+            .link_into(&unreachable_cas(), &[FileRequest { key, dest: out.join("a") }])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Cas { .. }), "{err:?}");
+        assert!(!out.join("a").exists());
+        assert!(!cache.contains(&key));
+    }
+}

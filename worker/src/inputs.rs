@@ -1,0 +1,149 @@
+//! Materializes an action's input root: directories and symlinks are
+//! created, files are hardlinked from the [`FileCache`].
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+
+use buildkube_proto::reapi::Directory;
+use buildkube_reapi::{CasClient, CasClientError, Digest};
+use prost::Message as _;
+
+use crate::action_error::ActionError;
+use crate::file_cache::{CacheKey, FetchError, FileCache, FileRequest};
+
+/// What was put in place.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InputStats {
+    pub(crate) directories: usize,
+    pub(crate) files: usize,
+    pub(crate) symlinks: usize,
+}
+
+impl From<FetchError> for ActionError {
+    fn from(error: FetchError) -> ActionError {
+        match error {
+            FetchError::Missing(digests) => ActionError::missing_inputs(digests),
+            FetchError::Cas { source, .. } => ActionError::cas("fetching input files", &source),
+            FetchError::Io { action, path, source } => ActionError::io(action, &path, &source),
+        }
+    }
+}
+
+fn check_name(name: &str, directory: &Digest) -> Result<(), ActionError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(ActionError::invalid(format!(
+            "input directory {directory} has an entry with the invalid name `{name}`"
+        )));
+    }
+    Ok(())
+}
+
+/// The input tree as lists of what to create, in creation order.
+#[derive(Debug, Default)]
+struct Plan {
+    directories: Vec<PathBuf>,
+    files: Vec<FileRequest>,
+    symlinks: Vec<(PathBuf, String)>,
+    missing: Vec<Digest>,
+}
+
+async fn plan(cas: &CasClient, root: Digest, dest: &Path) -> Result<Plan, ActionError> {
+    let directories = cas.get_tree(root).await.map_err(|e| match e {
+        CasClientError::Missing(d) => ActionError::missing_inputs(vec![d]),
+        e => ActionError::cas("fetching the input tree", &e),
+    })?;
+    // Clients encode canonically, so re-encoding gives the digest they used;
+    // a directory not found that way is read by its digest below.
+    let mut index: HashMap<Digest, Directory> =
+        directories.into_iter().map(|d| (Digest::of_message(&d), d)).collect();
+    let mut plan = Plan::default();
+    let mut queue = VecDeque::from([(root, dest.to_path_buf())]);
+    while let Some((digest, path)) = queue.pop_front() {
+        let directory = match index.get(&digest) {
+            Some(directory) => directory.clone(),
+            None if digest.size() == 0 => Directory::default(),
+            None => match cas.read_blob(digest).await {
+                Ok(bytes) => {
+                    let directory = Directory::decode(bytes).map_err(|e| {
+                        ActionError::invalid(format!("input directory {digest} is not a Directory message: {e}"))
+                    })?;
+                    index.insert(digest, directory.clone());
+                    directory
+                }
+                Err(CasClientError::Missing(d)) => {
+                    plan.missing.push(d);
+                    continue;
+                }
+                Err(e) => return Err(ActionError::cas("fetching an input directory", &e)),
+            },
+        };
+        for file in &directory.files {
+            check_name(&file.name, &digest)?;
+            let file_digest = Digest::from_field(file.digest.as_ref())
+                .map_err(|e| ActionError::invalid(format!("input file `{}` in {digest}: {e}", file.name)))?;
+            plan.files.push(FileRequest {
+                key: CacheKey {
+                    digest: file_digest,
+                    executable: file.is_executable,
+                },
+                dest: path.join(&file.name),
+            });
+        }
+        for link in &directory.symlinks {
+            check_name(&link.name, &digest)?;
+            plan.symlinks.push((path.join(&link.name), link.target.clone()));
+        }
+        for sub in &directory.directories {
+            check_name(&sub.name, &digest)?;
+            let sub_digest = Digest::from_field(sub.digest.as_ref())
+                .map_err(|e| ActionError::invalid(format!("input directory `{}` in {digest}: {e}", sub.name)))?;
+            plan.directories.push(path.join(&sub.name));
+            queue.push_back((sub_digest, path.join(&sub.name)));
+        }
+    }
+    Ok(plan)
+}
+
+/// Creates the input root `root_digest` at `dest` (an existing, empty
+/// directory). Blobs the CAS lacks are all reported in one
+/// FAILED_PRECONDITION error.
+pub(crate) async fn materialize(
+    cas: &CasClient,
+    cache: &FileCache,
+    root_digest: Digest,
+    dest: &Path,
+) -> Result<InputStats, ActionError> {
+    if root_digest.size() == 0 {
+        return Ok(InputStats::default()); // the empty Directory
+    }
+    let plan = plan(cas, root_digest, dest).await?;
+    if !plan.missing.is_empty() {
+        return Err(ActionError::missing_inputs(plan.missing));
+    }
+    let stats = InputStats {
+        directories: plan.directories.len(),
+        files: plan.files.len(),
+        symlinks: plan.symlinks.len(),
+    };
+    let directories = plan.directories;
+    tokio::task::spawn_blocking(move || -> Result<(), ActionError> {
+        for dir in directories {
+            std::fs::create_dir(&dir).map_err(|e| ActionError::io("creating input directory", &dir, &e))?;
+        }
+        Ok(())
+    })
+    .await
+    .expect("mkdir task panicked")?;
+    cache.link_into(cas, &plan.files).await?;
+    let symlinks = plan.symlinks;
+    tokio::task::spawn_blocking(move || -> Result<(), ActionError> {
+        for (path, target) in symlinks {
+            std::os::unix::fs::symlink(&target, &path)
+                .map_err(|e| ActionError::io("creating input symlink", &path, &e))?;
+        }
+        Ok(())
+    })
+    .await
+    .expect("symlink task panicked")?;
+    Ok(stats)
+}
