@@ -1,23 +1,24 @@
 //! `manifests-gen [--config FILE] [--out DIR] [--check]` writes (or checks)
-//! the kustomize tree; `manifests-gen schema` prints the spec's JSON Schema.
+//! `overlays/` and `images/`; `manifests-gen schema` prints the spec's JSON
+//! Schema; `manifests-gen spec` prints the spec in effect.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use manifests_gen::{generate, owned_roots, StackSpec, REGENERATE};
+use manifests_gen::{outputs, StackSpec, REGENERATE};
 
 #[derive(Parser)]
-#[command(name = "manifests-gen", about = "Generates buildkube's kustomize tree from a typed stack spec")]
+#[command(name = "manifests-gen", about = "Generates buildkube's kustomize tree and image build from a typed stack spec")]
 struct Cli {
     /// YAML stack spec; the built-in default stack when unset.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Output directory (default: overlays/ at the workspace root).
+    /// Directory receiving overlays/ and images/ (default: the workspace root).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Write nothing; exit 1 with a diff if the output directory is stale.
+    /// Write nothing; exit 1 with a diff if the output is stale.
     #[arg(long)]
     check: bool,
     #[command(subcommand)]
@@ -67,27 +68,28 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         None => {}
     }
-    let out = cli
-        .out
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../overlays"));
-    let tree = generate(&spec);
-    let roots = owned_roots(&spec);
-    if cli.check {
-        let staleness = tree.check(&out, &roots)?;
-        if staleness.is_fresh() {
-            eprintln!("manifests-gen: {} is up to date ({} files)", out.display(), tree.files.len());
-            return Ok(ExitCode::SUCCESS);
+    let root = cli.out.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
+    let mut stale = 0;
+    for output in outputs(&spec) {
+        let dir = root.join(output.dir);
+        if cli.check {
+            let staleness = output.tree.check(&dir, &output.roots)?;
+            print!("{}", staleness.report);
+            stale += staleness.paths.len();
+        } else {
+            let changed = output.tree.write(&dir, &output.roots)?;
+            eprintln!("manifests-gen: wrote {}/ ({} files, {} changed)", output.dir, output.tree.files.len(), changed.len());
         }
-        print!("{}", staleness.report);
+    }
+    if stale > 0 {
         eprintln!(
-            "manifests-gen: {} is stale ({} files differ); regenerate with `{REGENERATE}`{}",
-            out.display(),
-            staleness.paths.len(),
+            "manifests-gen: {stale} generated files are stale; regenerate with `{REGENERATE}{}` and commit",
             cli.config.map(|c| format!(" -- --config {}", c.display())).unwrap_or_default()
         );
         return Ok(ExitCode::FAILURE);
     }
-    let changed = tree.write(&out, &roots)?;
-    eprintln!("manifests-gen: wrote {} ({} files, {} changed)", out.display(), tree.files.len(), changed.len());
+    if cli.check {
+        eprintln!("manifests-gen: overlays/ and images/ are up to date");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -63,6 +63,9 @@ fn templates() -> Environment<'static> {
         ("components-README.md", include_str!("../templates/components-README.md.j2")),
         ("up", include_str!("../templates/up.j2")),
         ("down", include_str!("../templates/down.j2")),
+        ("Dockerfile", include_str!("../templates/Dockerfile.j2")),
+        ("Dockerfile.dockerignore", include_str!("../templates/Dockerfile.dockerignore.j2")),
+        ("images-README.md", include_str!("../templates/images-README.md.j2")),
     ] {
         env.add_template(name, source).expect("templates parse");
     }
@@ -138,6 +141,66 @@ pub fn overlay_components(overlay: &OverlaySpec) -> Vec<&'static str> {
         components.push(COMPONENT_EXTERNAL_STORES);
     }
     components
+}
+
+/// One generated directory of the workspace.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Directory name at the workspace root.
+    pub dir: &'static str,
+    /// Its files.
+    pub tree: Tree,
+    /// Its top-level entries the generator owns (rewrites and prunes).
+    pub roots: Vec<String>,
+}
+
+/// Everything the generator writes: `overlays/` and `images/`.
+pub fn outputs(spec: &StackSpec) -> Vec<Output> {
+    vec![
+        Output { dir: "overlays", tree: generate(spec), roots: owned_roots(spec) },
+        Output {
+            dir: "images",
+            tree: generate_images(spec),
+            roots: vec!["Dockerfile".into(), "Dockerfile.dockerignore".into(), "README.md".into()],
+        },
+    ]
+}
+
+/// Generates `images/`: the Dockerfile (uid and ports from the same
+/// constants as the manifests) and the build commands of every overlay.
+pub fn generate_images(spec: &StackSpec) -> Tree {
+    let env = templates();
+    let mut tree = Tree::default();
+    let overlays: Vec<_> = spec
+        .overlays
+        .iter()
+        .map(|(name, o)| {
+            let (server, worker) = image_references(o);
+            context! { name => name, server => server, worker => worker, push => o.images.registry.is_some() }
+        })
+        .collect();
+    let (server_example, worker_example) = spec
+        .overlays
+        .values()
+        .find(|o| o.images.registry.is_some())
+        .or_else(|| spec.overlays.values().next())
+        .map(image_references)
+        .expect("validated: at least one overlay");
+    let ctx = context! {
+        uid => RUN_AS_ID,
+        grpc_port => DEFAULT_GRPC_PORT,
+        http_port => buildkube_config::DEFAULT_HTTP_PORT,
+        worker_http_port => buildkube_config::DEFAULT_WORKER_HTTP_PORT,
+        server_example => server_example,
+        worker_example => worker_example,
+        worker_image_example => worker_example,
+        home => WORKER_HOME,
+        overlays => overlays,
+    };
+    tree.insert("Dockerfile", GeneratedFile::text(render(&env, "Dockerfile", ctx.clone())));
+    tree.insert("Dockerfile.dockerignore", GeneratedFile::text(render(&env, "Dockerfile.dockerignore", ctx.clone())));
+    tree.insert("README.md", GeneratedFile::text(render(&env, "images-README.md", ctx)));
+    tree
 }
 
 /// Generates every file under `overlays/`, keyed by path relative to it.

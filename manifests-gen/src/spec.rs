@@ -33,7 +33,8 @@ pub struct StackSpec {
     /// worker pools must use one of them. Default: `[main]`.
     pub instances: Vec<String>,
     /// Runners the worker image provides: the values a worker pool may give
-    /// its `runner` platform property. Default: `[sandbox]`.
+    /// its `runner` platform property: the worker's `plain` (run directly) and
+    /// `sandbox` (bubblewrap). Default: `[plain, sandbox]`.
     pub runners: Vec<String>,
     /// The scheduler and CAS.
     pub server: ServerSpec,
@@ -283,7 +284,9 @@ impl Default for StackSpec {
             instance: instance.clone(),
             platform: BTreeMap::from([
                 ("OSFamily".into(), "Linux".into()),
-                (buildkube_config::PLATFORM_RUNNER_KEY.into(), "sandbox".into()),
+                // `plain` runs anywhere; `sandbox` (bubblewrap) needs user
+                // namespaces, which most clusters' default seccomp denies.
+                (buildkube_config::PLATFORM_RUNNER_KEY.into(), "plain".into()),
             ]),
             replicas: 2,
             concurrency: 4,
@@ -360,7 +363,7 @@ impl Default for StackSpec {
         ]);
         StackSpec {
             instances: vec![instance],
-            runners: vec!["sandbox".into()],
+            runners: vec!["plain".into(), "sandbox".into()],
             server: ServerSpec {
                 storage_size: "100Gi".into(),
                 storage_class: None,

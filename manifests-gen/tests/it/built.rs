@@ -578,11 +578,10 @@ fn default_overlays_build_validate_and_hold_their_invariants() {
 fn alternate_stack_builds_validates_and_holds_its_invariants() {
     let mut spec = StackSpec::default();
     spec.instances = vec!["main".into(), "ci/linux".into()];
-    spec.runners = vec!["sandbox".into(), "hosttools".into()];
     let mut ci = spec.worker_pools[0].clone();
     ci.name = "ci".into();
     ci.instance = "ci/linux".into();
-    ci.platform.insert("runner".into(), "hosttools".into());
+    ci.platform.insert("runner".into(), "sandbox".into());
     spec.worker_pools.push(ci);
     let mut second = spec.worker_pools[0].clone();
     second.name = "big".into();

@@ -14,9 +14,9 @@ mod spec_errors;
 
 use std::path::PathBuf;
 
-/// The committed `overlays/` directory.
-pub(crate) fn committed_overlays() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../overlays")
+/// The workspace root, holding the committed `overlays/` and `images/`.
+pub(crate) fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// Settings shared by the snapshot assertions.

@@ -37,6 +37,9 @@ fn every_generated_file_of_every_overlay() {
         }
     });
     assert_eq!(covered, tree.files.len(), "every generated file is in a snapshot");
+    let images = manifests_gen::generate_images(&spec);
+    let text = images.files.keys().map(|p| joined(&images, p)).collect::<String>();
+    insta_settings().bind(|| insta::assert_snapshot!("images", text));
 }
 
 /// Changing one default shows up as a diff of exactly the files it feeds.
