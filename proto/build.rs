@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::configure()
         .build_server(true)
         .build_client(true)
+        // Blob payloads are shared, not copied, on their way to and from disk.
+        .bytes(["."])
         .file_descriptor_set_path(out_dir.join("file_descriptor_set.bin"))
         .compile_protos(PROTOS, &[PathBuf::from("protos"), well_known])?;
     Ok(())

@@ -72,7 +72,7 @@ fn action_wire() {
             nanos: 0,
         }),
         do_not_cache: true,
-        salt: vec![0xff],
+        salt: vec![0xff].into(),
         platform: Some(reapi::Platform::default()),
     };
     let mut want = with_prefix(&[0x0a, 0x06], DIGEST);

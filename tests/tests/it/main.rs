@@ -4,3 +4,4 @@
 //! the binaries first: `cargo build --workspace --bins`.
 
 mod e2e_bazel;
+mod protocol;
