@@ -26,11 +26,6 @@ impl BlobMaker {
         }
     }
 
-    /// A random 64-bit number fixed for this run.
-    pub(crate) fn nonce(&self) -> u64 {
-        self.nonce
-    }
-
     /// Blob `index` of `size` bytes (at most the maker's `max_size`) and its digest.
     pub(crate) fn blob(&self, index: u64, size: u64) -> (Digest, Bytes) {
         let size = size as usize;
