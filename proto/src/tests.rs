@@ -161,8 +161,8 @@ fn action_result_wire() {
             path: "u".into(),
             ..Default::default()
         }],
-        stdout_raw: b"O".to_vec(),
-        stderr_raw: b"E".to_vec(),
+        stdout_raw: b"O".to_vec().into(),
+        stderr_raw: b"E".to_vec().into(),
         stderr_digest: Some(reapi::Digest::default()),
         ..Default::default()
     };
@@ -371,7 +371,7 @@ fn cas_batch_wire() {
         instance_name: String::new(),
         requests: vec![reapi::batch_update_blobs_request::Request {
             digest: None,
-            data: b"z".to_vec(),
+            data: b"z".to_vec().into(),
             compressor: reapi::compressor::Value::Zstd as i32,
         }],
         digest_function: 1,
@@ -383,7 +383,7 @@ fn cas_batch_wire() {
     let resp = reapi::BatchReadBlobsResponse {
         responses: vec![reapi::batch_read_blobs_response::Response {
             digest: None,
-            data: vec![],
+            data: Default::default(),
             compressor: 1,
             status: Some(rpc::Status {
                 code: 5,
