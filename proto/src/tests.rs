@@ -481,14 +481,14 @@ fn bytestream_wire() {
         resource_name: "r".into(),
         write_offset: 1,
         finish_write: true,
-        data: b"d".to_vec(),
+        data: b"d".to_vec().into(),
     };
     assert_eq!(
         w.encode_to_vec(),
         [0x0a, 0x01, b'r', 0x10, 0x01, 0x18, 0x01, 0x52, 0x01, b'd']
     );
     let r = bytestream::ReadResponse {
-        data: b"d".to_vec(),
+        data: b"d".to_vec().into(),
     };
     assert_eq!(r.encode_to_vec(), [0x52, 0x01, b'd']);
     let r = bytestream::ReadRequest {
