@@ -30,7 +30,12 @@ impl ScaledObject {
 
     /// A ScaledObject with the right apiVersion and kind.
     pub fn new(metadata: ObjectMeta, spec: ScaledObjectSpec) -> Self {
-        ScaledObject { api_version: Self::API_VERSION.into(), kind: Self::KIND.into(), metadata, spec }
+        ScaledObject {
+            api_version: Self::API_VERSION.into(),
+            kind: Self::KIND.into(),
+            metadata,
+            spec,
+        }
     }
 }
 
@@ -97,7 +102,12 @@ impl ServiceMonitor {
 
     /// A ServiceMonitor with the right apiVersion and kind.
     pub fn new(metadata: ObjectMeta, spec: ServiceMonitorSpec) -> Self {
-        ServiceMonitor { api_version: Self::API_VERSION.into(), kind: Self::KIND.into(), metadata, spec }
+        ServiceMonitor {
+            api_version: Self::API_VERSION.into(),
+            kind: Self::KIND.into(),
+            metadata,
+            spec,
+        }
     }
 }
 

@@ -33,7 +33,7 @@ pub struct Kustomization {
 
 impl Kustomization {
     /// An empty Kustomization.
-    pub fn kustomization() -> Self {
+    pub fn new_kustomization() -> Self {
         Kustomization {
             api_version: "kustomize.config.k8s.io/v1beta1".into(),
             kind: "Kustomization".into(),
@@ -42,7 +42,7 @@ impl Kustomization {
     }
 
     /// An empty Component.
-    pub fn component() -> Self {
+    pub fn new_component() -> Self {
         Kustomization {
             api_version: "kustomize.config.k8s.io/v1alpha1".into(),
             kind: "Component".into(),
@@ -115,12 +115,18 @@ pub enum PatchOp {
 impl PatchOp {
     /// `add` of a typed value.
     pub fn add(path: &str, value: impl Serialize) -> Self {
-        PatchOp::Add { path: path.into(), value: serde_json::to_value(value).expect("serializable") }
+        PatchOp::Add {
+            path: path.into(),
+            value: serde_json::to_value(value).expect("serializable"),
+        }
     }
 
     /// `replace` with a typed value.
     pub fn replace(path: &str, value: impl Serialize) -> Self {
-        PatchOp::Replace { path: path.into(), value: serde_json::to_value(value).expect("serializable") }
+        PatchOp::Replace {
+            path: path.into(),
+            value: serde_json::to_value(value).expect("serializable"),
+        }
     }
 }
 

@@ -15,5 +15,7 @@ pub mod overlays;
 pub mod spec;
 pub mod tree;
 
-pub use overlays::{generate, generate_images, outputs, owned_roots, Output, KUBERNETES_VERSION, REGENERATE};
+pub use overlays::{
+    generate, generate_images, outputs, owned_roots, Output, KUBERNETES_VERSION, REGENERATE,
+};
 pub use spec::StackSpec;

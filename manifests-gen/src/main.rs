@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use manifests_gen::{outputs, StackSpec, REGENERATE};
 
 #[derive(Parser)]
-#[command(name = "manifests-gen", about = "Generates buildkube's kustomize tree and image build from a typed stack spec")]
+#[command(
+    name = "manifests-gen",
+    about = "Generates buildkube's kustomize tree and image build from a typed stack spec"
+)]
 struct Cli {
     /// YAML stack spec; the built-in default stack when unset.
     #[arg(long, global = true)]
@@ -47,7 +50,8 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let spec = match &cli.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             StackSpec::from_yaml(&path.display().to_string(), &text)?
         }
         None => {
@@ -68,7 +72,9 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         None => {}
     }
-    let root = cli.out.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
+    let root = cli
+        .out
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
     let mut stale = 0;
     for output in outputs(&spec) {
         let dir = root.join(output.dir);
@@ -78,7 +84,12 @@ fn run() -> anyhow::Result<ExitCode> {
             stale += staleness.paths.len();
         } else {
             let changed = output.tree.write(&dir, &output.roots)?;
-            eprintln!("manifests-gen: wrote {}/ ({} files, {} changed)", output.dir, output.tree.files.len(), changed.len());
+            eprintln!(
+                "manifests-gen: wrote {}/ ({} files, {} changed)",
+                output.dir,
+                output.tree.files.len(),
+                changed.len()
+            );
         }
     }
     if stale > 0 {

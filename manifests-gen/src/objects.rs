@@ -8,36 +8,42 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use buildkube_config::{
-    LogFormat, ServerArgs, WorkerArgs, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_WORKER_HTTP_PORT,
-    HEALTHZ_PATH, READYZ_PATH,
+    LogFormat, ServerArgs, WorkerArgs, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT,
+    DEFAULT_WORKER_HTTP_PORT, HEALTHZ_PATH, READYZ_PATH,
 };
 use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet, StatefulSetSpec,
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet,
+    StatefulSetSpec,
 };
-use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, ExecAction, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodAffinityTerm, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements, WeightedPodAffinityTerm,
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, ExternalMetricSource, HorizontalPodAutoscaler,
+    HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget,
 };
 use k8s_openapi::api::core::v1::PodAntiAffinity;
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, HTTPGetAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+    PodAffinityTerm, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
+};
 use k8s_openapi::api::networking::v1::{
-    HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule, IngressServiceBackend,
-    IngressSpec as K8sIngressSpec, IngressTLS, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer,
-    NetworkPolicyPort, NetworkPolicySpec, ServiceBackendPort,
+    HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
+    IngressServiceBackend, IngressSpec as K8sIngressSpec, IngressTLS, NetworkPolicy,
+    NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+    ServiceBackendPort,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
-use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, ExternalMetricSource, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
-    MetricIdentifier, MetricSpec, MetricTarget,
-};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::crd::{Endpoint, ScaledObject, ScaledObjectSpec, ScaleTargetRef, ServiceMonitor, ServiceMonitorSpec, Trigger};
+use crate::crd::{
+    Endpoint, ScaleTargetRef, ScaledObject, ScaledObjectSpec, ServiceMonitor, ServiceMonitorSpec,
+    Trigger,
+};
 use crate::spec::{LogFormatSpec, ResourcesSpec, StackSpec, WorkerPoolSpec};
 
 /// Name of the server Deployment, Service, ServiceAccount and NetworkPolicy.
@@ -117,7 +123,10 @@ const LABEL_POOL: &str = "buildkube.dev/pool";
 const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
 
 fn map<const N: usize>(entries: [(&str, &str); N]) -> BTreeMap<String, String> {
-    entries.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Labels selecting the server pod.
@@ -147,11 +156,18 @@ fn with_part_of(mut labels: BTreeMap<String, String>) -> BTreeMap<String, String
 }
 
 fn meta(name: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
-    ObjectMeta { name: Some(name.to_string()), labels: Some(with_part_of(labels)), ..Default::default() }
+    ObjectMeta {
+        name: Some(name.to_string()),
+        labels: Some(with_part_of(labels)),
+        ..Default::default()
+    }
 }
 
 fn selector(labels: BTreeMap<String, String>) -> LabelSelector {
-    LabelSelector { match_labels: Some(labels), ..Default::default() }
+    LabelSelector {
+        match_labels: Some(labels),
+        ..Default::default()
+    }
 }
 
 /// Deployment name of a worker pool.
@@ -176,6 +192,9 @@ fn any_addr(port: u16) -> SocketAddr {
 }
 
 /// The server's flags; `auth` adds the token file.
+// `..Default` keeps flags added to the binary later at their defaults until
+// the spec models them, even when every current field is set here.
+#[allow(clippy::needless_update)]
 pub fn server_args(spec: &StackSpec, auth: bool) -> ServerArgs {
     ServerArgs {
         listen: any_addr(DEFAULT_GRPC_PORT),
@@ -196,18 +215,30 @@ pub fn server_args(spec: &StackSpec, auth: bool) -> ServerArgs {
 }
 
 /// A worker pool's flags; `auth` adds the token file, `credentials` the env script.
-pub fn worker_args(spec: &StackSpec, pool: &WorkerPoolSpec, auth: bool, credentials: bool) -> WorkerArgs {
+#[allow(clippy::needless_update)]
+pub fn worker_args(
+    spec: &StackSpec,
+    pool: &WorkerPoolSpec,
+    auth: bool,
+    credentials: bool,
+) -> WorkerArgs {
     WorkerArgs {
         server: server_grpc_url(),
         instance: pool.instance.clone(),
         work_dir: WORKER_WORK_DIR.into(),
         concurrency: Some(pool.concurrency),
-        platform: pool.platform.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        platform: pool
+            .platform
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         // Kubernetes expands $(POD_NAME) from the container's env.
         worker_id: Some("$(POD_NAME)".into()),
         auth_token_file: auth.then(|| PathBuf::from(format!("{AUTH_MOUNT_DIR}/{AUTH_TOKEN_KEY}"))),
-        env_script: credentials.then(|| PathBuf::from(format!("{CREDENTIALS_MOUNT_DIR}/{ENV_SCRIPT_KEY}"))),
-        cache_max_size: buildkube_config::parse_byte_size(&pool.cache_max_size).expect("validated: cache_max_size"),
+        env_script: credentials
+            .then(|| PathBuf::from(format!("{CREDENTIALS_MOUNT_DIR}/{ENV_SCRIPT_KEY}"))),
+        cache_max_size: buildkube_config::parse_byte_size(&pool.cache_max_size)
+            .expect("validated: cache_max_size"),
         drain_timeout_secs: pool.drain_timeout_secs,
         http_listen: any_addr(DEFAULT_WORKER_HTTP_PORT),
         log_format: log_format(spec),
@@ -244,7 +275,10 @@ fn pod_security(id: i64) -> PodSecurityContext {
         // fsGroup makes the PVC and emptyDirs writable by the non-root user.
         fs_group: Some(id),
         fs_group_change_policy: Some("OnRootMismatch".into()),
-        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -252,7 +286,10 @@ fn pod_security(id: i64) -> PodSecurityContext {
 fn container_security(read_only_root: bool) -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
         read_only_root_filesystem: Some(read_only_root),
         run_as_non_root: Some(true),
         ..Default::default()
@@ -285,7 +322,10 @@ fn port(name: &str, number: u16) -> ContainerPort {
 fn empty_dir(name: &str, size_limit: Option<&str>) -> Volume {
     Volume {
         name: name.to_string(),
-        empty_dir: Some(EmptyDirVolumeSource { size_limit: size_limit.map(|s| Quantity(s.into())), ..Default::default() }),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: size_limit.map(|s| Quantity(s.into())),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -300,7 +340,11 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
 }
 
 /// Volume and mount of the auth token secret.
@@ -354,7 +398,10 @@ pub fn server_pvc(spec: &StackSpec) -> PersistentVolumeClaim {
             access_modes: Some(vec!["ReadWriteOnce".into()]),
             storage_class_name: spec.server.storage_class.clone(),
             resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".into(), Quantity(spec.server.storage_size.clone()))])),
+                requests: Some(BTreeMap::from([(
+                    "storage".into(),
+                    Quantity(spec.server.storage_size.clone()),
+                )])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -371,14 +418,20 @@ pub fn server_deployment(spec: &StackSpec) -> Deployment {
         image: Some(SERVER_IMAGE.into()),
         image_pull_policy: Some("IfNotPresent".into()),
         args: Some(server_args(spec, false).to_args()),
-        ports: Some(vec![port(GRPC_PORT_NAME, DEFAULT_GRPC_PORT), port(HTTP_PORT_NAME, DEFAULT_HTTP_PORT)]),
+        ports: Some(vec![
+            port(GRPC_PORT_NAME, DEFAULT_GRPC_PORT),
+            port(HTTP_PORT_NAME, DEFAULT_HTTP_PORT),
+        ]),
         resources: Some(resources(&spec.server.resources)),
         // The CAS index is loaded at start; give it a minute before liveness counts.
         startup_probe: Some(http_probe(HEALTHZ_PATH, HTTP_PORT_NAME, 2, 30)),
         liveness_probe: Some(http_probe(HEALTHZ_PATH, HTTP_PORT_NAME, 10, 3)),
         readiness_probe: Some(http_probe(READYZ_PATH, HTTP_PORT_NAME, 5, 2)),
         security_context: Some(container_security(true)),
-        volume_mounts: Some(vec![mount("data", SERVER_DATA_DIR, false), mount("tmp", "/tmp", false)]),
+        volume_mounts: Some(vec![
+            mount("data", SERVER_DATA_DIR, false),
+            mount("tmp", "/tmp", false),
+        ]),
         ..Default::default()
     };
     Deployment {
@@ -386,9 +439,15 @@ pub fn server_deployment(spec: &StackSpec) -> Deployment {
         spec: Some(DeploymentSpec {
             replicas: Some(1),
             selector: selector(server_selector()),
-            strategy: Some(DeploymentStrategy { type_: Some("Recreate".into()), ..Default::default() }),
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(with_part_of(server_selector())), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(with_part_of(server_selector())),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     service_account_name: Some(SERVER_NAME.into()),
                     automount_service_account_token: Some(false),
@@ -471,7 +530,10 @@ pub fn worker_git_configmap(gitconfig: String) -> ConfigMap {
 /// A ConfigMap of client configuration files, for in-cluster clients.
 pub fn client_configmap(files: &BTreeMap<String, String>) -> ConfigMap {
     ConfigMap {
-        metadata: meta("buildkube-client-config", map([(LABEL_NAME, "buildkube"), (LABEL_COMPONENT, "client")])),
+        metadata: meta(
+            "buildkube-client-config",
+            map([(LABEL_NAME, "buildkube"), (LABEL_COMPONENT, "client")]),
+        ),
         data: Some(files.clone()),
         ..Default::default()
     }
@@ -488,13 +550,19 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
             EnvVar {
                 name: "POD_NAME".into(),
                 value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
             },
             env("HOME", WORKER_HOME),
-            env("GIT_CONFIG_GLOBAL", &format!("{GIT_CONFIG_MOUNT_DIR}/{GIT_CONFIG_KEY}")),
+            env(
+                "GIT_CONFIG_GLOBAL",
+                &format!("{GIT_CONFIG_MOUNT_DIR}/{GIT_CONFIG_KEY}"),
+            ),
         ]),
         ports: Some(vec![port(HTTP_PORT_NAME, DEFAULT_WORKER_HTTP_PORT)]),
         resources: Some(resources(&pool.resources)),
@@ -511,7 +579,10 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
         ..Default::default()
     };
     Deployment {
-        metadata: meta(&worker_deployment_name(&pool.name), pool_selector(&pool.name)),
+        metadata: meta(
+            &worker_deployment_name(&pool.name),
+            pool_selector(&pool.name),
+        ),
         spec: Some(DeploymentSpec {
             replicas: Some(pool.replicas),
             selector: selector(pool_selector(&pool.name)),
@@ -524,7 +595,10 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(with_part_of(pool_selector(&pool.name))), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(with_part_of(pool_selector(&pool.name))),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     service_account_name: Some(WORKER_NAME.into()),
                     automount_service_account_token: Some(false),
@@ -559,14 +633,16 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
 pub fn pool_anti_affinity(pool: &str) -> Affinity {
     Affinity {
         pod_anti_affinity: Some(PodAntiAffinity {
-            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
-                weight: 100,
-                pod_affinity_term: PodAffinityTerm {
-                    label_selector: Some(selector(pool_selector(pool))),
-                    topology_key: "kubernetes.io/hostname".into(),
-                    ..Default::default()
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        label_selector: Some(selector(pool_selector(pool))),
+                        topology_key: "kubernetes.io/hostname".into(),
+                        ..Default::default()
+                    },
                 },
-            }]),
+            ]),
             ..Default::default()
         }),
         ..Default::default()
@@ -577,7 +653,10 @@ pub fn pool_anti_affinity(pool: &str) -> Affinity {
 /// each of which drains its running actions.
 pub fn worker_pdb(pool: &WorkerPoolSpec) -> PodDisruptionBudget {
     PodDisruptionBudget {
-        metadata: meta(&worker_deployment_name(&pool.name), pool_selector(&pool.name)),
+        metadata: meta(
+            &worker_deployment_name(&pool.name),
+            pool_selector(&pool.name),
+        ),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(pool.max_unavailable)),
             selector: Some(selector(pool_selector(&pool.name))),
@@ -588,7 +667,11 @@ pub fn worker_pdb(pool: &WorkerPoolSpec) -> PodDisruptionBudget {
 }
 
 fn tcp_port(port: IntOrString) -> NetworkPolicyPort {
-    NetworkPolicyPort { port: Some(port), protocol: Some("TCP".into()), ..Default::default() }
+    NetworkPolicyPort {
+        port: Some(port),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
 }
 
 /// The server accepts its gRPC and HTTP ports from anywhere (workers, clients,
@@ -608,7 +691,6 @@ pub fn server_network_policy() -> NetworkPolicy {
             }]),
             ..Default::default()
         }),
-        ..Default::default()
     }
 }
 
@@ -623,7 +705,6 @@ pub fn worker_network_policy() -> NetworkPolicy {
             ingress: Some(vec![]),
             ..Default::default()
         }),
-        ..Default::default()
     }
 }
 
@@ -632,7 +713,11 @@ pub fn pool_load_query(spec: &StackSpec, pool: &WorkerPoolSpec, metric: &str) ->
     let mut matchers = vec![format!("instance=\"{}\"", pool.instance)];
     // With one pool per instance every action of the instance is this pool's;
     // otherwise match the pool's runner inside the platform label.
-    let pools_for_instance = spec.worker_pools.iter().filter(|p| p.instance == pool.instance).count();
+    let pools_for_instance = spec
+        .worker_pools
+        .iter()
+        .filter(|p| p.instance == pool.instance)
+        .count();
     if pools_for_instance > 1 {
         if let Some(runner) = pool.platform.get(buildkube_config::PLATFORM_RUNNER_KEY) {
             matchers.push(format!(
@@ -653,7 +738,10 @@ pub fn worker_scaled_object(spec: &StackSpec, pool: &WorkerPoolSpec) -> ScaledOb
         pool_load_query(spec, pool, buildkube_config::METRIC_ACTIONS_RUNNING)
     );
     ScaledObject::new(
-        meta(&worker_deployment_name(&pool.name), pool_selector(&pool.name)),
+        meta(
+            &worker_deployment_name(&pool.name),
+            pool_selector(&pool.name),
+        ),
         ScaledObjectSpec {
             scale_target_ref: ScaleTargetRef {
                 api_version: "apps/v1".into(),
@@ -668,7 +756,10 @@ pub fn worker_scaled_object(spec: &StackSpec, pool: &WorkerPoolSpec) -> ScaledOb
             triggers: vec![Trigger {
                 type_: "prometheus".into(),
                 metadata: BTreeMap::from([
-                    ("serverAddress".to_string(), spec.monitoring.prometheus_url.clone()),
+                    (
+                        "serverAddress".to_string(),
+                        spec.monitoring.prometheus_url.clone(),
+                    ),
                     ("query".to_string(), query),
                     ("threshold".to_string(), pool.concurrency.to_string()),
                 ]),
@@ -681,7 +772,10 @@ pub fn worker_scaled_object(spec: &StackSpec, pool: &WorkerPoolSpec) -> ScaledOb
 /// one worker per `concurrency` queued actions.
 pub fn worker_hpa(pool: &WorkerPoolSpec) -> HorizontalPodAutoscaler {
     HorizontalPodAutoscaler {
-        metadata: meta(&worker_deployment_name(&pool.name), pool_selector(&pool.name)),
+        metadata: meta(
+            &worker_deployment_name(&pool.name),
+            pool_selector(&pool.name),
+        ),
         spec: Some(HorizontalPodAutoscalerSpec {
             scale_target_ref: CrossVersionObjectReference {
                 api_version: Some("apps/v1".into()),
@@ -735,7 +829,10 @@ pub fn server_ingress(spec: &StackSpec) -> Ingress {
         ("nginx.ingress.kubernetes.io/proxy-read-timeout", "3600"),
         ("nginx.ingress.kubernetes.io/proxy-send-timeout", "3600"),
         ("nginx.ingress.kubernetes.io/proxy-body-size", "0"),
-        (CERT_MANAGER_ISSUER_ANNOTATION, spec.ingress.cluster_issuer.as_str()),
+        (
+            CERT_MANAGER_ISSUER_ANNOTATION,
+            spec.ingress.cluster_issuer.as_str(),
+        ),
     ]));
     Ingress {
         metadata,
@@ -754,7 +851,10 @@ pub fn server_ingress(spec: &StackSpec) -> Ingress {
                         backend: IngressBackend {
                             service: Some(IngressServiceBackend {
                                 name: SERVER_NAME.into(),
-                                port: Some(ServiceBackendPort { name: Some(GRPC_PORT_NAME.into()), ..Default::default() }),
+                                port: Some(ServiceBackendPort {
+                                    name: Some(GRPC_PORT_NAME.into()),
+                                    ..Default::default()
+                                }),
                             }),
                             ..Default::default()
                         },
@@ -801,13 +901,14 @@ fn store_network_policy(name: &str, component: &str) -> NetworkPolicy {
             }]),
             ..Default::default()
         }),
-        ..Default::default()
     }
 }
 
 fn exec_probe(command: &[&str], period: i32) -> Probe {
     Probe {
-        exec: Some(ExecAction { command: Some(command.iter().map(|s| s.to_string()).collect()) }),
+        exec: Some(ExecAction {
+            command: Some(command.iter().map(|s| s.to_string()).collect()),
+        }),
         period_seconds: Some(period),
         timeout_seconds: Some(5),
         failure_threshold: Some(3),
@@ -853,7 +954,10 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
         liveness_probe: Some(exec_probe(&["pg_isready", "-U", "buildkube"], 30)),
         resources: Some(resources(&ResourcesSpec::default())),
         security_context: Some(container_security(false)),
-        volume_mounts: Some(vec![mount("data", "/var/lib/postgresql/data", false), mount("run", "/var/run/postgresql", false)]),
+        volume_mounts: Some(vec![
+            mount("data", "/var/lib/postgresql/data", false),
+            mount("run", "/var/run/postgresql", false),
+        ]),
         ..Default::default()
     };
     let statefulset = StatefulSet {
@@ -863,7 +967,10 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
             service_name: POSTGRES_NAME.into(),
             selector: selector(store_selector(component)),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(with_part_of(store_selector(component))), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(with_part_of(store_selector(component))),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
@@ -874,7 +981,10 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
                 }),
             },
             volume_claim_templates: Some(vec![PersistentVolumeClaim {
-                metadata: ObjectMeta { name: Some("data".into()), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some("data".into()),
+                    ..Default::default()
+                },
                 spec: Some(PersistentVolumeClaimSpec {
                     access_modes: Some(vec!["ReadWriteOnce".into()]),
                     resources: Some(VolumeResourceRequirements {
@@ -892,7 +1002,11 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
         }),
         ..Default::default()
     };
-    (statefulset, store_service(POSTGRES_NAME, component, POSTGRES_PORT), store_network_policy(POSTGRES_NAME, component))
+    (
+        statefulset,
+        store_service(POSTGRES_NAME, component, POSTGRES_PORT),
+        store_network_policy(POSTGRES_NAME, component),
+    )
 }
 
 /// Redis without persistence (a cache), its Service and its policy.
@@ -902,7 +1016,12 @@ pub fn redis(spec: &StackSpec) -> (Deployment, Service, NetworkPolicy) {
         name: component.into(),
         image: Some(spec.external_stores.redis_image.clone()),
         image_pull_policy: Some("IfNotPresent".into()),
-        args: Some(vec!["--save".into(), "".into(), "--appendonly".into(), "no".into()]),
+        args: Some(vec![
+            "--save".into(),
+            "".into(),
+            "--appendonly".into(),
+            "no".into(),
+        ]),
         ports: Some(vec![ContainerPort {
             name: Some(component.into()),
             container_port: REDIS_PORT,
@@ -922,7 +1041,10 @@ pub fn redis(spec: &StackSpec) -> (Deployment, Service, NetworkPolicy) {
             replicas: Some(1),
             selector: selector(store_selector(component)),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(with_part_of(store_selector(component))), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(with_part_of(store_selector(component))),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
@@ -936,5 +1058,9 @@ pub fn redis(spec: &StackSpec) -> (Deployment, Service, NetworkPolicy) {
         }),
         ..Default::default()
     };
-    (deployment, store_service(REDIS_NAME, component, REDIS_PORT), store_network_policy(REDIS_NAME, component))
+    (
+        deployment,
+        store_service(REDIS_NAME, component, REDIS_PORT),
+        store_network_policy(REDIS_NAME, component),
+    )
 }

@@ -9,7 +9,9 @@ use buildkube_config::{AUTHORIZATION_HEADER, DEFAULT_GRPC_PORT};
 use minijinja::{context, Environment};
 use serde::Serialize;
 
-use crate::kustomize::{ImageOverride, Kustomization, PatchOp, PatchRef, PatchTarget, SecretGenerator};
+use crate::kustomize::{
+    ImageOverride, Kustomization, PatchOp, PatchRef, PatchTarget, SecretGenerator,
+};
 use crate::objects::{self, *};
 use crate::spec::{AutoscalingKind, ExposeSpec, OverlaySpec, StackSpec};
 use crate::tree::{GeneratedFile, Tree};
@@ -57,15 +59,33 @@ fn templates() -> Environment<'static> {
         ("env.sh", include_str!("../templates/env.sh.j2")),
         ("bazelrc", include_str!("../templates/bazelrc.j2")),
         ("recc.env", include_str!("../templates/recc.env.j2")),
-        ("buildstream.conf", include_str!("../templates/buildstream.conf.j2")),
-        ("overlay-README.md", include_str!("../templates/overlay-README.md.j2")),
-        ("overlays-README.md", include_str!("../templates/overlays-README.md.j2")),
-        ("components-README.md", include_str!("../templates/components-README.md.j2")),
+        (
+            "buildstream.conf",
+            include_str!("../templates/buildstream.conf.j2"),
+        ),
+        (
+            "overlay-README.md",
+            include_str!("../templates/overlay-README.md.j2"),
+        ),
+        (
+            "overlays-README.md",
+            include_str!("../templates/overlays-README.md.j2"),
+        ),
+        (
+            "components-README.md",
+            include_str!("../templates/components-README.md.j2"),
+        ),
         ("up", include_str!("../templates/up.j2")),
         ("down", include_str!("../templates/down.j2")),
         ("Dockerfile", include_str!("../templates/Dockerfile.j2")),
-        ("Dockerfile.dockerignore", include_str!("../templates/Dockerfile.dockerignore.j2")),
-        ("images-README.md", include_str!("../templates/images-README.md.j2")),
+        (
+            "Dockerfile.dockerignore",
+            include_str!("../templates/Dockerfile.dockerignore.j2"),
+        ),
+        (
+            "images-README.md",
+            include_str!("../templates/images-README.md.j2"),
+        ),
     ] {
         env.add_template(name, source).expect("templates parse");
     }
@@ -73,7 +93,9 @@ fn templates() -> Environment<'static> {
 }
 
 fn render(env: &Environment<'_>, name: &str, ctx: minijinja::Value) -> String {
-    env.get_template(name).and_then(|t| t.render(ctx)).unwrap_or_else(|e| panic!("template {name}: {e:#}"))
+    env.get_template(name)
+        .and_then(|t| t.render(ctx))
+        .unwrap_or_else(|e| panic!("template {name}: {e:#}"))
 }
 
 /// Where clients of an overlay reach the server, in each client's syntax.
@@ -108,8 +130,16 @@ pub fn client_endpoint(overlay: &OverlaySpec, spec: &StackSpec) -> ClientEndpoin
         ),
         ExposeSpec::Ingress => (spec.ingress.host.clone(), 443, true, None),
     };
-    let (grpc, http) = if tls { ("grpcs", "https") } else { ("grpc", "http") };
-    ClientEndpoint { bazel: format!("{grpc}://{host}:{port}"), http: format!("{http}://{host}:{port}"), note }
+    let (grpc, http) = if tls {
+        ("grpcs", "https")
+    } else {
+        ("grpc", "http")
+    };
+    ClientEndpoint {
+        bazel: format!("{grpc}://{host}:{port}"),
+        http: format!("{http}://{host}:{port}"),
+        note,
+    }
 }
 
 /// The full image references of an overlay: (server, worker).
@@ -157,11 +187,19 @@ pub struct Output {
 /// Everything the generator writes: `overlays/` and `images/`.
 pub fn outputs(spec: &StackSpec) -> Vec<Output> {
     vec![
-        Output { dir: "overlays", tree: generate(spec), roots: owned_roots(spec) },
+        Output {
+            dir: "overlays",
+            tree: generate(spec),
+            roots: owned_roots(spec),
+        },
         Output {
             dir: "images",
             tree: generate_images(spec),
-            roots: vec!["Dockerfile".into(), "Dockerfile.dockerignore".into(), "README.md".into()],
+            roots: vec![
+                "Dockerfile".into(),
+                "Dockerfile.dockerignore".into(),
+                "README.md".into(),
+            ],
         },
     ]
 }
@@ -197,9 +235,18 @@ pub fn generate_images(spec: &StackSpec) -> Tree {
         home => WORKER_HOME,
         overlays => overlays,
     };
-    tree.insert("Dockerfile", GeneratedFile::text(render(&env, "Dockerfile", ctx.clone())));
-    tree.insert("Dockerfile.dockerignore", GeneratedFile::text(render(&env, "Dockerfile.dockerignore", ctx.clone())));
-    tree.insert("README.md", GeneratedFile::text(render(&env, "images-README.md", ctx)));
+    tree.insert(
+        "Dockerfile",
+        GeneratedFile::text(render(&env, "Dockerfile", ctx.clone())),
+    );
+    tree.insert(
+        "Dockerfile.dockerignore",
+        GeneratedFile::text(render(&env, "Dockerfile.dockerignore", ctx.clone())),
+    );
+    tree.insert(
+        "README.md",
+        GeneratedFile::text(render(&env, "images-README.md", ctx)),
+    );
     tree
 }
 
@@ -217,7 +264,10 @@ pub fn generate(spec: &StackSpec) -> Tree {
         .iter()
         .map(|(name, o)| context! { name => name, description => o.description })
         .collect();
-    tree.insert("README.md", GeneratedFile::text(render(&env, "overlays-README.md", context! { overlays })));
+    tree.insert(
+        "README.md",
+        GeneratedFile::text(render(&env, "overlays-README.md", context! { overlays })),
+    );
     tree
 }
 
@@ -236,23 +286,48 @@ fn git_context() -> minijinja::Value {
 
 fn base(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
     let mut files: Vec<(String, GeneratedFile)> = vec![
-        ("server-serviceaccount.yaml".into(), yaml(&service_account(SERVER_NAME, server_selector()))),
+        (
+            "server-serviceaccount.yaml".into(),
+            yaml(&service_account(SERVER_NAME, server_selector())),
+        ),
         ("server-pvc.yaml".into(), yaml(&server_pvc(spec))),
-        ("server-deployment.yaml".into(), yaml(&server_deployment(spec))),
+        (
+            "server-deployment.yaml".into(),
+            yaml(&server_deployment(spec)),
+        ),
         ("server-service.yaml".into(), yaml(&server_service())),
-        ("server-networkpolicy.yaml".into(), yaml(&server_network_policy())),
-        ("worker-serviceaccount.yaml".into(), yaml(&service_account(WORKER_NAME, workers_selector()))),
+        (
+            "server-networkpolicy.yaml".into(),
+            yaml(&server_network_policy()),
+        ),
+        (
+            "worker-serviceaccount.yaml".into(),
+            yaml(&service_account(WORKER_NAME, workers_selector())),
+        ),
         (
             "worker-git-configmap.yaml".into(),
-            yaml(&worker_git_configmap(render(env, "gitconfig", git_context()))),
+            yaml(&worker_git_configmap(render(
+                env,
+                "gitconfig",
+                git_context(),
+            ))),
         ),
-        ("worker-networkpolicy.yaml".into(), yaml(&worker_network_policy())),
+        (
+            "worker-networkpolicy.yaml".into(),
+            yaml(&worker_network_policy()),
+        ),
     ];
     for pool in &spec.worker_pools {
-        files.push((format!("worker-{}-deployment.yaml", pool.name), yaml(&worker_deployment(spec, pool))));
-        files.push((format!("worker-{}-pdb.yaml", pool.name), yaml(&worker_pdb(pool))));
+        files.push((
+            format!("worker-{}-deployment.yaml", pool.name),
+            yaml(&worker_deployment(spec, pool)),
+        ));
+        files.push((
+            format!("worker-{}-pdb.yaml", pool.name),
+            yaml(&worker_pdb(pool)),
+        ));
     }
-    let mut kustomization = Kustomization::kustomization();
+    let mut kustomization = Kustomization::new_kustomization();
     kustomization.resources = files.iter().map(|(name, _)| name.clone()).collect();
     kustomization.resources.sort();
     tree.insert("base/kustomization.yaml", yaml(&kustomization));
@@ -262,23 +337,36 @@ fn base(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
 }
 
 fn remove_replicas_patches(spec: &StackSpec) -> (Vec<PatchRef>, Vec<(String, GeneratedFile)>) {
-    let ops = vec![PatchOp::Remove { path: "/spec/replicas".into() }];
+    let ops = vec![PatchOp::Remove {
+        path: "/spec/replicas".into(),
+    }];
     let mut refs = Vec::new();
     let mut files = Vec::new();
     for pool in &spec.worker_pools {
         let path = format!("patches/worker-{}-replicas.yaml", pool.name);
-        refs.push(PatchRef { path: path.clone(), target: deployment_target(&worker_deployment_name(&pool.name)) });
+        refs.push(PatchRef {
+            path: path.clone(),
+            target: deployment_target(&worker_deployment_name(&pool.name)),
+        });
         files.push((path, yaml(&ops)));
     }
     (refs, files)
 }
 
-fn component(tree: &mut Tree, name: &str, resources: Vec<(String, GeneratedFile)>, patches: (Vec<PatchRef>, Vec<(String, GeneratedFile)>)) {
-    let mut kustomization = Kustomization::component();
+fn component(
+    tree: &mut Tree,
+    name: &str,
+    resources: Vec<(String, GeneratedFile)>,
+    patches: (Vec<PatchRef>, Vec<(String, GeneratedFile)>),
+) {
+    let mut kustomization = Kustomization::new_component();
     kustomization.resources = resources.iter().map(|(n, _)| n.clone()).collect();
     kustomization.resources.sort();
     kustomization.patches = patches.0;
-    tree.insert(&format!("components/{name}/kustomization.yaml"), yaml(&kustomization));
+    tree.insert(
+        &format!("components/{name}/kustomization.yaml"),
+        yaml(&kustomization),
+    );
     for (file, content) in resources.into_iter().chain(patches.1) {
         tree.insert(&format!("components/{name}/{file}"), content);
     }
@@ -288,19 +376,32 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
     let keda = spec
         .worker_pools
         .iter()
-        .map(|pool| (format!("worker-{}-scaledobject.yaml", pool.name), yaml(&worker_scaled_object(spec, pool))))
+        .map(|pool| {
+            (
+                format!("worker-{}-scaledobject.yaml", pool.name),
+                yaml(&worker_scaled_object(spec, pool)),
+            )
+        })
         .collect();
     component(tree, COMPONENT_KEDA, keda, remove_replicas_patches(spec));
     let hpa = spec
         .worker_pools
         .iter()
-        .map(|pool| (format!("worker-{}-hpa.yaml", pool.name), yaml(&worker_hpa(pool))))
+        .map(|pool| {
+            (
+                format!("worker-{}-hpa.yaml", pool.name),
+                yaml(&worker_hpa(pool)),
+            )
+        })
         .collect();
     component(tree, COMPONENT_HPA, hpa, remove_replicas_patches(spec));
     component(
         tree,
         COMPONENT_PROMETHEUS,
-        vec![("server-servicemonitor.yaml".into(), yaml(&server_service_monitor(spec)))],
+        vec![(
+            "server-servicemonitor.yaml".into(),
+            yaml(&server_service_monitor(spec)),
+        )],
         (vec![], vec![]),
     );
     component(
@@ -312,7 +413,10 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
     component(
         tree,
         COMPONENT_LOADBALANCER,
-        vec![("server-grpc-service.yaml".into(), yaml(&server_load_balancer()))],
+        vec![(
+            "server-grpc-service.yaml".into(),
+            yaml(&server_load_balancer()),
+        )],
         (vec![], vec![]),
     );
     let (pg, pg_service, pg_policy) = postgres(spec);
@@ -351,7 +455,12 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
 }
 
 fn deployment_target(name: &str) -> PatchTarget {
-    PatchTarget { group: "apps".into(), version: "v1".into(), kind: "Deployment".into(), name: name.into() }
+    PatchTarget {
+        group: "apps".into(),
+        version: "v1".into(),
+        kind: "Deployment".into(),
+        name: name.into(),
+    }
 }
 
 /// A placeholder secret file and where it goes.
@@ -401,7 +510,8 @@ fn secret_files(overlay: &OverlaySpec, env: &Environment<'_>) -> Vec<SecretFile>
             file: "env.sh",
             secret: WORKER_CREDENTIALS_SECRET,
             key: ENV_SCRIPT_KEY,
-            purpose: "bash script sourced before every command workers run (exports for build steps)",
+            purpose:
+                "bash script sourced before every command workers run (exports for build steps)",
             placeholder: render(env, "env.sh", git_context()),
         });
     }
@@ -422,37 +532,61 @@ fn pool_replicas(overlay: &OverlaySpec, pool: &str) -> Option<i32> {
     overlay.worker_replicas.get(pool).copied()
 }
 
-fn overlay_dir(spec: &StackSpec, env: &Environment<'_>, name: &str, overlay: &OverlaySpec, tree: &mut Tree) {
+fn overlay_dir(
+    spec: &StackSpec,
+    env: &Environment<'_>,
+    name: &str,
+    overlay: &OverlaySpec,
+    tree: &mut Tree,
+) {
     let dir = |file: &str| format!("{name}/{file}");
-    let mut kustomization = Kustomization::kustomization();
+    let mut kustomization = Kustomization::new_kustomization();
     kustomization.namespace = Some(overlay.namespace.clone());
     kustomization.resources = vec!["../base".into(), "client-configmap.yaml".into()];
-    kustomization.components =
-        overlay_components(overlay).into_iter().map(|c| format!("../components/{c}")).collect();
+    kustomization.components = overlay_components(overlay)
+        .into_iter()
+        .map(|c| format!("../components/{c}"))
+        .collect();
 
     // Secrets, generated from the files under secrets/.
     let secrets = secret_files(overlay, env);
     let mut by_secret: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for s in &secrets {
-        by_secret.entry(s.secret).or_default().push(format!("{}=secrets/{}", s.key, s.file));
-        tree.insert(&dir(&format!("secrets/{}", s.file)), GeneratedFile::text(s.placeholder.clone()));
+        by_secret
+            .entry(s.secret)
+            .or_default()
+            .push(format!("{}=secrets/{}", s.key, s.file));
+        tree.insert(
+            &dir(&format!("secrets/{}", s.file)),
+            GeneratedFile::text(s.placeholder.clone()),
+        );
     }
     kustomization.secret_generator = by_secret
         .into_iter()
-        .map(|(secret, files)| SecretGenerator { name: secret.into(), type_: "Opaque".into(), files })
+        .map(|(secret, files)| SecretGenerator {
+            name: secret.into(),
+            type_: "Opaque".into(),
+            files,
+        })
         .collect();
 
     // Server: the token, if auth is on.
     if overlay.auth {
         let (volume, mount) = auth_volume();
         let ops = vec![
-            PatchOp::replace("/spec/template/spec/containers/0/args", server_args(spec, true).to_args()),
+            PatchOp::replace(
+                "/spec/template/spec/containers/0/args",
+                server_args(spec, true).to_args(),
+            ),
             PatchOp::add("/spec/template/spec/volumes/-", volume),
             PatchOp::add("/spec/template/spec/containers/0/volumeMounts/-", mount),
         ];
         let path = "patches/server.yaml".to_string();
         tree.insert(&dir(&path), yaml(&ops));
-        kustomization.patches.push(PatchRef { path, target: deployment_target(SERVER_NAME) });
+        kustomization.patches.push(PatchRef {
+            path,
+            target: deployment_target(SERVER_NAME),
+        });
     }
 
     // Worker pools: token, credentials, spreading, replicas.
@@ -467,15 +601,24 @@ fn overlay_dir(spec: &StackSpec, env: &Environment<'_>, name: &str, overlay: &Ov
         if overlay.auth {
             let (volume, mount) = auth_volume();
             ops.push(PatchOp::add("/spec/template/spec/volumes/-", volume));
-            ops.push(PatchOp::add("/spec/template/spec/containers/0/volumeMounts/-", mount));
+            ops.push(PatchOp::add(
+                "/spec/template/spec/containers/0/volumeMounts/-",
+                mount,
+            ));
         }
         if overlay.worker_credentials {
             let (volume, mount) = credentials_volume();
             ops.push(PatchOp::add("/spec/template/spec/volumes/-", volume));
-            ops.push(PatchOp::add("/spec/template/spec/containers/0/volumeMounts/-", mount));
+            ops.push(PatchOp::add(
+                "/spec/template/spec/containers/0/volumeMounts/-",
+                mount,
+            ));
         }
         if overlay.worker_anti_affinity {
-            ops.push(PatchOp::add("/spec/template/spec/affinity", pool_anti_affinity(&pool.name)));
+            ops.push(PatchOp::add(
+                "/spec/template/spec/affinity",
+                pool_anti_affinity(&pool.name),
+            ));
         }
         if let Some(replicas) = pool_replicas(overlay, &pool.name) {
             ops.push(PatchOp::replace("/spec/replicas", replicas));
@@ -483,7 +626,10 @@ fn overlay_dir(spec: &StackSpec, env: &Environment<'_>, name: &str, overlay: &Ov
         if !ops.is_empty() {
             let path = format!("patches/worker-{}.yaml", pool.name);
             tree.insert(&dir(&path), yaml(&ops));
-            kustomization.patches.push(PatchRef { path, target: deployment_target(&worker_deployment_name(&pool.name)) });
+            kustomization.patches.push(PatchRef {
+                path,
+                target: deployment_target(&worker_deployment_name(&pool.name)),
+            });
         }
     }
 
@@ -497,16 +643,28 @@ fn overlay_dir(spec: &StackSpec, env: &Environment<'_>, name: &str, overlay: &Ov
         tree.insert(&dir(&path), yaml(&ops));
         kustomization.patches.push(PatchRef {
             path,
-            target: PatchTarget { group: String::new(), version: "v1".into(), kind: "Service".into(), name: SERVER_NAME.into() },
+            target: PatchTarget {
+                group: String::new(),
+                version: "v1".into(),
+                kind: "Service".into(),
+                name: SERVER_NAME.into(),
+            },
         });
     }
 
     let (server_image, worker_image) = image_references(overlay);
     let split = |reference: &str, name: &str| -> ImageOverride {
         let (new_name, new_tag) = reference.rsplit_once(':').expect("references carry a tag");
-        ImageOverride { name: name.into(), new_name: new_name.into(), new_tag: new_tag.into() }
+        ImageOverride {
+            name: name.into(),
+            new_name: new_name.into(),
+            new_tag: new_tag.into(),
+        }
     };
-    kustomization.images = vec![split(&server_image, SERVER_IMAGE), split(&worker_image, WORKER_IMAGE)];
+    kustomization.images = vec![
+        split(&server_image, SERVER_IMAGE),
+        split(&worker_image, WORKER_IMAGE),
+    ];
 
     // Client configuration, as files and as a ConfigMap.
     let endpoint = client_endpoint(overlay, spec);
@@ -521,13 +679,23 @@ fn overlay_dir(spec: &StackSpec, env: &Environment<'_>, name: &str, overlay: &Ov
     let mut client_files = BTreeMap::new();
     for file in ["bazelrc", "recc.env", "buildstream.conf"] {
         let text = render(env, file, client_ctx.clone());
-        tree.insert(&dir(&format!("client/{file}")), GeneratedFile::text(text.clone()));
+        tree.insert(
+            &dir(&format!("client/{file}")),
+            GeneratedFile::text(text.clone()),
+        );
         client_files.insert(file.to_string(), text);
     }
-    tree.insert(&dir("client-configmap.yaml"), yaml(&client_configmap(&client_files)));
+    tree.insert(
+        &dir("client-configmap.yaml"),
+        yaml(&client_configmap(&client_files)),
+    );
 
     if let Some(kind) = &overlay.kind_cluster {
-        let pools: Vec<String> = spec.worker_pools.iter().map(|p| worker_deployment_name(&p.name)).collect();
+        let pools: Vec<String> = spec
+            .worker_pools
+            .iter()
+            .map(|p| worker_deployment_name(&p.name))
+            .collect();
         let ctx = context! {
             overlay => name,
             cluster => kind.name,
@@ -538,12 +706,21 @@ fn overlay_dir(spec: &StackSpec, env: &Environment<'_>, name: &str, overlay: &Ov
             endpoint => endpoint.bazel,
             instance => instance,
         };
-        tree.insert(&dir("bin/up"), GeneratedFile::executable(render(env, "up", ctx.clone())));
-        tree.insert(&dir("bin/down"), GeneratedFile::executable(render(env, "down", ctx)));
+        tree.insert(
+            &dir("bin/up"),
+            GeneratedFile::executable(render(env, "up", ctx.clone())),
+        );
+        tree.insert(
+            &dir("bin/down"),
+            GeneratedFile::executable(render(env, "down", ctx)),
+        );
         let ExposeSpec::NodePort { node_port } = overlay.expose else {
             unreachable!("validated: kind_cluster needs a node port")
         };
-        tree.insert(&dir("kind-cluster.yaml"), yaml(&kind_cluster_config(node_port, kind.host_port)));
+        tree.insert(
+            &dir("kind-cluster.yaml"),
+            yaml(&kind_cluster_config(node_port, kind.host_port)),
+        );
     }
 
     let readme = render(

@@ -302,7 +302,10 @@ impl Default for StackSpec {
                 cpu_limit: None,
                 memory_limit: "16Gi".into(),
             },
-            autoscaling: AutoscalingBoundsSpec { min_replicas: 1, max_replicas: 20 },
+            autoscaling: AutoscalingBoundsSpec {
+                min_replicas: 1,
+                max_replicas: 20,
+            },
         };
         let images = |registry: Option<&str>, tag: &str| ImagesSpec {
             registry: registry.map(str::to_string),
@@ -445,11 +448,15 @@ pub enum SpecLoadError {
 impl StackSpec {
     /// Parses and validates a YAML spec; `path` only names it in errors.
     pub fn from_yaml(path: &str, text: &str) -> Result<StackSpec, SpecLoadError> {
-        let spec: StackSpec = serde_yaml::from_str(text).map_err(|source| SpecLoadError::Parse {
+        let spec: StackSpec =
+            serde_yaml::from_str(text).map_err(|source| SpecLoadError::Parse {
+                path: path.to_string(),
+                source,
+            })?;
+        spec.validate().map_err(|source| SpecLoadError::Invalid {
             path: path.to_string(),
             source,
         })?;
-        spec.validate().map_err(|source| SpecLoadError::Invalid { path: path.to_string(), source })?;
         Ok(spec)
     }
 
@@ -468,7 +475,10 @@ impl StackSpec {
         for (i, instance) in self.instances.iter().enumerate() {
             v.instance_name(&format!("instances[{i}]"), instance);
             if self.instances[..i].contains(instance) {
-                v.error(&format!("instances[{i}]"), format!("`{instance}` is listed twice"));
+                v.error(
+                    &format!("instances[{i}]"),
+                    format!("`{instance}` is listed twice"),
+                );
             }
         }
         if self.runners.is_empty() {
@@ -485,7 +495,10 @@ impl StackSpec {
             if cas > storage {
                 v.error(
                     "server.cas_max_size",
-                    format!("{} does not fit in server.storage_size {}", server.cas_max_size, server.storage_size),
+                    format!(
+                        "{} does not fit in server.storage_size {}",
+                        server.cas_max_size, server.storage_size
+                    ),
                 );
             }
         }
@@ -506,19 +519,31 @@ impl StackSpec {
         for (i, pool) in self.worker_pools.iter().enumerate() {
             let at = |field: &str| format!("worker_pools[{i}].{field}");
             v.dns_label(&at("name"), &pool.name, "buildkube-worker-".len());
-            if self.worker_pools[..i].iter().any(|other| other.name == pool.name) {
-                v.error(&at("name"), format!("pool `{}` is defined twice", pool.name));
+            if self.worker_pools[..i]
+                .iter()
+                .any(|other| other.name == pool.name)
+            {
+                v.error(
+                    &at("name"),
+                    format!("pool `{}` is defined twice", pool.name),
+                );
             }
             if !self.instances.contains(&pool.instance) {
                 v.error(
                     &at("instance"),
-                    format!("`{}` is not one of the served instances {:?}", pool.instance, self.instances),
+                    format!(
+                        "`{}` is not one of the served instances {:?}",
+                        pool.instance, self.instances
+                    ),
                 );
             }
             for (key, value) in &pool.platform {
                 v.platform_key(&at(&format!("platform.{key}")), key);
                 if value.contains(',') {
-                    v.error(&at(&format!("platform.{key}")), "a value must not contain `,`");
+                    v.error(
+                        &at(&format!("platform.{key}")),
+                        "a value must not contain `,`",
+                    );
                 }
             }
             match pool.platform.get(buildkube_config::PLATFORM_RUNNER_KEY) {
@@ -531,8 +556,14 @@ impl StackSpec {
                     ),
                 ),
                 Some(runner) if !self.runners.contains(runner) => v.error(
-                    &at(&format!("platform.{}", buildkube_config::PLATFORM_RUNNER_KEY)),
-                    format!("no runner serves `{runner}`; the runners are {:?}", self.runners),
+                    &at(&format!(
+                        "platform.{}",
+                        buildkube_config::PLATFORM_RUNNER_KEY
+                    )),
+                    format!(
+                        "no runner serves `{runner}`; the runners are {:?}",
+                        self.runners
+                    ),
                 ),
                 Some(_) => {}
             }
@@ -548,12 +579,18 @@ impl StackSpec {
                 if cache >= work {
                     v.error(
                         &at("cache_max_size"),
-                        format!("{} leaves no room for actions in work_dir_size {}", pool.cache_max_size, pool.work_dir_size),
+                        format!(
+                            "{} leaves no room for actions in work_dir_size {}",
+                            pool.cache_max_size, pool.work_dir_size
+                        ),
                     );
                 }
             }
             if pool.drain_timeout_secs == 0 {
-                v.error(&at("drain_timeout_secs"), "must be at least 1: workers finish running actions on SIGTERM");
+                v.error(
+                    &at("drain_timeout_secs"),
+                    "must be at least 1: workers finish running actions on SIGTERM",
+                );
             }
             if pool.termination_grace_margin_secs == 0 {
                 v.error(
@@ -562,7 +599,10 @@ impl StackSpec {
                 );
             }
             if pool.max_unavailable < 1 {
-                v.error(&at("max_unavailable"), "must be at least 1 or node drains block forever");
+                v.error(
+                    &at("max_unavailable"),
+                    "must be at least 1 or node drains block forever",
+                );
             }
             v.resources(&at("resources"), &pool.resources);
             let bounds = &pool.autoscaling;
@@ -575,7 +615,10 @@ impl StackSpec {
             if bounds.min_replicas > bounds.max_replicas {
                 v.error(
                     &at("autoscaling.min_replicas"),
-                    format!("{} is greater than max_replicas {}", bounds.min_replicas, bounds.max_replicas),
+                    format!(
+                        "{} is greater than max_replicas {}",
+                        bounds.min_replicas, bounds.max_replicas
+                    ),
                 );
             }
         }
@@ -583,56 +626,95 @@ impl StackSpec {
         if !self.monitoring.prometheus_url.starts_with("http://")
             && !self.monitoring.prometheus_url.starts_with("https://")
         {
-            v.error("monitoring.prometheus_url", "must start with http:// or https://");
+            v.error(
+                "monitoring.prometheus_url",
+                "must start with http:// or https://",
+            );
         }
-        if !Regex::new(r"^[0-9]+(ms|s|m|h)$").unwrap().is_match(&self.monitoring.scrape_interval) {
-            v.error("monitoring.scrape_interval", "must be a duration such as 15s or 1m");
+        if !Regex::new(r"^[0-9]+(ms|s|m|h)$")
+            .unwrap()
+            .is_match(&self.monitoring.scrape_interval)
+        {
+            v.error(
+                "monitoring.scrape_interval",
+                "must be a duration such as 15s or 1m",
+            );
         }
         v.dns_subdomain("ingress.host", &self.ingress.host);
         v.dns_subdomain("ingress.class_name", &self.ingress.class_name);
         v.dns_subdomain("ingress.cluster_issuer", &self.ingress.cluster_issuer);
-        v.image_reference("external_stores.postgres_image", &self.external_stores.postgres_image);
-        v.image_reference("external_stores.redis_image", &self.external_stores.redis_image);
-        v.quantity_bytes("external_stores.postgres_storage_size", &self.external_stores.postgres_storage_size);
+        v.image_reference(
+            "external_stores.postgres_image",
+            &self.external_stores.postgres_image,
+        );
+        v.image_reference(
+            "external_stores.redis_image",
+            &self.external_stores.redis_image,
+        );
+        v.quantity_bytes(
+            "external_stores.postgres_storage_size",
+            &self.external_stores.postgres_storage_size,
+        );
 
         if self.overlays.is_empty() {
             v.error("overlays", "at least one overlay is required");
         }
+        let registry_re =
+            Regex::new(r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+                .unwrap();
+        let tag_re = Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$").unwrap();
         for (name, overlay) in &self.overlays {
             let at = |field: &str| format!("overlays.{name}.{field}");
             if RESERVED_OVERLAY_NAMES.contains(&name.as_str()) {
-                v.error(&format!("overlays.{name}"), format!("`{name}` is reserved for the generated tree"));
+                v.error(
+                    &format!("overlays.{name}"),
+                    format!("`{name}` is reserved for the generated tree"),
+                );
             }
             v.dns_label(&format!("overlays.{name}"), name, 0);
             v.dns_label(&at("namespace"), &overlay.namespace, 0);
             if let Some(registry) = &overlay.images.registry {
-                if !Regex::new(r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
-                    .unwrap()
-                    .is_match(registry)
-                {
+                if !registry_re.is_match(registry) {
                     v.error(
                         &at("images.registry"),
                         format!("`{registry}` is not a registry/path prefix (lowercase, e.g. ghcr.io/acme)"),
                     );
                 }
             }
-            if !Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$").unwrap().is_match(&overlay.images.tag) {
-                v.error(&at("images.tag"), format!("`{}` is not an image tag", overlay.images.tag));
+            if !tag_re.is_match(&overlay.images.tag) {
+                v.error(
+                    &at("images.tag"),
+                    format!("`{}` is not an image tag", overlay.images.tag),
+                );
             } else if overlay.images.tag == "latest" {
-                v.error(&at("images.tag"), "pin a version: `latest` changes under a running stack");
+                v.error(
+                    &at("images.tag"),
+                    "pin a version: `latest` changes under a running stack",
+                );
             }
             if let ExposeSpec::NodePort { node_port } = overlay.expose {
                 if !(30000..=32767).contains(&node_port) {
-                    v.error(&at("expose.node_port"), format!("{node_port} is outside 30000-32767"));
+                    v.error(
+                        &at("expose.node_port"),
+                        format!("{node_port} is outside 30000-32767"),
+                    );
                 }
             }
-            if overlay.kind_cluster.is_some() && !matches!(overlay.expose, ExposeSpec::NodePort { .. }) {
-                v.error(&at("kind_cluster"), "needs `expose: {type: node-port}` to reach the server from the host");
+            if overlay.kind_cluster.is_some()
+                && !matches!(overlay.expose, ExposeSpec::NodePort { .. })
+            {
+                v.error(
+                    &at("kind_cluster"),
+                    "needs `expose: {type: node-port}` to reach the server from the host",
+                );
             }
             if let Some(kind) = &overlay.kind_cluster {
                 v.dns_label(&at("kind_cluster.name"), &kind.name, 0);
                 if !(1..=65535).contains(&kind.host_port) {
-                    v.error(&at("kind_cluster.host_port"), format!("{} is not a port", kind.host_port));
+                    v.error(
+                        &at("kind_cluster.host_port"),
+                        format!("{} is not a port", kind.host_port),
+                    );
                 }
             }
             if overlay.autoscaling != AutoscalingKind::None && !overlay.worker_replicas.is_empty() {
@@ -643,10 +725,14 @@ impl StackSpec {
             }
             for (pool, replicas) in &overlay.worker_replicas {
                 match self.pool(pool) {
-                    None => v.error(&at(&format!("worker_replicas.{pool}")), format!("no worker pool is named `{pool}`")),
-                    Some(_) if *replicas < 0 => {
-                        v.error(&at(&format!("worker_replicas.{pool}")), "must not be negative")
-                    }
+                    None => v.error(
+                        &at(&format!("worker_replicas.{pool}")),
+                        format!("no worker pool is named `{pool}`"),
+                    ),
+                    Some(_) if *replicas < 0 => v.error(
+                        &at(&format!("worker_replicas.{pool}")),
+                        "must not be negative",
+                    ),
                     Some(_) => {}
                 }
             }
@@ -662,7 +748,10 @@ struct Validator {
 
 impl Validator {
     fn error(&mut self, field: &str, message: impl Into<String>) {
-        self.errors.push(FieldError { field: field.to_string(), message: message.into() });
+        self.errors.push(FieldError {
+            field: field.to_string(),
+            message: message.into(),
+        });
     }
 
     fn finish(self) -> Result<(), SpecErrors> {
@@ -677,14 +766,21 @@ impl Validator {
     fn dns_label(&mut self, field: &str, value: &str, prefix_len: usize) {
         let re = Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$").unwrap();
         if !re.is_match(value) {
-            self.error(field, format!("`{value}` is not a DNS label (lowercase letters, digits, `-`)"));
+            self.error(
+                field,
+                format!("`{value}` is not a DNS label (lowercase letters, digits, `-`)"),
+            );
         } else if value.len() + prefix_len > 63 {
-            self.error(field, format!("`{value}` is too long: names are at most 63 characters with their prefix"));
+            self.error(
+                field,
+                format!("`{value}` is too long: names are at most 63 characters with their prefix"),
+            );
         }
     }
 
     fn dns_subdomain(&mut self, field: &str, value: &str) {
-        let re = Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$").unwrap();
+        let re = Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+            .unwrap();
         if !re.is_match(value) || value.len() > 253 {
             self.error(field, format!("`{value}` is not a DNS name"));
         }
@@ -693,7 +789,10 @@ impl Validator {
     fn label_value(&mut self, field: &str, value: &str) {
         let re = Regex::new(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$").unwrap();
         if !re.is_match(value) {
-            self.error(field, format!("`{value}` must be letters, digits, `-_.`, at most 63"));
+            self.error(
+                field,
+                format!("`{value}` must be letters, digits, `-_.`, at most 63"),
+            );
         }
     }
 
@@ -713,8 +812,14 @@ impl Validator {
             );
             return;
         }
-        if let Some(segment) = name.split('/').find(|s| RESERVED_INSTANCE_SEGMENTS.contains(s)) {
-            self.error(field, format!("`{name}` contains `{segment}`, which REAPI reserves in resource names"));
+        if let Some(segment) = name
+            .split('/')
+            .find(|s| RESERVED_INSTANCE_SEGMENTS.contains(s))
+        {
+            self.error(
+                field,
+                format!("`{name}` contains `{segment}`, which REAPI reserves in resource names"),
+            );
         }
     }
 
@@ -726,7 +831,10 @@ impl Validator {
         if !re.is_match(reference) {
             self.error(field, format!("`{reference}` is not an image reference"));
         } else if !reference.contains(':') || reference.ends_with(":latest") {
-            self.error(field, format!("`{reference}` must pin a tag other than latest"));
+            self.error(
+                field,
+                format!("`{reference}` must pin a tag other than latest"),
+            );
         }
     }
 
@@ -744,33 +852,49 @@ impl Validator {
         match quantity_to_bytes(value) {
             Some(bytes) => Some(bytes),
             None => {
-                self.error(field, format!("`{value}` is not a Kubernetes quantity of bytes (e.g. 512Mi, 20Gi)"));
+                self.error(
+                    field,
+                    format!("`{value}` is not a Kubernetes quantity of bytes (e.g. 512Mi, 20Gi)"),
+                );
                 None
             }
         }
     }
 
     fn cpu(&mut self, field: &str, value: &str) {
-        if !Regex::new(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$").unwrap().is_match(value) || cpu_millis(value) == Some(0) {
-            self.error(field, format!("`{value}` is not a CPU quantity (e.g. 500m, 2)"));
+        if !Regex::new(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$")
+            .unwrap()
+            .is_match(value)
+            || cpu_millis(value) == Some(0)
+        {
+            self.error(
+                field,
+                format!("`{value}` is not a CPU quantity (e.g. 500m, 2)"),
+            );
         }
     }
 
     fn resources(&mut self, at: &str, resources: &ResourcesSpec) {
         self.cpu(&format!("{at}.cpu_request"), &resources.cpu_request);
-        let request = self.quantity_bytes(&format!("{at}.memory_request"), &resources.memory_request);
+        let request =
+            self.quantity_bytes(&format!("{at}.memory_request"), &resources.memory_request);
         let limit = self.quantity_bytes(&format!("{at}.memory_limit"), &resources.memory_limit);
         if let (Some(request), Some(limit)) = (request, limit) {
             if request > limit {
                 self.error(
                     &format!("{at}.memory_request"),
-                    format!("{} exceeds memory_limit {}", resources.memory_request, resources.memory_limit),
+                    format!(
+                        "{} exceeds memory_limit {}",
+                        resources.memory_request, resources.memory_limit
+                    ),
                 );
             }
         }
         if let Some(cpu_limit) = &resources.cpu_limit {
             self.cpu(&format!("{at}.cpu_limit"), cpu_limit);
-            if let (Some(request), Some(limit)) = (cpu_millis(&resources.cpu_request), cpu_millis(cpu_limit)) {
+            if let (Some(request), Some(limit)) =
+                (cpu_millis(&resources.cpu_request), cpu_millis(cpu_limit))
+            {
                 if request > limit {
                     self.error(
                         &format!("{at}.cpu_request"),
@@ -784,7 +908,9 @@ impl Validator {
 
 /// Bytes of a Kubernetes quantity such as `20Gi`, `500M` or `1024`.
 pub fn quantity_to_bytes(value: &str) -> Option<u64> {
-    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
     let (number, suffix) = value.split_at(split);
     let number: u64 = number.parse().ok()?;
     let multiplier: u64 = match suffix {

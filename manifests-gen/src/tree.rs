@@ -22,12 +22,18 @@ pub struct GeneratedFile {
 impl GeneratedFile {
     /// A plain file.
     pub fn text(contents: String) -> Self {
-        GeneratedFile { contents, executable: false }
+        GeneratedFile {
+            contents,
+            executable: false,
+        }
     }
 
     /// A script.
     pub fn executable(contents: String) -> Self {
-        GeneratedFile { contents, executable: true }
+        GeneratedFile {
+            contents,
+            executable: true,
+        }
     }
 }
 
@@ -52,7 +58,10 @@ pub enum TreeError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TreeError + '_ {
-    move |source| TreeError::Io { path: path.to_path_buf(), source }
+    move |source| TreeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What `--check` found.
@@ -80,9 +89,14 @@ impl Tree {
     }
 
     /// Files under `prefix/` (with the prefix stripped), in order.
-    pub fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a GeneratedFile)> + 'a {
+    pub fn under<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a GeneratedFile)> + 'a {
         self.files.iter().filter_map(move |(path, file)| {
-            path.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('/')).map(|rest| (rest, file))
+            path.strip_prefix(prefix)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .map(|rest| (rest, file))
         })
     }
 
@@ -97,11 +111,18 @@ impl Tree {
             for entry in WalkDir::new(&path).sort_by_file_name() {
                 let entry = entry.map_err(|e| {
                     let path = e.path().unwrap_or(&path).to_path_buf();
-                    TreeError::Io { path, source: e.into() }
+                    TreeError::Io {
+                        path,
+                        source: e.into(),
+                    }
                 })?;
                 if entry.file_type().is_file() || entry.file_type().is_symlink() {
                     let relative = entry.path().strip_prefix(dir).expect("under dir");
-                    let key = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+                    let key = relative
+                        .components()
+                        .map(|c| c.as_os_str().to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join("/");
                     found.insert(key, entry.path().to_path_buf());
                 }
             }
@@ -120,7 +141,12 @@ impl Tree {
                     let _ = writeln!(staleness.report, "missing: {path}");
                     staleness.paths.push(path.clone());
                 }
-                Err(source) => return Err(TreeError::Io { path: on_disk, source }),
+                Err(source) => {
+                    return Err(TreeError::Io {
+                        path: on_disk,
+                        source,
+                    })
+                }
                 Ok(bytes) => {
                     let current = String::from_utf8_lossy(&bytes);
                     if current != file.contents {
@@ -128,7 +154,9 @@ impl Tree {
                         let _ = write!(
                             staleness.report,
                             "{}",
-                            diff.unified_diff().context_radius(3).header(&format!("a/{path}"), &format!("b/{path}"))
+                            diff.unified_diff()
+                                .context_radius(3)
+                                .header(&format!("a/{path}"), &format!("b/{path}"))
                         );
                         staleness.paths.push(path.clone());
                     } else if is_executable(&on_disk)? != file.executable {
@@ -211,8 +239,16 @@ fn remove_empty_dirs(dir: &Path) -> Result<(), TreeError> {
     }
     // Deepest first, so a directory emptied by its children goes too.
     for entry in WalkDir::new(dir).contents_first(true) {
-        let entry = entry.map_err(|e| TreeError::Io { path: dir.to_path_buf(), source: e.into() })?;
-        if entry.file_type().is_dir() && fs::read_dir(entry.path()).map_err(io_err(entry.path()))?.next().is_none() {
+        let entry = entry.map_err(|e| TreeError::Io {
+            path: dir.to_path_buf(),
+            source: e.into(),
+        })?;
+        if entry.file_type().is_dir()
+            && fs::read_dir(entry.path())
+                .map_err(io_err(entry.path()))?
+                .next()
+                .is_none()
+        {
             fs::remove_dir(entry.path()).map_err(io_err(entry.path()))?;
         }
     }
@@ -243,8 +279,14 @@ mod tests {
         let t = tree(&[("base/a.yaml", "a\n")]);
         let changed = t.write(dir.path(), &roots).unwrap();
         assert_eq!(changed, vec!["base/a.yaml", "base/old/stale.yaml"]);
-        assert!(!dir.path().join("base/old").exists(), "emptied directory removed");
-        assert!(dir.path().join("my-stack/kustomization.yaml").exists(), "user overlay kept");
+        assert!(
+            !dir.path().join("base/old").exists(),
+            "emptied directory removed"
+        );
+        assert!(
+            dir.path().join("my-stack/kustomization.yaml").exists(),
+            "user overlay kept"
+        );
         assert!(t.check(dir.path(), &roots).unwrap().is_fresh());
     }
 
@@ -252,9 +294,17 @@ mod tests {
     fn check_reports_a_readable_diff() {
         let dir = tempfile::tempdir().unwrap();
         let roots = vec!["base".to_string()];
-        tree(&[("base/a.yaml", "replicas: 1\n")]).write(dir.path(), &roots).unwrap();
-        let staleness = tree(&[("base/a.yaml", "replicas: 2\n")]).check(dir.path(), &roots).unwrap();
+        tree(&[("base/a.yaml", "replicas: 1\n")])
+            .write(dir.path(), &roots)
+            .unwrap();
+        let staleness = tree(&[("base/a.yaml", "replicas: 2\n")])
+            .check(dir.path(), &roots)
+            .unwrap();
         assert_eq!(staleness.paths, vec!["base/a.yaml"]);
-        assert!(staleness.report.contains("-replicas: 1\n+replicas: 2"), "{}", staleness.report);
+        assert!(
+            staleness.report.contains("-replicas: 1\n+replicas: 2"),
+            "{}",
+            staleness.report
+        );
     }
 }

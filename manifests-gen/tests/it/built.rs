@@ -55,10 +55,16 @@ fn build(root: &Path, overlay: &str) -> Built {
     let file = root.join(format!("{overlay}.built.yaml"));
     std::fs::write(&file, &text).unwrap();
     let docs = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde_yaml::from_value::<Value>(serde_yaml::Value::deserialize(doc).unwrap()).unwrap())
+        .map(|doc| {
+            serde_yaml::from_value::<Value>(serde_yaml::Value::deserialize(doc).unwrap()).unwrap()
+        })
         .filter(|v| !v.is_null())
         .collect();
-    Built { overlay: overlay.to_string(), dir, docs }
+    Built {
+        overlay: overlay.to_string(),
+        dir,
+        docs,
+    }
 }
 
 use serde::Deserialize as _;
@@ -72,39 +78,65 @@ fn validate(root: &Path, built: &Built) -> Vec<String> {
         .arg(KUBERNETES_VERSION)
         .arg(&file)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run python3 ({e}); install python3 and `{INSTALL_VALIDATE}`"));
+        .unwrap_or_else(|e| {
+            panic!("cannot run python3 ({e}); install python3 and `{INSTALL_VALIDATE}`")
+        });
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.code() != Some(3), "{stderr}\ninstall with: {INSTALL_VALIDATE}");
+    assert!(
+        out.status.code() != Some(3),
+        "{stderr}\ninstall with: {INSTALL_VALIDATE}"
+    );
     assert!(out.status.success(), "validate_k8s.py failed:\n{stderr}");
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
     let summary = lines.last().expect("summary line");
-    assert_eq!(summary["documents"].as_u64(), Some(built.docs.len() as u64), "every object validated");
+    assert_eq!(
+        summary["documents"].as_u64(),
+        Some(built.docs.len() as u64),
+        "every object validated"
+    );
     let mut problems = Vec::new();
     for line in &lines[..lines.len() - 1] {
-        let what = format!("{}/{} {}", line["apiVersion"].as_str().unwrap_or("?"), line["kind"].as_str().unwrap_or("?"), line["name"].as_str().unwrap_or("?"));
+        let what = format!(
+            "{}/{} {}",
+            line["apiVersion"].as_str().unwrap_or("?"),
+            line["kind"].as_str().unwrap_or("?"),
+            line["name"].as_str().unwrap_or("?")
+        );
         let allowed_without_schema = KINDS_WITHOUT_SCHEMA
             .iter()
             .any(|(api, kind)| line["apiVersion"] == *api && line["kind"] == *kind);
         match (line["result"].as_str().unwrap(), allowed_without_schema) {
             ("valid", false) => {}
             ("no-schema", true) => {}
-            ("valid", true) => problems.push(format!("{what}: unexpectedly has a schema; drop it from KINDS_WITHOUT_SCHEMA")),
-            ("no-schema", false) => problems.push(format!("{what}: no schema for Kubernetes {KUBERNETES_VERSION}: {}", line["error"])),
+            ("valid", true) => problems.push(format!(
+                "{what}: unexpectedly has a schema; drop it from KINDS_WITHOUT_SCHEMA"
+            )),
+            ("no-schema", false) => problems.push(format!(
+                "{what}: no schema for Kubernetes {KUBERNETES_VERSION}: {}",
+                line["error"]
+            )),
             (_, _) => problems.push(format!("{what}: {}", line["error"])),
         }
     }
     // The kinds without a schema are still checked: against their typed definitions.
     for doc in &built.docs {
         let result = match doc["kind"].as_str() {
-            Some(ScaledObject::KIND) => serde_json::from_value::<ScaledObject>(doc.clone()).map(|_| ()),
-            Some(ServiceMonitor::KIND) => serde_json::from_value::<ServiceMonitor>(doc.clone()).map(|_| ()),
+            Some(ScaledObject::KIND) => {
+                serde_json::from_value::<ScaledObject>(doc.clone()).map(|_| ())
+            }
+            Some(ServiceMonitor::KIND) => {
+                serde_json::from_value::<ServiceMonitor>(doc.clone()).map(|_| ())
+            }
             _ => Ok(()),
         };
         if let Err(e) = result {
-            problems.push(format!("{} {}: does not match its typed definition: {e}", doc["kind"], doc["metadata"]["name"]));
+            problems.push(format!(
+                "{} {}: does not match its typed definition: {e}",
+                doc["kind"], doc["metadata"]["name"]
+            ));
         }
     }
     problems
@@ -120,7 +152,11 @@ fn name_of(doc: &Value) -> &str {
 
 fn labels(v: &Value) -> BTreeMap<String, String> {
     v.as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), str_of(v).to_string())).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), str_of(v).to_string()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -143,7 +179,9 @@ impl Built {
     }
 
     fn find(&self, kind: &str, name: &str) -> Option<&Value> {
-        self.docs.iter().find(|d| d["kind"] == kind && name_of(d) == name)
+        self.docs
+            .iter()
+            .find(|d| d["kind"] == kind && name_of(d) == name)
     }
 
     fn workloads(&self) -> Vec<Workload<'_>> {
@@ -169,7 +207,13 @@ impl Built {
         for w in self.workloads() {
             for c in w.pod["containers"].as_array().unwrap() {
                 let reference = str_of(&c["image"]);
-                let name = reference.rsplit('/').next().unwrap().split(':').next().unwrap();
+                let name = reference
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .split(':')
+                    .next()
+                    .unwrap();
                 if name == image {
                     found.push((w.pod, c, w.name));
                 }
@@ -180,39 +224,71 @@ impl Built {
 }
 
 fn container_port(pod: &Value, target: &Value) -> Option<i64> {
-    pod["containers"].as_array()?.iter().flat_map(|c| c["ports"].as_array().into_iter().flatten()).find_map(|p| {
-        let hit = match target {
-            Value::String(name) => p["name"] == name.as_str(),
-            Value::Number(n) => p["containerPort"].as_i64() == n.as_i64(),
-            _ => false,
-        };
-        hit.then(|| p["containerPort"].as_i64().unwrap())
-    })
+    pod["containers"]
+        .as_array()?
+        .iter()
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .find_map(|p| {
+            let hit = match target {
+                Value::String(name) => p["name"] == name.as_str(),
+                Value::Number(n) => p["containerPort"].as_i64() == n.as_i64(),
+                _ => false,
+            };
+            hit.then(|| p["containerPort"].as_i64().unwrap())
+        })
 }
 
 fn args_of(container: &Value, program: &str) -> Vec<String> {
     let mut args = vec![program.to_string()];
-    args.extend(container["args"].as_array().unwrap().iter().map(|a| str_of(a).to_string()));
+    args.extend(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| str_of(a).to_string()),
+    );
     args
 }
 
 /// The Secret or ConfigMap key that provides file `path` in this container, if any.
-fn file_source(built: &Built, pod: &Value, container: &Value, path: &Path) -> Result<(String, String), String> {
+fn file_source(
+    built: &Built,
+    pod: &Value,
+    container: &Value,
+    path: &Path,
+) -> Result<(String, String), String> {
     for m in container["volumeMounts"].as_array().into_iter().flatten() {
-        let Ok(rest) = path.strip_prefix(str_of(&m["mountPath"])) else { continue };
+        let Ok(rest) = path.strip_prefix(str_of(&m["mountPath"])) else {
+            continue;
+        };
         let key = rest.to_string_lossy().to_string();
-        let volume = pod["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == m["name"]);
-        let Some(volume) = volume else { return Err(format!("mount {} has no volume", m["name"])) };
+        let volume = pod["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == m["name"]);
+        let Some(volume) = volume else {
+            return Err(format!("mount {} has no volume", m["name"]));
+        };
         let (kind, name) = if volume["secret"].is_object() {
             ("Secret", str_of(&volume["secret"]["secretName"]))
         } else if volume["configMap"].is_object() {
             ("ConfigMap", str_of(&volume["configMap"]["name"]))
         } else {
-            return Err(format!("{} is on volume {} which is not a Secret or ConfigMap", path.display(), m["name"]));
+            return Err(format!(
+                "{} is on volume {} which is not a Secret or ConfigMap",
+                path.display(),
+                m["name"]
+            ));
         };
-        let Some(object) = built.find(kind, name) else { return Err(format!("{kind} {name} does not exist")) };
+        let Some(object) = built.find(kind, name) else {
+            return Err(format!("{kind} {name} does not exist"));
+        };
         if object["data"].get(&key).is_none() {
-            return Err(format!("{kind} {name} has no key {key} for {}", path.display()));
+            return Err(format!(
+                "{kind} {name} has no key {key} for {}",
+                path.display()
+            ));
         }
         return Ok((kind.to_string(), name.to_string()));
     }
@@ -228,9 +304,15 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
     // Services select pods, and target declared container ports.
     for service in built.of_kind("Service") {
         let selector = labels(&service["spec"]["selector"]);
-        let selected: Vec<_> = workloads.iter().filter(|w| matches(&selector, &w.labels)).collect();
+        let selected: Vec<_> = workloads
+            .iter()
+            .filter(|w| matches(&selector, &w.labels))
+            .collect();
         if selected.is_empty() {
-            bad.push(format!("Service {} selects no pod template", name_of(service)));
+            bad.push(format!(
+                "Service {} selects no pod template",
+                name_of(service)
+            ));
         }
         for port in service["spec"]["ports"].as_array().unwrap() {
             for w in &selected {
@@ -264,8 +346,12 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
                 refs.push(("PersistentVolumeClaim", n));
             }
         }
-        let mut mounted: BTreeSet<&str> =
-            w.pod["volumes"].as_array().into_iter().flatten().map(|v| str_of(&v["name"])).collect();
+        let mut mounted: BTreeSet<&str> = w.pod["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| str_of(&v["name"]))
+            .collect();
         mounted.extend(w.claim_templates.iter().copied());
         for c in w.pod["containers"].as_array().unwrap() {
             for e in c["env"].as_array().into_iter().flatten() {
@@ -278,39 +364,71 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
             }
             for m in c["volumeMounts"].as_array().into_iter().flatten() {
                 if !mounted.contains(str_of(&m["name"])) {
-                    bad.push(format!("{} {}: mount {} has no volume", w.kind, w.name, m["name"]));
+                    bad.push(format!(
+                        "{} {}: mount {} has no volume",
+                        w.kind, w.name, m["name"]
+                    ));
                 }
             }
             // Probes use declared ports.
             for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
                 let port = &c[probe]["httpGet"]["port"];
                 if !port.is_null() && container_port(w.pod, port).is_none() {
-                    bad.push(format!("{} {}: {probe} port {port} is not declared", w.kind, w.name));
+                    bad.push(format!(
+                        "{} {}: {probe} port {port} is not declared",
+                        w.kind, w.name
+                    ));
                 }
             }
             // Non-root, no privilege escalation.
             if c["securityContext"]["allowPrivilegeEscalation"] != false {
-                bad.push(format!("{} {}: container {} may escalate privileges", w.kind, w.name, c["name"]));
+                bad.push(format!(
+                    "{} {}: container {} may escalate privileges",
+                    w.kind, w.name, c["name"]
+                ));
             }
         }
-        if w.pod["securityContext"]["runAsNonRoot"] != true || w.pod["securityContext"]["fsGroup"].is_null() {
-            bad.push(format!("{} {}: pod must run as non-root with an fsGroup", w.kind, w.name));
+        if w.pod["securityContext"]["runAsNonRoot"] != true
+            || w.pod["securityContext"]["fsGroup"].is_null()
+        {
+            bad.push(format!(
+                "{} {}: pod must run as non-root with an fsGroup",
+                w.kind, w.name
+            ));
         }
         for (kind, name) in refs {
             if built.find(kind, name).is_none() {
-                bad.push(format!("{} {} references {kind} {name}, which does not exist", w.kind, w.name));
+                bad.push(format!(
+                    "{} {} references {kind} {name}, which does not exist",
+                    w.kind, w.name
+                ));
             }
         }
     }
 
     // Autoscalers, disruption budgets and network policies target what exists.
-    for hpa in built.of_kind("HorizontalPodAutoscaler").chain(built.of_kind(ScaledObject::KIND)) {
+    for hpa in built
+        .of_kind("HorizontalPodAutoscaler")
+        .chain(built.of_kind(ScaledObject::KIND))
+    {
         let target = &hpa["spec"]["scaleTargetRef"];
-        if !workloads.iter().any(|w| w.kind == target["kind"] && w.name == target["name"]) {
-            bad.push(format!("{} {} targets missing {} {}", hpa["kind"], name_of(hpa), target["kind"], target["name"]));
+        if !workloads
+            .iter()
+            .any(|w| w.kind == target["kind"] && w.name == target["name"])
+        {
+            bad.push(format!(
+                "{} {} targets missing {} {}",
+                hpa["kind"],
+                name_of(hpa),
+                target["kind"],
+                target["name"]
+            ));
         }
     }
-    for (kind, path) in [("PodDisruptionBudget", "/spec/selector/matchLabels"), ("NetworkPolicy", "/spec/podSelector/matchLabels")] {
+    for (kind, path) in [
+        ("PodDisruptionBudget", "/spec/selector/matchLabels"),
+        ("NetworkPolicy", "/spec/podSelector/matchLabels"),
+    ] {
         for doc in built.of_kind(kind) {
             let selector = labels(doc.pointer(path).unwrap_or(&Value::Null));
             if !workloads.iter().any(|w| matches(&selector, &w.labels)) {
@@ -323,29 +441,52 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
         for endpoint in monitor["spec"]["endpoints"].as_array().unwrap() {
             let ok = built.of_kind("Service").any(|s| {
                 matches(&selector, &labels(&s["metadata"]["labels"]))
-                    && s["spec"]["ports"].as_array().unwrap().iter().any(|p| p["name"] == endpoint["port"])
+                    && s["spec"]["ports"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|p| p["name"] == endpoint["port"])
             });
             if !ok {
-                bad.push(format!("ServiceMonitor {} port {} is on no selected Service", name_of(monitor), endpoint["port"]));
+                bad.push(format!(
+                    "ServiceMonitor {} port {} is on no selected Service",
+                    name_of(monitor),
+                    endpoint["port"]
+                ));
             }
         }
     }
     for ingress in built.of_kind("Ingress") {
         for tls in ingress["spec"]["tls"].as_array().into_iter().flatten() {
             let secret = str_of(&tls["secretName"]);
-            let issued = !ingress["metadata"]["annotations"][manifests_gen::objects::CERT_MANAGER_ISSUER_ANNOTATION].is_null();
+            let issued = !ingress["metadata"]["annotations"]
+                [manifests_gen::objects::CERT_MANAGER_ISSUER_ANNOTATION]
+                .is_null();
             if built.find("Secret", secret).is_none() && !issued {
-                bad.push(format!("Ingress {} TLS Secret {secret} neither exists nor is issued by cert-manager", name_of(ingress)));
+                bad.push(format!(
+                    "Ingress {} TLS Secret {secret} neither exists nor is issued by cert-manager",
+                    name_of(ingress)
+                ));
             }
         }
         for rule in ingress["spec"]["rules"].as_array().unwrap() {
             for path in rule["http"]["paths"].as_array().unwrap() {
                 let backend = &path["backend"]["service"];
-                let ok = built.find("Service", str_of(&backend["name"])).is_some_and(|s| {
-                    s["spec"]["ports"].as_array().unwrap().iter().any(|p| p["name"] == backend["port"]["name"])
-                });
+                let ok = built
+                    .find("Service", str_of(&backend["name"]))
+                    .is_some_and(|s| {
+                        s["spec"]["ports"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .any(|p| p["name"] == backend["port"]["name"])
+                    });
                 if !ok {
-                    bad.push(format!("Ingress {} backend {} does not exist", name_of(ingress), backend));
+                    bad.push(format!(
+                        "Ingress {} backend {} does not exist",
+                        name_of(ingress),
+                        backend
+                    ));
                 }
             }
         }
@@ -376,7 +517,12 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
         }
     }
     let workers = built.containers(manifests_gen::objects::WORKER_IMAGE);
-    assert_eq!(workers.len(), spec.worker_pools.len(), "{}: one worker container per pool", built.overlay);
+    assert_eq!(
+        workers.len(),
+        spec.worker_pools.len(),
+        "{}: one worker container per pool",
+        built.overlay
+    );
     for (pod, container, name) in workers {
         let worker = match WorkerArgs::try_parse_from(args_of(container, "buildkube-worker")) {
             Ok(args) => args,
@@ -386,23 +532,37 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
             }
         };
         if !server.instances.contains(&worker.instance) {
-            bad.push(format!("{name}: --instance={} is not served (server: {:?})", worker.instance, server.instances));
+            bad.push(format!(
+                "{name}: --instance={} is not served (server: {:?})",
+                worker.instance, server.instances
+            ));
         }
         // --server=http://SERVICE:PORT reaches the server's gRPC port.
-        let authority = worker.server.strip_prefix("http://").unwrap_or(&worker.server);
+        let authority = worker
+            .server
+            .strip_prefix("http://")
+            .unwrap_or(&worker.server);
         let (host, port) = authority.rsplit_once(':').expect("host:port");
         let reaches = built.find("Service", host).is_some_and(|s| {
-            matches(&labels(&s["spec"]["selector"]), &labels(&server_pod_labels(built)))
-                && s["spec"]["ports"].as_array().unwrap().iter().any(|p| {
-                    p["port"].as_i64() == port.parse::<i64>().ok()
-                        && container_port(server_pod, &p["targetPort"]) == Some(server.listen.port().into())
-                })
+            matches(
+                &labels(&s["spec"]["selector"]),
+                &labels(&server_pod_labels(built)),
+            ) && s["spec"]["ports"].as_array().unwrap().iter().any(|p| {
+                p["port"].as_i64() == port.parse::<i64>().ok()
+                    && container_port(server_pod, &p["targetPort"])
+                        == Some(server.listen.port().into())
+            })
         });
         if !reaches {
-            bad.push(format!("{name}: --server={} does not reach the server's gRPC port", worker.server));
+            bad.push(format!(
+                "{name}: --server={} does not reach the server's gRPC port",
+                worker.server
+            ));
         }
         if container_port(pod, &"http".into()) != Some(worker.http_listen.port().into()) {
-            bad.push(format!("{name}: --http-listen port is not the container's http port"));
+            bad.push(format!(
+                "{name}: --http-listen port is not the container's http port"
+            ));
         }
         let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
         if grace <= worker.drain_timeout_secs {
@@ -414,7 +574,9 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
                 Err(e) => bad.push(format!("{name}: --auth-token-file: {e}")),
             },
             (None, None) => {}
-            _ => bad.push(format!("{name}: auth is on in one of server and worker only")),
+            _ => bad.push(format!(
+                "{name}: auth is on in one of server and worker only"
+            )),
         }
         if let Some(path) = &worker.env_script {
             if let Err(e) = file_source(built, pod, container, path) {
@@ -423,14 +585,17 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
         }
         for e in container["env"].as_array().into_iter().flatten() {
             if e["name"] == "GIT_CONFIG_GLOBAL" {
-                if let Err(err) = file_source(built, pod, container, Path::new(str_of(&e["value"]))) {
+                if let Err(err) = file_source(built, pod, container, Path::new(str_of(&e["value"])))
+                {
                     bad.push(format!("{name}: GIT_CONFIG_GLOBAL: {err}"));
                 }
             }
         }
     }
     if token_secrets.len() > 1 {
-        bad.push(format!("server and workers read the token from different sources: {token_secrets:?}"));
+        bad.push(format!(
+            "server and workers read the token from different sources: {token_secrets:?}"
+        ));
     }
 
     // Overlays (not the base) pin every image, and the client configuration
@@ -440,12 +605,25 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
         for w in &workloads {
             for c in w.pod["containers"].as_array().unwrap() {
                 let image = str_of(&c["image"]);
-                let tag = image.rsplit('/').next().unwrap().split_once(':').map(|(_, t)| t);
+                let tag = image
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .split_once(':')
+                    .map(|(_, t)| t);
                 if tag.is_none() || tag == Some("latest") {
-                    bad.push(format!("{} {}: image {image} is not pinned", w.kind, w.name));
+                    bad.push(format!(
+                        "{} {}: image {image} is not pinned",
+                        w.kind, w.name
+                    ));
                 }
-                if c["name"] == "server" && image != server_image || c["name"] == "worker" && image != worker_image {
-                    bad.push(format!("{} {}: image {image} is not the overlay's", w.kind, w.name));
+                if c["name"] == "server" && image != server_image
+                    || c["name"] == "worker" && image != worker_image
+                {
+                    bad.push(format!(
+                        "{} {}: image {image} is not the overlay's",
+                        w.kind, w.name
+                    ));
                 }
             }
         }
@@ -455,10 +633,17 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
 }
 
 fn server_pod_labels(built: &Built) -> Value {
-    built.find("Deployment", manifests_gen::objects::SERVER_NAME).unwrap()["spec"]["template"]["metadata"]["labels"].clone()
+    built
+        .find("Deployment", manifests_gen::objects::SERVER_NAME)
+        .unwrap()["spec"]["template"]["metadata"]["labels"]
+        .clone()
 }
 
-fn client_config_invariants(built: &Built, overlay: &manifests_gen::spec::OverlaySpec, server: &ServerArgs) -> Vec<String> {
+fn client_config_invariants(
+    built: &Built,
+    overlay: &manifests_gen::spec::OverlaySpec,
+    server: &ServerArgs,
+) -> Vec<String> {
     let mut bad = Vec::new();
     let Some(cm) = built.find("ConfigMap", "buildkube-client-config") else {
         return vec!["ConfigMap buildkube-client-config is missing".into()];
@@ -466,11 +651,21 @@ fn client_config_invariants(built: &Built, overlay: &manifests_gen::spec::Overla
     let data = &cm["data"];
     let bazelrc = str_of(&data["bazelrc"]);
     let recc = str_of(&data["recc.env"]);
-    let buildstream: serde_yaml::Value = serde_yaml::from_str(str_of(&data["buildstream.conf"])).unwrap();
+    let buildstream: serde_yaml::Value =
+        serde_yaml::from_str(str_of(&data["buildstream.conf"])).unwrap();
     let flag = |name: &str| {
-        bazelrc.lines().find_map(|l| l.strip_prefix(&format!("build:buildkube --{name}="))).unwrap_or("").to_string()
+        bazelrc
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("build:buildkube --{name}=")))
+            .unwrap_or("")
+            .to_string()
     };
-    let env = |name: &str| recc.lines().find_map(|l| l.strip_prefix(&format!("{name}="))).unwrap_or("").to_string();
+    let env = |name: &str| {
+        recc.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or("")
+            .to_string()
+    };
     let executor = flag("remote_executor");
     let instance = flag("remote_instance_name");
     if !server.instances.contains(&instance) {
@@ -480,42 +675,70 @@ fn client_config_invariants(built: &Built, overlay: &manifests_gen::spec::Overla
     let http_scheme = if scheme == "grpcs" { "https" } else { "http" };
     let http_url = format!("{http_scheme}://{authority}");
     if env("RECC_SERVER") != http_url || env("RECC_INSTANCE") != instance {
-        bad.push(format!("recc.env disagrees with bazelrc ({executor}, {instance}):\n{recc}"));
+        bad.push(format!(
+            "recc.env disagrees with bazelrc ({executor}, {instance}):\n{recc}"
+        ));
     }
-    for service in ["execution-service", "storage-service", "action-cache-service"] {
+    for service in [
+        "execution-service",
+        "storage-service",
+        "action-cache-service",
+    ] {
         let s = &buildstream["remote-execution"][service];
-        if s["url"].as_str() != Some(http_url.as_str()) || s["instance-name"].as_str() != Some(instance.as_str()) {
+        if s["url"].as_str() != Some(http_url.as_str())
+            || s["instance-name"].as_str() != Some(instance.as_str())
+        {
             bad.push(format!("buildstream.conf {service} disagrees with bazelrc"));
         }
     }
-    if overlay.auth != bazelrc.contains(&format!("--remote_header={}=Bearer", buildkube_config::AUTHORIZATION_HEADER)) {
+    if overlay.auth
+        != bazelrc.contains(&format!(
+            "--remote_header={}=Bearer",
+            buildkube_config::AUTHORIZATION_HEADER
+        ))
+    {
         bad.push("bazelrc and auth disagree on the bearer token".into());
     }
     // The endpoint reaches the server's gRPC port the way the overlay exposes it.
     let (host, port) = authority.rsplit_once(':').unwrap_or(("", ""));
     let port: i64 = port.parse().unwrap_or(-1);
     let grpc_port_of = |service: &Value, pick: &dyn Fn(&Value) -> bool| {
-        service["spec"]["ports"].as_array().unwrap().iter().any(|p| pick(p) && p["name"] == "grpc")
+        service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| pick(p) && p["name"] == "grpc")
     };
     let server_services: Vec<&Value> = built
         .of_kind("Service")
-        .filter(|s| matches(&labels(&s["spec"]["selector"]), &labels(&server_pod_labels(built))))
+        .filter(|s| {
+            matches(
+                &labels(&s["spec"]["selector"]),
+                &labels(&server_pod_labels(built)),
+            )
+        })
         .collect();
     let reachable = match &overlay.expose {
         ExposeSpec::ClusterIp => server_services.iter().any(|s| {
-            host == format!("{}.{}.svc.cluster.local", name_of(s), str_of(&s["metadata"]["namespace"]))
-                && grpc_port_of(s, &|p| p["port"].as_i64() == Some(port))
+            host == format!(
+                "{}.{}.svc.cluster.local",
+                name_of(s),
+                str_of(&s["metadata"]["namespace"])
+            ) && grpc_port_of(s, &|p| p["port"].as_i64() == Some(port))
         }),
         ExposeSpec::NodePort { .. } => server_services.iter().any(|s| {
             s["spec"]["type"] == "NodePort"
                 && grpc_port_of(s, &|p| match &overlay.kind_cluster {
-                    Some(_) => kind_maps(&built.dir, p["nodePort"].as_i64(), port) && host == "localhost",
+                    Some(_) => {
+                        kind_maps(&built.dir, p["nodePort"].as_i64(), port) && host == "localhost"
+                    }
                     None => p["nodePort"].as_i64() == Some(port),
                 })
         }),
-        ExposeSpec::LoadBalancer => server_services
-            .iter()
-            .any(|s| s["spec"]["type"] == "LoadBalancer" && grpc_port_of(s, &|p| p["port"].as_i64() == Some(port))),
+        ExposeSpec::LoadBalancer => server_services.iter().any(|s| {
+            s["spec"]["type"] == "LoadBalancer"
+                && grpc_port_of(s, &|p| p["port"].as_i64() == Some(port))
+        }),
         ExposeSpec::Ingress => {
             scheme == "grpcs"
                 && port == 443
@@ -524,42 +747,62 @@ fn client_config_invariants(built: &Built, overlay: &manifests_gen::spec::Overla
                         r["host"] == host
                             && r["http"]["paths"].as_array().unwrap().iter().any(|p| {
                                 let b = &p["backend"]["service"];
-                                b["port"]["name"] == "grpc" && server_services.iter().any(|s| name_of(s) == b["name"])
+                                b["port"]["name"] == "grpc"
+                                    && server_services.iter().any(|s| name_of(s) == b["name"])
                             })
                     }) && i["spec"]["tls"].as_array().into_iter().flatten().any(|t| {
-                        t["hosts"].as_array().into_iter().flatten().any(|h| h == host)
+                        t["hosts"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|h| h == host)
                     })
                 })
         }
     };
     if !reachable {
-        bad.push(format!("client endpoint {executor} does not reach the server's gRPC port ({:?})", overlay.expose));
+        bad.push(format!(
+            "client endpoint {executor} does not reach the server's gRPC port ({:?})",
+            overlay.expose
+        ));
     }
     bad
 }
 
 /// Whether the overlay's kind-cluster.yaml maps `host_port` to `node_port`.
 fn kind_maps(dir: &Path, node_port: Option<i64>, host_port: i64) -> bool {
-    let Ok(text) = std::fs::read_to_string(dir.join("kind-cluster.yaml")) else { return false };
+    let Ok(text) = std::fs::read_to_string(dir.join("kind-cluster.yaml")) else {
+        return false;
+    };
     let config: Value = serde_yaml::from_str(&text).unwrap();
     config["nodes"].as_array().into_iter().flatten().any(|n| {
-        n["extraPortMappings"].as_array().into_iter().flatten().any(|m| {
-            m["containerPort"].as_i64() == node_port && m["hostPort"].as_i64() == Some(host_port)
-        })
+        n["extraPortMappings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| {
+                m["containerPort"].as_i64() == node_port
+                    && m["hostPort"].as_i64() == Some(host_port)
+            })
     })
 }
 
 /// Builds, validates and checks every overlay of `spec`, plus the base.
 fn build_and_check(spec: &StackSpec) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
-    generate(spec).write(dir.path(), &owned_roots(spec)).unwrap();
+    generate(spec)
+        .write(dir.path(), &owned_roots(spec))
+        .unwrap();
     let mut failures = Vec::new();
     let mut names: Vec<String> = vec!["base".into()];
     names.extend(spec.overlays.keys().cloned());
     for name in names {
         let built = build(dir.path(), &name);
         assert!(!built.docs.is_empty(), "{name} built nothing");
-        for problem in validate(dir.path(), &built).into_iter().chain(invariants(&built, spec)) {
+        for problem in validate(dir.path(), &built)
+            .into_iter()
+            .chain(invariants(&built, spec))
+        {
             failures.push(format!("{name}: {problem}"));
         }
     }
@@ -576,8 +819,10 @@ fn default_overlays_build_validate_and_hold_their_invariants() {
 /// NodePort, auth without credentials, so every component is built.
 #[test]
 fn alternate_stack_builds_validates_and_holds_its_invariants() {
-    let mut spec = StackSpec::default();
-    spec.instances = vec!["main".into(), "ci/linux".into()];
+    let mut spec = StackSpec {
+        instances: vec!["main".into(), "ci/linux".into()],
+        ..StackSpec::default()
+    };
     let mut ci = spec.worker_pools[0].clone();
     ci.name = "ci".into();
     ci.instance = "ci/linux".into();
@@ -612,14 +857,18 @@ fn alternate_stack_builds_validates_and_holds_its_invariants() {
 fn invariants_catch_a_broken_overlay() {
     let spec = StackSpec::default();
     let dir = tempfile::tempdir().unwrap();
-    generate(&spec).write(dir.path(), &owned_roots(&spec)).unwrap();
+    generate(&spec)
+        .write(dir.path(), &owned_roots(&spec))
+        .unwrap();
     let mut built = build(dir.path(), "example");
     for doc in &mut built.docs {
         if doc["kind"] == "Service" {
             doc["spec"]["ports"][0]["targetPort"] = 9999.into();
         }
         if name_of(doc) == "buildkube-worker-default" && doc["kind"] == "Deployment" {
-            let args = doc["spec"]["template"]["spec"]["containers"][0]["args"].as_array_mut().unwrap();
+            let args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+                .as_array_mut()
+                .unwrap();
             args[1] = "--instance=typo".into();
             doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30.into();
         }
@@ -634,6 +883,9 @@ fn invariants_catch_a_broken_overlay() {
         "does not exceed --drain-timeout-secs",
         "references ConfigMap buildkube-worker-git, which does not exist",
     ] {
-        assert!(failures.contains(expected), "`{expected}` not reported in:\n{failures}");
+        assert!(
+            failures.contains(expected),
+            "`{expected}` not reported in:\n{failures}"
+        );
     }
 }

@@ -36,9 +36,17 @@ fn every_generated_file_of_every_overlay() {
             insta::assert_snapshot!(name, text);
         }
     });
-    assert_eq!(covered, tree.files.len(), "every generated file is in a snapshot");
+    assert_eq!(
+        covered,
+        tree.files.len(),
+        "every generated file is in a snapshot"
+    );
     let images = manifests_gen::generate_images(&spec);
-    let text = images.files.keys().map(|p| joined(&images, p)).collect::<String>();
+    let text = images
+        .files
+        .keys()
+        .map(|p| joined(&images, p))
+        .collect::<String>();
     insta_settings().bind(|| insta::assert_snapshot!("images", text));
 }
 

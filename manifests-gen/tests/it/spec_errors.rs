@@ -12,7 +12,9 @@ fn default_yaml_with(edit: impl FnOnce(&mut serde_yaml::Value)) -> String {
 }
 
 fn error_of(yaml: &str) -> String {
-    StackSpec::from_yaml("stack.yaml", yaml).expect_err("the spec must be rejected").to_string()
+    StackSpec::from_yaml("stack.yaml", yaml)
+        .expect_err("the spec must be rejected")
+        .to_string()
 }
 
 fn pool(value: &mut serde_yaml::Value) -> &mut serde_yaml::Value {
@@ -22,10 +24,16 @@ fn pool(value: &mut serde_yaml::Value) -> &mut serde_yaml::Value {
 #[test]
 fn unknown_field_is_named_with_its_path() {
     let yaml = default_yaml_with(|v| {
-        pool(v).as_mapping_mut().unwrap().insert("replica".into(), 3.into());
+        pool(v)
+            .as_mapping_mut()
+            .unwrap()
+            .insert("replica".into(), 3.into());
     });
     let error = error_of(&yaml);
-    assert!(error.contains("worker_pools[0]") && error.contains("unknown field `replica`"), "{error}");
+    assert!(
+        error.contains("worker_pools[0]") && error.contains("unknown field `replica`"),
+        "{error}"
+    );
     insta_settings().bind(|| insta::assert_snapshot!("error-unknown-field", error));
 }
 
@@ -52,7 +60,10 @@ fn impossible_specs_name_every_bad_field() {
         "overlays.kind.worker_replicas.gpu",
         "server.cas_max_size",
     ] {
-        assert!(error.contains(&format!("  {field}: ")), "{field} not named in:\n{error}");
+        assert!(
+            error.contains(&format!("  {field}: ")),
+            "{field} not named in:\n{error}"
+        );
     }
     insta_settings().bind(|| insta::assert_snapshot!("error-impossible-spec", error));
 }
@@ -60,17 +71,27 @@ fn impossible_specs_name_every_bad_field() {
 #[test]
 fn a_pool_without_a_runner_is_rejected() {
     let yaml = default_yaml_with(|v| {
-        pool(v)["platform"].as_mapping_mut().unwrap().remove("runner");
+        pool(v)["platform"]
+            .as_mapping_mut()
+            .unwrap()
+            .remove("runner");
     });
     let error = error_of(&yaml);
-    assert!(error.contains("worker_pools[0].platform: no `runner` property"), "{error}");
+    assert!(
+        error.contains("worker_pools[0].platform: no `runner` property"),
+        "{error}"
+    );
 }
 
 #[test]
 fn the_binary_reports_the_field_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("stack.yaml");
-    std::fs::write(&config, default_yaml_with(|v| pool(v)["concurrency"] = 0.into())).unwrap();
+    std::fs::write(
+        &config,
+        default_yaml_with(|v| pool(v)["concurrency"] = 0.into()),
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_manifests-gen"))
         .arg("--config")
         .arg(&config)
@@ -80,6 +101,9 @@ fn the_binary_reports_the_field_and_exits_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("worker_pools[0].concurrency: must be at least 1"), "{stderr}");
+    assert!(
+        stderr.contains("worker_pools[0].concurrency: must be at least 1"),
+        "{stderr}"
+    );
     assert!(!dir.path().join("out").exists(), "nothing written");
 }
