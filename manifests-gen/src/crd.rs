@@ -131,4 +131,6 @@ pub struct Endpoint {
     pub path: String,
     /// Scrape interval.
     pub interval: String,
+    /// Keep the target's own labels on conflict.
+    pub honor_labels: bool,
 }

@@ -815,6 +815,10 @@ pub fn server_service_monitor(spec: &StackSpec) -> ServiceMonitor {
                 port: HTTP_PORT_NAME.into(),
                 path: buildkube_config::METRICS_PATH.into(),
                 interval: spec.monitoring.scrape_interval.clone(),
+                // The queue gauges carry an `instance` label (the REAPI
+                // instance); without this Prometheus renames it to
+                // `exported_instance` and the autoscalers' queries miss.
+                honor_labels: true,
             }],
         },
     )
