@@ -178,8 +178,10 @@ pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = (
             log_format: args.log_format,
             ..WorkerArgs::default()
         };
-        // LOCAL_WORKERS_PLACEHOLDER
-        let _ = (worker_args, &mut local_workers as &mut Vec<tokio::task::JoinHandle<Result<(), std::io::Error>>>);
+        let worker = buildkube_worker::Worker::start(worker_args)
+            .await
+            .with_context(|| format!("starting in-process worker {i}"))?;
+        local_workers.push(tokio::spawn(worker.run(stopped(stop_rx.clone()))));
     }
 
     ready.store(true, Ordering::Release);
