@@ -68,17 +68,22 @@ impl Ledger {
         Ok(digest)
     }
 
-    fn on_complete(&self, operation_name: &str, accepted: bool) {
+    /// Counts a Complete call as it is sent: the client may see its result
+    /// (and the run end) before the worker sees the server's answer.
+    fn on_complete_sent(&self, operation_name: &str) {
         self.complete_count.fetch_add(1, Ordering::Relaxed);
-        if !accepted {
-            self.completes_rejected.fetch_add(1, Ordering::Relaxed);
-        }
         *self
             .completes
             .lock()
             .expect("ledger lock")
             .entry(operation_name.to_string())
             .or_default() += 1;
+    }
+
+    fn on_complete_answered(&self, accepted: bool) {
+        if !accepted {
+            self.completes_rejected.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn worker_error(&self, message: String) {
@@ -183,8 +188,9 @@ impl SimulatedWorker {
                 })),
                 message: String::new(),
             };
+            ledger.on_complete_sent(&lease.operation_name);
             match client.complete(request).await {
-                Ok(response) => ledger.on_complete(&lease.operation_name, response.into_inner().accepted),
+                Ok(response) => ledger.on_complete_answered(response.into_inner().accepted),
                 Err(status) => ledger.worker_error(format!(
                     "Complete of lease {} (action {digest}): {:?}: {}",
                     lease.lease_id,
@@ -436,8 +442,10 @@ mod tests {
         };
         assert_eq!(ledger.on_lease(&lease).unwrap(), action);
         ledger.on_lease(&lease).unwrap();
-        ledger.on_complete("op1", true);
-        ledger.on_complete("op1", false);
+        ledger.on_complete_sent("op1");
+        ledger.on_complete_sent("op1");
+        ledger.on_complete_answered(true);
+        ledger.on_complete_answered(false);
         assert_eq!(ledger.leased.lock().unwrap()[&action].leases, 2);
         assert_eq!(ledger.completes.lock().unwrap()["op1"], 2);
         assert_eq!(ledger.completes_rejected.load(Ordering::Relaxed), 1);

@@ -183,6 +183,8 @@ where
     let elapsed = began.elapsed();
     if let Some(progress) = progress {
         progress.abort();
+        // Awaiting the aborted task drops its handle on the phase.
+        let _ = progress.await;
     }
     let phase = Arc::try_unwrap(phase).unwrap_or_else(|_| unreachable!("all tasks joined"));
     Measured {
