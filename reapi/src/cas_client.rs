@@ -356,8 +356,13 @@ impl CasClient {
             return Ok(Bytes::new());
         }
         if digest.size() <= BATCH_BLOB_LIMIT {
-            let mut blobs = self.read_blobs(&[digest]).await?;
-            return Ok(blobs.pop().map(|(_, data)| data).unwrap_or_default());
+            // A response that leaves the blob out means it is missing, not empty.
+            let blobs = self.read_blobs(&[digest]).await?;
+            return blobs
+                .into_iter()
+                .find(|(d, _)| *d == digest)
+                .map(|(_, data)| data)
+                .ok_or(CasClientError::Missing(digest));
         }
         let mut stream = self.read_stream(digest, 0, 0).await?;
         let mut data = Vec::with_capacity(digest.size() as usize);
@@ -424,6 +429,11 @@ impl CasClient {
             }
             verify(digest, &r.data)?;
             out.push((digest, r.data));
+        }
+        // Every requested blob must be answered: one left out is missing.
+        let answered: std::collections::HashSet<Digest> = out.iter().map(|(d, _)| *d).collect();
+        if let Some(absent) = digests.iter().find(|d| !answered.contains(*d)) {
+            return Err(CasClientError::Missing(*absent));
         }
         Ok(out)
     }

@@ -386,12 +386,13 @@ impl Worker {
             shared.draining.send_replace(true);
             shared.keep_alive_wake.notify_one();
             if tokio::time::timeout(self.drain_timeout, &mut all_slots).await.is_err() {
-                let leases = shared.leases.lock().unwrap();
-                warn!(running = leases.len(), "drain timeout: killing the running actions");
-                for lease in leases.values() {
-                    lease.kill.send_replace(Some(KillReason::Draining));
+                {
+                    let leases = shared.leases.lock().unwrap();
+                    warn!(running = leases.len(), "drain timeout: killing the running actions");
+                    for lease in leases.values() {
+                        lease.kill.send_replace(Some(KillReason::Draining));
+                    }
                 }
-                drop(leases);
                 let give_up = shared.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(COMPLETE_GRACE).await;
@@ -591,6 +592,12 @@ async fn keep_alive_loop(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server spawns `run` on its runtime (`--local-workers`).
+    #[allow(dead_code)]
+    fn run_is_send(worker: Worker) -> impl Send {
+        worker.run(std::future::pending())
+    }
 
     #[test]
     fn offers_runners_and_network_unless_configured() {

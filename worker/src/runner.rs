@@ -524,3 +524,64 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod disk_full_tests {
+    use super::*;
+
+    /// A 64 KiB tmpfs (needs root and mount rights; skipped otherwise).
+    struct TinyFs(PathBuf);
+
+    impl TinyFs {
+        fn mount(path: &Path) -> Option<TinyFs> {
+            std::fs::create_dir_all(path).ok()?;
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+                .arg(path)
+                .stderr(Stdio::null())
+                .status()
+                .ok()?;
+            status.success().then(|| TinyFs(path.to_path_buf()))
+        }
+    }
+
+    impl Drop for TinyFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    #[tokio::test]
+    async fn full_disk_while_capturing_is_reported_not_hung() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(fs) = TinyFs::mount(&dir.path().join("tiny")) else {
+            eprintln!("skipping: cannot mount a tmpfs here");
+            return;
+        };
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let spec = RunSpec {
+            arguments: vec!["sh".into(), "-c".into(), "head -c 1000000 /dev/zero; sleep 100".into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            input_root: root.clone(),
+            working_dir: root,
+            timeout: Duration::from_secs(60),
+            env_script: None,
+            stdio_limit: u64::MAX,
+            stdout: fs.0.join("stdout"),
+            stderr: fs.0.join("stderr"),
+            runner: Runner::Plain,
+            hidden: vec![],
+        };
+        let begin = std::time::Instant::now();
+        let outcome = run(&spec, &mut watch::channel(None).1).await.unwrap();
+        assert!(begin.elapsed() < Duration::from_secs(20));
+        match outcome.end {
+            RunEnd::StdioError(message, disk_full) => {
+                assert!(disk_full, "{message}");
+                assert!(message.contains("stdout"), "{message}");
+            }
+            other => panic!("expected a disk-full error, got {other:?}"),
+        }
+    }
+}
