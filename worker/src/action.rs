@@ -76,8 +76,9 @@ impl LeaseTracker {
     }
 }
 
-/// How a lease ended.
+/// How a lease ended (one per action: its size does not matter).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum ActionOutcome {
     /// The command ran; its outputs are in the CAS.
     Ran(ActionResult),

@@ -24,7 +24,7 @@ pub(crate) struct ActionError {
     /// Input blobs the CAS lacks (FAILED_PRECONDITION with MISSING violations).
     pub(crate) missing: Vec<Digest>,
     /// What the command produced before it was stopped.
-    pub(crate) partial: Option<ActionResult>,
+    pub(crate) partial: Option<Box<ActionResult>>,
 }
 
 impl ActionError {
@@ -86,7 +86,7 @@ impl ActionError {
     }
 
     pub(crate) fn with_partial(mut self, partial: ActionResult) -> ActionError {
-        self.partial = Some(partial);
+        self.partial = Some(Box::new(partial));
         self
     }
 

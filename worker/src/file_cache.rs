@@ -54,7 +54,7 @@ pub(crate) enum FetchError {
     #[error("fetching {digest}: {source}")]
     Cas {
         digest: Digest,
-        source: CasClientError,
+        source: Box<CasClientError>,
     },
     /// A local file operation failed.
     #[error("{action} {}: {source}", path.display())]
@@ -287,7 +287,7 @@ impl FileCache {
         let cas_error = |digest: Digest| {
             move |source: CasClientError| match source {
                 CasClientError::Missing(d) => FetchError::Missing(vec![d]),
-                source => FetchError::Cas { digest, source },
+                source => FetchError::Cas { digest, source: Box::new(source) },
             }
         };
         if keys.len() == 1 && keys[0].digest.size() > SMALL_BLOB {

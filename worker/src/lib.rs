@@ -504,9 +504,9 @@ async fn run_lease(shared: &Arc<Shared>, lease: Lease) {
             ActionOutcome::Failed(error) => {
                 match error.code {
                     tonic::Code::Internal | tonic::Code::ResourceExhausted | tonic::Code::Unavailable => {
-                        warn!(code = ?error.code, message = %error.message, "action failed")
+                        warn!(code = ?error.code, detail = %error.message, "action failed")
                     }
-                    _ => debug!(code = ?error.code, message = %error.message, "action failed"),
+                    _ => debug!(code = ?error.code, detail = %error.message, "action failed"),
                 }
                 let message = error.message.clone();
                 (complete_request::Outcome::Error(error.to_status()), message)

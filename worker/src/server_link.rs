@@ -64,12 +64,12 @@ impl ServerLink {
             Err(status) => {
                 if self.reachable.swap(false, Ordering::Relaxed) {
                     if is_transient(status.code()) {
-                        warn!(call, code = ?status.code(), message = status.message(), "server unreachable; retrying with backoff");
+                        warn!(call, code = ?status.code(), detail = status.message(), "server unreachable; retrying with backoff");
                     } else {
-                        error!(call, code = ?status.code(), message = status.message(), "server rejected the worker; retrying with backoff");
+                        error!(call, code = ?status.code(), detail = status.message(), "server rejected the worker; retrying with backoff");
                     }
                 } else {
-                    debug!(call, code = ?status.code(), message = status.message(), "call failed");
+                    debug!(call, code = ?status.code(), detail = status.message(), "call failed");
                 }
             }
         }
@@ -128,7 +128,7 @@ impl ServerLink {
             match result {
                 Ok(accepted) => return Some(accepted),
                 Err(status) if !is_transient(status.code()) => {
-                    warn!(code = ?status.code(), message = status.message(), "the server refused the result; dropping it");
+                    warn!(code = ?status.code(), detail = status.message(), "the server refused the result; dropping it");
                     return None;
                 }
                 Err(_) if *give_up.borrow() => {

@@ -103,7 +103,7 @@ fn enqueue(state: &State, spec: Spec<'_>) -> (String, Digest) {
     let action = reapi::Action {
         command_digest: Some(state.put_message(&command).to_proto()),
         input_root_digest: Some(spec.input_root.unwrap_or_else(|| input_root(state)).to_proto()),
-        timeout: (spec.timeout_secs > 0).then(|| buildkube_proto::prost_types::Duration { seconds: spec.timeout_secs, nanos: 0 }),
+        timeout: (spec.timeout_secs > 0).then_some(buildkube_proto::prost_types::Duration { seconds: spec.timeout_secs, nanos: 0 }),
         do_not_cache: spec.do_not_cache,
         ..Default::default()
     };
