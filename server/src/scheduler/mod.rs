@@ -128,7 +128,7 @@ impl Outcome {
 /// A point-in-time view of the scheduler for metrics.
 #[derive(Debug, Default, Clone)]
 pub struct SchedulerStats {
-    /// (instance, platform) → queued actions. Includes every known platform, zeros too.
+    /// (instance, platform label) → queued actions. Includes every platform seen, zeros too.
     pub queue_depth: BTreeMap<(String, String), usize>,
     /// (instance, platform) → leased actions.
     pub running: BTreeMap<(String, String), usize>,
@@ -707,9 +707,27 @@ impl Scheduler {
                 )
             }
             LeaseOutcome::Failed(error) => {
+                if error.code == tonic::Code::Unavailable as i32 && self.requeue(&mut state, &name, worker_id, &error.message) {
+                    drop(state);
+                    self.work_available.notify_waiters();
+                    return true;
+                }
                 tracing::warn!(operation = %name, action = %digest, worker = worker_id, code = error.code, error = %error.message, "action failed to run");
+                // What the command produced before it failed (timeout, stdio cap)
+                // travels as an ActionResult detail; clients show it.
+                let partial = error
+                    .details
+                    .iter()
+                    .find(|any| any.type_url.ends_with("/build.bazel.remote.execution.v2.ActionResult"))
+                    .and_then(|any| reapi::ActionResult::decode(any.value.as_slice()).ok())
+                    .map(|mut result| {
+                        let metadata = result.execution_metadata.get_or_insert_with(Default::default);
+                        metadata.queued_timestamp = Some(queued_at.into());
+                        result
+                    });
                 (
                     reapi::ExecuteResponse {
+                        result: partial,
                         status: Some(error),
                         message,
                         ..Default::default()
@@ -719,6 +737,34 @@ impl Scheduler {
             }
         };
         Self::finish(&mut state, &name, response, kind, "completed", Some(worker_id), self.config.retain_finished);
+        true
+    }
+
+    /// Puts an executing operation back in its queue, keeping its place.
+    fn put_back(state: &mut State, name: &str, worker: &str, why: &str) {
+        let Some(op) = state.operations.get_mut(name) else { return };
+        op.stage = Stage::Queued;
+        op.lease = None;
+        op.timeline.push(event("requeued", Some(worker), Some(why.to_string())));
+        op.updates
+            .send_replace(pending_operation(name, &op.action_digest, execution_stage::Value::Queued));
+        let key = QueueKey {
+            instance: op.instance.clone(),
+            platform: op.platform.clone(),
+        };
+        let entry = Queued(std::cmp::Reverse((op.priority, op.seq)), name.to_string());
+        state.queues.entry(key).or_default().push(entry);
+    }
+
+    /// Requeues an operation whose worker gave it back (e.g. killed at its
+    /// drain deadline), if it has attempts left. Returns whether it did.
+    fn requeue(&self, state: &mut State, name: &str, worker: &str, why: &str) -> bool {
+        let Some(op) = state.operations.get(name) else { return false };
+        if op.stage == Stage::Completed || op.attempts >= self.config.max_attempts {
+            return false;
+        }
+        tracing::warn!(operation = %name, action = %op.action_digest, worker, reason = why, "worker gave the action back; requeueing");
+        Self::put_back(state, name, worker, why);
         true
     }
 
@@ -761,16 +807,7 @@ impl Scheduler {
                 continue;
             }
             tracing::warn!(operation = %record.operation, action = %op.action_digest, worker = %record.worker, attempt = op.attempts, "lease expired; requeueing action");
-            op.stage = Stage::Queued;
-            op.timeline.push(event("requeued", Some(&record.worker), Some("lease expired".into())));
-            op.updates
-                .send_replace(pending_operation(&record.operation, &op.action_digest, execution_stage::Value::Queued));
-            let key = QueueKey {
-                instance: op.instance.clone(),
-                platform: op.platform.clone(),
-            };
-            let entry = Queued(std::cmp::Reverse((op.priority, op.seq)), record.operation.clone());
-            state.queues.entry(key).or_default().push(entry);
+            Self::put_back(&mut state, &record.operation, &record.worker, "lease expired");
             requeued = true;
         }
         let silent = self.config.lease_timeout * 2;
@@ -814,13 +851,13 @@ impl Scheduler {
             ..Default::default()
         };
         for (key, queue) in &state.queues {
-            let label = (key.instance.clone(), key.platform.to_string());
+            let label = (key.instance.clone(), key.platform.label());
             *stats.queue_depth.entry(label.clone()).or_default() += queue.len();
             stats.running.entry(label).or_default();
         }
         for record in state.leases.values() {
             if let Some(op) = state.operations.get(&record.operation) {
-                *stats.running.entry((op.instance.clone(), op.platform.to_string())).or_default() += 1;
+                *stats.running.entry((op.instance.clone(), op.platform.label())).or_default() += 1;
             }
         }
         let fresh = self.config.lease_timeout;

@@ -49,6 +49,11 @@ impl PlatformKey {
         &self.0
     }
 
+    /// The metric label of this platform (shared with the autoscaler queries).
+    pub fn label(&self) -> String {
+        buildkube_config::platform_label(self.0.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+    }
+
     /// Value of a property (the first one if repeated).
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())

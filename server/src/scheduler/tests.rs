@@ -201,8 +201,32 @@ async fn stats_count_queue_running_and_workers() {
     let _lease = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
     assert!(s.lease(&worker("w2", &[("x", "y")]), NO_WAIT).await.is_some());
     let stats = s.stats();
-    assert_eq!(stats.queue_depth[&("main".to_string(), "default".to_string())], 0);
+    assert_eq!(stats.queue_depth[&("main".to_string(), String::new())], 0);
     assert_eq!(stats.queue_depth[&("main".to_string(), "gpu=1".to_string())], 1);
-    assert_eq!(stats.running[&("main".to_string(), "default".to_string())], 2);
+    assert_eq!(stats.running[&("main".to_string(), String::new())], 2);
     assert_eq!((stats.workers_connected, stats.workers_busy), (2, 2));
+}
+
+#[tokio::test]
+async fn error_carries_partial_result_and_drain_kill_requeues() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (name, _r) = s.enqueue(action("x", &[], 0));
+    let l1 = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
+    let gave_back = rpc::Status { code: tonic::Code::Unavailable as i32, message: "worker draining".into(), details: vec![] };
+    assert!(s.complete("w1", &l1.lease_id, &name, LeaseOutcome::Failed(gave_back), String::new()));
+    assert!(!s.get(&name).unwrap().done, "a drained action goes back to the queue");
+    let l2 = s.lease(&worker("w2", &[]), NO_WAIT).await.unwrap();
+    assert_eq!(l2.operation_name, name);
+
+    let partial = reapi::ActionResult { exit_code: -1, stdout_raw: bytes::Bytes::from_static(b"so far"), ..Default::default() };
+    let timeout = rpc::Status {
+        code: tonic::Code::DeadlineExceeded as i32,
+        message: "action timed out after 2s".into(),
+        details: vec![any("build.bazel.remote.execution.v2.ActionResult", &partial)],
+    };
+    assert!(s.complete("w2", &l2.lease_id, &name, LeaseOutcome::Failed(timeout), String::new()));
+    let Some(operation::Result::Response(any)) = s.get(&name).unwrap().result else { panic!() };
+    let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    assert_eq!(response.status.unwrap().code, tonic::Code::DeadlineExceeded as i32);
+    assert_eq!(response.result.unwrap().stdout_raw.as_ref(), b"so far");
 }
