@@ -209,3 +209,20 @@ fn restart_keeps_cas_and_action_cache() -> Result<()> {
     ensure_all_cache_hits(&second, spawns)?;
     fixture::check_build_outputs(&bazel)
 }
+
+/// The README's one-command farm: `buildkube-server --local-workers 2` alone
+/// (no separate worker process) builds and tests everything remotely.
+#[test]
+fn one_process_farm_with_local_workers() -> Result<()> {
+    let server = Server::start_with(|args| args.local_workers = 2)?;
+    server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+    let bazel = Bazel::new()?;
+    let flags = remote_execution_flags(&server);
+    let build = bazel.build(with(&flags, &[ALL_TARGETS]))?;
+    build.ensure_success()?;
+    ensure_all_remote(&build)?;
+    fixture::check_build_outputs(&bazel)?;
+    let test = bazel.test(with(&flags, &[ALL_TARGETS]))?;
+    test.ensure_success()?;
+    fixture::check_test_outputs(&bazel)
+}
