@@ -10,6 +10,7 @@
 //! | `//gen:blob_gen` | `cc_binary` writing a xorshift64 byte stream, see [`big_contents`] |
 //! | `//gen:big` | `genrule` running `blob_gen` for one [`BIG_LEN`]-byte output |
 //! | `//fail:broken` | `genrule` failing on purpose, tagged `manual` (not in `//...`) |
+//! | `//slow` | [`SLOW_COUNT`] `genrule`s sleeping 2-4 s each, tagged `manual`, see [`slow_contents`] |
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -37,6 +38,30 @@ pub const MANY_COUNT: usize = 120;
 pub const BIG_LEN: usize = 10 * 1024 * 1024 + 12345;
 /// `//gen:big`'s output under `bazel-bin/`.
 pub const BIG_PATH: &str = "gen/big.bin";
+
+/// The slow actions of the fault-injection tests; not in `//...`.
+pub const SLOW_TARGET: &str = "//slow";
+/// Number of genrules (one output each) under [`SLOW_TARGET`].
+pub const SLOW_COUNT: usize = 12;
+
+/// Path under `bazel-bin/` of the output of `//slow:slow_NN`.
+pub fn slow_path(index: usize) -> String {
+    format!("slow/out_{index:02}.txt")
+}
+
+/// Seconds `//slow:slow_NN` sleeps before writing its output.
+pub fn slow_sleep_secs(index: usize) -> u64 {
+    2 + (index % 3) as u64
+}
+
+/// Contents of `//slow:slow_NN`'s output: `slow NN`, then the lines 1 to NN.
+pub fn slow_contents(index: usize) -> Vec<u8> {
+    let mut text = format!("slow {index}\n");
+    for line in 1..=index {
+        text.push_str(&format!("{line}\n"));
+    }
+    text.into_bytes()
+}
 
 /// Path under `bazel-bin/` of output `index` of `//gen:many`.
 pub fn many_path(index: usize) -> String {
@@ -98,6 +123,16 @@ pub fn check_build_outputs(bazel: &Bazel) -> Result<()> {
     Ok(())
 }
 
+/// Checks every output of `bazel build //slow` byte for byte.
+pub fn check_slow_outputs(bazel: &Bazel) -> Result<()> {
+    for index in 0..SLOW_COUNT {
+        let path = slow_path(index);
+        let actual = bazel.read_bin(&path)?;
+        ensure_same_bytes(&path, &actual, &slow_contents(index))?;
+    }
+    Ok(())
+}
+
 /// Checks what `bazel test //...` leaves: the test's log shows it ran and passed.
 pub fn check_test_outputs(bazel: &Bazel) -> Result<()> {
     let log = bazel.test_log(TEST_LOG)?;
@@ -144,6 +179,14 @@ mod tests {
         assert_eq!(many_path(119), "gen/many/out_119.txt");
         assert!(many_contents(0).is_empty());
         assert_eq!(many_contents(3), b"1\n2\n3\n");
+    }
+
+    #[test]
+    fn slow_outputs() {
+        assert_eq!(slow_path(3), "slow/out_03.txt");
+        assert_eq!(slow_contents(0), b"slow 0\n");
+        assert_eq!(slow_contents(2), b"slow 2\n1\n2\n");
+        assert_eq!((slow_sleep_secs(0), slow_sleep_secs(11)), (2, 4));
     }
 
     #[test]

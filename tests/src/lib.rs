@@ -14,6 +14,8 @@
 mod daemon;
 pub mod fixture;
 mod http;
+pub mod operations;
+mod proxy;
 
 mod bazel;
 mod server;
@@ -27,6 +29,7 @@ pub use bazel::{
 };
 pub use daemon::LogFiles;
 pub use http::{http_get, HttpResponse};
+pub use proxy::TcpProxy;
 pub use server::Server;
 pub use worker::{Worker, DEFAULT_TEST_CONCURRENCY};
 

@@ -11,6 +11,7 @@ use tempfile::TempDir;
 
 use crate::daemon::{Daemon, LogFiles};
 use crate::http::{http_get, HttpResponse};
+use crate::operations::{Operation, OPERATIONS_PATH};
 use crate::{bin_path, poll_until};
 
 /// How long a server may take from spawn to answering /readyz with 200.
@@ -129,6 +130,16 @@ impl Server {
     /// `GET path` on the HTTP listener.
     pub fn http_get(&self, path: &str) -> Result<HttpResponse> {
         http_get(self.http_addr, path, HTTP_TIMEOUT)
+    }
+
+    /// The server's recent operations (up to 10,000), newest first.
+    pub fn operations(&self) -> Result<Vec<Operation>> {
+        let path = format!("{OPERATIONS_PATH}?limit=10000");
+        let response = self.http_get(&path)?;
+        if response.status != 200 {
+            bail!("{path} answered {}: {}", response.status, response.body);
+        }
+        serde_json::from_str(&response.body).with_context(|| format!("parsing {path}"))
     }
 
     /// Sum of all samples of the Prometheus metric `name` in /metrics, or

@@ -111,6 +111,12 @@ impl Worker {
         self.daemon.terminate(timeout)
     }
 
+    /// Sends SIGTERM (the worker starts draining) and returns at once; wait
+    /// for the exit with [`Worker::terminate`].
+    pub fn send_sigterm(&self) -> Result<()> {
+        self.daemon.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+
     /// SIGKILLs the worker and the actions it runs, and waits.
     pub fn kill(&mut self) -> Result<ExitStatus> {
         self.daemon.kill()

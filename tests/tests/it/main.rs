@@ -4,4 +4,5 @@
 //! the binaries first: `cargo build --workspace --bins`.
 
 mod e2e_bazel;
+mod faults;
 mod protocol;

@@ -1,0 +1,362 @@
+//! Fault injection (issue 4): a real Bazel build of the fixture, `//...`
+//! plus the slow actions of `//slow`, against a server and two worker
+//! processes, with a fault injected while actions run. Every build must
+//! still succeed with byte-correct outputs, and every test shows from the
+//! server's operation timelines that the fault hit running actions.
+//!
+//! The fault waits for a readiness signal (actions executing on the worker
+//! to be hurt, read from `/operations`), never for a fixed time.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use buildkube_config::{METRIC_ACTIONS_RUNNING, METRIC_QUEUE_DEPTH};
+use buildkube_tests::fixture::{self, ALL_TARGETS, SLOW_TARGET};
+use buildkube_tests::operations::{Operation, EVENT_ASSIGNED, EVENT_REQUEUED};
+use buildkube_tests::{
+    poll_until, remote_execution_flags, Bazel, BazelRun, Server, TcpProxy, Worker,
+};
+
+/// Lease timeout of the servers here: short, so requeues come quickly.
+const LEASE_TIMEOUT_SECS: u64 = 3;
+/// How long a fresh or reconnecting worker may take to show up in /metrics.
+const WORKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long Bazel may take from its start to running actions on a worker
+/// (its own server start and analysis included).
+const BUILD_START_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long the server may take to requeue a lost worker's actions.
+const REQUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a SIGTERMed worker may take to finish its actions and exit.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A server with a short lease timeout.
+fn fault_server() -> Result<Server> {
+    Server::start_with(|args| args.lease_timeout_secs = LEASE_TIMEOUT_SECS)
+}
+
+/// The build of every fault test: `//...` and the slow actions.
+fn build_args(server: &Server) -> Vec<String> {
+    let mut args = remote_execution_flags(server);
+    args.extend([ALL_TARGETS.to_string(), SLOW_TARGET.to_string()]);
+    args
+}
+
+/// Runs `bazel build args` on another thread while `fault` runs on this one;
+/// returns both once both are done.
+fn build_during<T>(
+    bazel: &Bazel,
+    args: &[String],
+    fault: impl FnOnce() -> Result<T>,
+) -> Result<(BazelRun, T)> {
+    std::thread::scope(|scope| {
+        let build = scope.spawn(|| bazel.build(args));
+        let injected = fault();
+        let run = build
+            .join()
+            .map_err(|_| anyhow::anyhow!("the Bazel thread panicked"))??;
+        let injected =
+            injected.with_context(|| format!("injecting the fault; the build:\n{run}"))?;
+        Ok((run, injected))
+    })
+}
+
+/// The build succeeded, every spawn ran remotely, and every output of
+/// `//...` and `//slow` is byte-correct.
+fn ensure_good_build(run: &BazelRun, bazel: &Bazel) -> Result<()> {
+    run.ensure_success()?;
+    let summary = run.summary()?;
+    ensure!(
+        summary.local().is_empty() && summary.remote() > 0,
+        "expected every spawn to run remotely: {summary}\n{run}"
+    );
+    fixture::check_build_outputs(bazel)?;
+    fixture::check_slow_outputs(bazel)
+}
+
+/// The operations executing on `worker` now, per the server.
+fn running_on(server: &Server, worker: &str) -> Result<Vec<Operation>> {
+    Ok(server
+        .operations()?
+        .into_iter()
+        .filter(|op| op.is_running_on(worker))
+        .collect())
+}
+
+/// Waits until at least `count` actions execute on `worker`.
+fn wait_running_on(server: &Server, worker: &str, count: usize) -> Result<Vec<Operation>> {
+    poll_until(
+        &format!("{count} action(s) executing on {worker}"),
+        BUILD_START_TIMEOUT,
+        || {
+            let ops = running_on(server, worker)?;
+            Ok((ops.len() >= count).then_some(ops))
+        },
+    )
+}
+
+/// The operation called `name` in `ops`.
+fn find<'a>(ops: &'a [Operation], name: &str) -> Result<&'a Operation> {
+    ops.iter()
+        .find(|op| op.name == name)
+        .with_context(|| format!("operation {name} is not in the server's /operations"))
+}
+
+/// Timelines of `names`, for messages.
+fn describe(ops: &[Operation], names: &[String]) -> String {
+    names
+        .iter()
+        .map(|name| match find(ops, name) {
+            Ok(op) => op.describe(),
+            Err(e) => e.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn names(ops: &[Operation]) -> Vec<String> {
+    ops.iter().map(|op| op.name.clone()).collect()
+}
+
+/// A worker SIGKILLed while it runs actions: the server requeues them after
+/// the lease timeout, the other worker runs them, the build succeeds.
+#[test]
+fn worker_killed_mid_build() -> Result<()> {
+    let server = fault_server()?;
+    let mut victim = Worker::start(&server)?;
+    let survivor = Worker::start(&server)?;
+    server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+    let victim_id = victim.id().to_string();
+    let bazel = Bazel::new()?;
+
+    let (run, orphaned) = build_during(&bazel, &build_args(&server), || {
+        wait_running_on(&server, &victim_id, 2)?;
+        victim.kill()?;
+        // The victim is dead: whatever the server still sees running on it
+        // was cut off mid-run and can only finish by a requeue.
+        let orphaned = names(&running_on(&server, &victim_id)?);
+        ensure!(
+            !orphaned.is_empty(),
+            "no action was left running on the killed worker"
+        );
+        Ok(orphaned)
+    })?;
+    ensure_good_build(&run, &bazel)?;
+
+    let ops = server.operations()?;
+    for name in &orphaned {
+        let op = find(&ops, name)?;
+        ensure!(
+            op.has_event(EVENT_REQUEUED, &victim_id) && op.completed_by() == Some(survivor.id()),
+            "{name} should be requeued from {victim_id} and completed by {}:\n{}",
+            survivor.id(),
+            describe(&ops, &orphaned)
+        );
+    }
+    eprintln!(
+        "{} action(s) running on the killed worker were requeued and rerun:\n{}",
+        orphaned.len(),
+        describe(&ops, &orphaned)
+    );
+    Ok(())
+}
+
+/// A worker SIGTERMed while it runs actions (a Kubernetes scale-down): it
+/// takes no new work, finishes and reports what it runs, exits 0.
+#[test]
+fn worker_terminated_mid_build_drains() -> Result<()> {
+    let server = fault_server()?;
+    let mut leaver = Worker::start_with(&server, |args| args.drain_timeout_secs = 60)?;
+    let stayer = Worker::start(&server)?;
+    server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+    let leaver_id = leaver.id().to_string();
+    let bazel = Bazel::new()?;
+
+    let (run, draining) = build_during(&bazel, &build_args(&server), || {
+        wait_running_on(&server, &leaver_id, 2)?;
+        leaver.send_sigterm()?;
+        // Still running after the signal: these are what the drain must finish.
+        let draining = names(&running_on(&server, &leaver_id)?);
+        ensure!(
+            !draining.is_empty(),
+            "no action was running on the worker when it got SIGTERM"
+        );
+        let status = leaver.terminate(DRAIN_TIMEOUT)?;
+        ensure!(status.success(), "the drained worker exited with {status}");
+        Ok(draining)
+    })?;
+    ensure_good_build(&run, &bazel)?;
+
+    let ops = server.operations()?;
+    for name in &draining {
+        let op = find(&ops, name)?;
+        ensure!(
+            op.completed_by() == Some(leaver_id.as_str())
+                && !op.timeline.iter().any(|e| e.event == EVENT_REQUEUED),
+            "{name} should be completed by the draining {leaver_id}, never requeued:\n{}",
+            describe(&ops, &draining)
+        );
+    }
+    let after_stop = ops
+        .iter()
+        .filter(|op| op.completed_by() == Some(stayer.id()))
+        .count();
+    ensure!(after_stop > 0, "the remaining worker completed nothing");
+    eprintln!(
+        "{} action(s) finished by the draining worker:\n{}",
+        draining.len(),
+        describe(&ops, &draining)
+    );
+    Ok(())
+}
+
+/// The server SIGKILLed while actions run and restarted on the same data
+/// dir and port: the workers reconnect on their own, Bazel retries its
+/// Execute and WaitExecution calls, the build succeeds.
+#[test]
+fn server_killed_and_restarted_mid_build() -> Result<()> {
+    let mut server = fault_server()?;
+    let mut workers = [Worker::start(&server)?, Worker::start(&server)?];
+    server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+    let bazel = Bazel::new()?;
+    let args = build_args(&server);
+
+    let (run, running_at_crash) = build_during(&bazel, &args, || {
+        let running = poll_until("actions running", BUILD_START_TIMEOUT, || {
+            let running = server.metric(METRIC_ACTIONS_RUNNING)?.unwrap_or(0.0);
+            Ok((running >= 2.0).then_some(running))
+        })?;
+        let before = server.grpc_addr();
+        server.kill_and_restart()?;
+        ensure!(
+            server.grpc_addr() == before,
+            "the server came back on {} instead of {before}, where Bazel looks for it",
+            server.grpc_addr()
+        );
+        server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+        Ok(running)
+    })?;
+    ensure_good_build(&run, &bazel)?;
+
+    // The restarted server holds only what Bazel sent after the crash.
+    let ops = server.operations()?;
+    ensure!(
+        ops.iter().any(|op| op.completed_by().is_some()),
+        "the restarted server ran no action: the build did not go on after the crash"
+    );
+    for worker in &mut workers {
+        ensure!(worker.is_running()?, "{} exited", worker.id());
+    }
+    eprintln!(
+        "{running_at_crash} action(s) were running at the crash; {} operation(s) after the restart",
+        ops.len()
+    );
+    Ok(())
+}
+
+/// A worker's connection to the server cut (through a proxy) for longer
+/// than the lease timeout, then restored: its actions are requeued and run
+/// elsewhere, it reconnects on its own, the build succeeds.
+#[test]
+fn worker_connection_cut_and_restored_mid_build() -> Result<()> {
+    let server = fault_server()?;
+    let proxy = TcpProxy::start(server.grpc_addr())?;
+    let mut cut_off = Worker::start_with(&server, |args| args.server = proxy.http_url())?;
+    let _direct = Worker::start(&server)?;
+    server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+    let cut_id = cut_off.id().to_string();
+    let bazel = Bazel::new()?;
+
+    let (run, lost) = build_during(&bazel, &build_args(&server), || {
+        wait_running_on(&server, &cut_id, 2)?;
+        proxy.cut();
+        let lost = names(&running_on(&server, &cut_id)?);
+        ensure!(
+            !lost.is_empty(),
+            "no action was running on the worker when its link was cut"
+        );
+        // Cut for longer than the lease timeout: until the server gave up on
+        // every lease of the cut-off worker.
+        poll_until(
+            &format!("the server to requeue the actions of {cut_id}"),
+            REQUEUE_TIMEOUT,
+            || {
+                let ops = server.operations()?;
+                let all = lost.iter().all(|name| {
+                    find(&ops, name).is_ok_and(|op| op.has_event(EVENT_REQUEUED, &cut_id))
+                });
+                Ok(all.then_some(()))
+            },
+        )?;
+        let connections = proxy.forwarded();
+        proxy.restore();
+        poll_until(
+            "the cut-off worker to reconnect",
+            WORKER_CONNECT_TIMEOUT,
+            || Ok((proxy.forwarded() > connections).then_some(())),
+        )?;
+        Ok(lost)
+    })?;
+    ensure_good_build(&run, &bazel)?;
+
+    ensure!(cut_off.is_running()?, "the cut-off worker exited");
+    server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+    let ops = server.operations()?;
+    for name in &lost {
+        let op = find(&ops, name)?;
+        ensure!(
+            op.is_completed() && op.completed_by().is_some(),
+            "{name} did not complete after the cut:\n{}",
+            describe(&ops, &lost)
+        );
+    }
+    eprintln!(
+        "{} action(s) were running on the cut-off worker:\n{}",
+        lost.len(),
+        describe(&ops, &lost)
+    );
+    Ok(())
+}
+
+/// A worker started while the build runs with a backlog takes work from it.
+#[test]
+fn worker_joining_mid_build_takes_work() -> Result<()> {
+    let server = fault_server()?;
+    let first = Worker::start_with(&server, |args| args.concurrency = Some(2))?;
+    server.wait_for_workers(1, WORKER_CONNECT_TIMEOUT)?;
+    let bazel = Bazel::new()?;
+
+    let (run, joiner) = build_during(&bazel, &build_args(&server), || {
+        poll_until(
+            "a backlog behind the first worker",
+            BUILD_START_TIMEOUT,
+            || {
+                let queued = server.metric(METRIC_QUEUE_DEPTH)?.unwrap_or(0.0);
+                let busy = running_on(&server, first.id())?.len();
+                Ok((queued >= 1.0 && busy >= 1).then_some(()))
+            },
+        )?;
+        let joiner = Worker::start(&server)?;
+        server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+        Ok(joiner)
+    })?;
+    ensure_good_build(&run, &bazel)?;
+
+    let ops = server.operations()?;
+    let taken = ops
+        .iter()
+        .filter(|op| op.has_event(EVENT_ASSIGNED, joiner.id()))
+        .count();
+    let completed = ops
+        .iter()
+        .filter(|op| op.completed_by() == Some(joiner.id()))
+        .count();
+    ensure!(
+        completed > 0,
+        "the worker that joined mid-build completed no action ({taken} assigned)"
+    );
+    eprintln!(
+        "the joining worker completed {completed} of {} action(s)",
+        ops.len()
+    );
+    Ok(())
+}
