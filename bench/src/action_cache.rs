@@ -73,6 +73,7 @@ pub(crate) async fn get(target: &Target, plan: &LoadPlan, args: &AcGetArgs) -> a
     let (hits_op, misses_op) = (hits.clone(), misses.clone());
     let entries = args.entries;
     let miss_ratio = args.miss_ratio;
+    let warmup = plan.warmup;
     let target_for_ops = target.clone();
     let measured = drive(
         "ac-get",
@@ -103,11 +104,15 @@ pub(crate) async fn get(target: &Target, plan: &LoadPlan, args: &AcGetArgs) -> a
                                 worker.is_empty() || worker == entry_marker(entry),
                                 "GetActionResult of entry {entry} returned another entry's result ({worker})"
                             );
-                            hits.fetch_add(1, Ordering::Relaxed);
+                            if index >= warmup {
+                                hits.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         Ok(_) => anyhow::bail!("GetActionResult found {digest}, which was never written"),
                         Err(status) if miss && status.code() == tonic::Code::NotFound => {
-                            misses.fetch_add(1, Ordering::Relaxed);
+                            if index >= warmup {
+                                misses.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         Err(status) => {
                             return Err(anyhow::Error::new(status).context(format!("GetActionResult of {digest}")))

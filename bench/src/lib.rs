@@ -275,8 +275,8 @@ impl Target {
             n => n,
         };
         let channels = (0..connections)
-            .map(|_| connect_channel(&cli.target, token.as_deref()))
-            .collect::<Result<Vec<_>, _>>()
+            .map(|_| connect_channel(&cli.target, token.as_deref()).map_err(anyhow::Error::from))
+            .collect::<anyhow::Result<Vec<_>>>()
             .with_context(|| format!("connecting to {}", cli.target))?;
         Ok(Target {
             endpoint: cli.target.clone(),
