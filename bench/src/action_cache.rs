@@ -4,14 +4,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use buildkube_proto::reapi::action_cache_client::ActionCacheClient;
 use buildkube_proto::reapi::{self, ActionResult, ExecutedActionMetadata};
 use buildkube_reapi::{AuthChannel, Digest};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::load::{drive, timed, LoadPlan};
-use crate::{note, AcGetArgs, Outcome, Target, MAX_MESSAGE};
+use crate::{note, rpc_error, AcGetArgs, Outcome, Target, MAX_MESSAGE};
 
 fn ac_client(channel: AuthChannel) -> ActionCacheClient<AuthChannel> {
     ActionCacheClient::new(channel)
@@ -61,7 +61,7 @@ pub(crate) async fn get(target: &Target, plan: &LoadPlan, args: &AcGetArgs) -> a
             client
                 .update_action_result(request)
                 .await
-                .context("ac-get seeds the cache with UpdateActionResult, which failed")
+                .map_err(rpc_error("UpdateActionResult (ac-get seeds the cache with it)"))
         }
     }))
     .buffer_unordered(plan.concurrency)
@@ -115,7 +115,7 @@ pub(crate) async fn get(target: &Target, plan: &LoadPlan, args: &AcGetArgs) -> a
                             }
                         }
                         Err(status) => {
-                            return Err(anyhow::Error::new(status).context(format!("GetActionResult of {digest}")))
+                            return Err(rpc_error(format!("GetActionResult of {digest}"))(status))
                         }
                     }
                     Ok(0)

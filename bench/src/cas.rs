@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::blobs::BlobMaker;
 use crate::load::{drive, timed, LoadPlan};
-use crate::{note, CasApi, CasArgs, CasReadArgs, FindMissingArgs, Outcome, Target, MAX_MESSAGE};
+use crate::{note, rpc_error, CasApi, CasArgs, CasReadArgs, FindMissingArgs, Outcome, Target, MAX_MESSAGE};
 
 /// Size of each blob `find-missing` uploads as its present half.
 const FIND_MISSING_BLOB_SIZE: u64 = 64;
@@ -98,7 +98,7 @@ pub(crate) async fn write(target: &Target, plan: &LoadPlan, args: &CasArgs) -> a
                         };
                         let mut client = cas_client(target.channel(index));
                         timed(async move {
-                            let response = client.batch_update_blobs(request).await.context("BatchUpdateBlobs")?;
+                            let response = client.batch_update_blobs(request).await.map_err(rpc_error("BatchUpdateBlobs"))?;
                             let responses = &response.get_ref().responses;
                             ensure!(
                                 responses.len() as u64 == per_op,
@@ -202,7 +202,7 @@ pub(crate) async fn read(target: &Target, plan: &LoadPlan, args: &CasReadArgs) -
                             ..Default::default()
                         };
                         timed(async move {
-                            let response = client.batch_read_blobs(request).await.context("BatchReadBlobs")?;
+                            let response = client.batch_read_blobs(request).await.map_err(rpc_error("BatchReadBlobs"))?;
                             let responses = response.into_inner().responses;
                             check_statuses(
                                 "BatchReadBlobs",
@@ -291,7 +291,7 @@ pub(crate) async fn find_missing(
                 };
                 let mut client = cas_client(target.channel(index));
                 timed(async move {
-                    let response = client.find_missing_blobs(request).await.context("FindMissingBlobs")?;
+                    let response = client.find_missing_blobs(request).await.map_err(rpc_error("FindMissingBlobs"))?;
                     let missing = response
                         .get_ref()
                         .missing_blob_digests

@@ -16,7 +16,7 @@ use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 
 use crate::load::{drive, timed, LoadPlan};
-use crate::{note, ExecuteArgs, Outcome, Target, MAX_MESSAGE};
+use crate::{note, rpc_error, ExecuteArgs, Outcome, Target, MAX_MESSAGE};
 
 /// Action timeout set in every action (the worker's limit, not ours).
 const ACTION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -139,11 +139,11 @@ pub(crate) async fn execute(
     let mut stream = client
         .execute(request)
         .await
-        .with_context(|| format!("Execute of action {action}"))?
+        .map_err(rpc_error(format_args!("Execute of action {action}")))?
         .into_inner();
     let mut done: Option<Executed> = None;
     while let Some(operation) = stream.next().await {
-        let operation = operation.with_context(|| format!("Execute stream of action {action}"))?;
+        let operation = operation.map_err(rpc_error(format_args!("Execute stream of action {action}")))?;
         if !operation.done {
             continue;
         }

@@ -372,6 +372,11 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
     })
 }
 
+/// Turns a failed call's status into a short error naming the call.
+pub(crate) fn rpc_error(call: impl std::fmt::Display) -> impl FnOnce(tonic::Status) -> anyhow::Error {
+    move |status| anyhow::anyhow!("{call}: {:?}: {}", status.code(), status.message())
+}
+
 /// Prints a line to stderr unless quiet (setup steps of long runs).
 pub(crate) fn note(quiet: bool, message: impl std::fmt::Display) {
     if !quiet {
