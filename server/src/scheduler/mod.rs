@@ -695,6 +695,10 @@ impl Scheduler {
                     metadata.worker = worker_id.to_string();
                 }
                 let kind = if result.exit_code == 0 { Outcome::Success } else { Outcome::NonZeroExit };
+                let worker_times = Self::worker_events(metadata, worker_id);
+                if let Some(op) = state.operations.get_mut(&name) {
+                    op.timeline.extend(worker_times);
+                }
                 tracing::info!(operation = %name, action = %digest, worker = worker_id, exit_code = result.exit_code, "action completed");
                 (
                     reapi::ExecuteResponse {
@@ -738,6 +742,30 @@ impl Scheduler {
         };
         Self::finish(&mut state, &name, response, kind, "completed", Some(worker_id), self.config.retain_finished);
         true
+    }
+
+    /// Timeline events from the worker's own timestamps, which are exact even
+    /// when a step was too quick to show up in a keep-alive.
+    fn worker_events(metadata: &reapi::ExecutedActionMetadata, worker: &str) -> Vec<TimelineEvent> {
+        let at = |t: &Option<prost_types::Timestamp>| {
+            t.as_ref()
+                .map(|t| t.seconds.max(0) as u128 * 1000 + (t.nanos.max(0) as u128) / 1_000_000)
+        };
+        [
+            ("inputs_fetched", at(&metadata.input_fetch_completed_timestamp)),
+            ("executed", at(&metadata.execution_completed_timestamp)),
+            ("outputs_uploaded", at(&metadata.output_upload_completed_timestamp)),
+        ]
+        .into_iter()
+        .filter_map(|(name, at_ms)| {
+            Some(TimelineEvent {
+                event: name.to_string(),
+                at_ms: at_ms?,
+                worker: Some(worker.to_string()),
+                detail: None,
+            })
+        })
+        .collect()
     }
 
     /// Puts an executing operation back in its queue, keeping its place.

@@ -103,7 +103,17 @@ async fn completion_reaches_watchers_and_counts_outcome() {
     let w = worker("w", &[]);
     let lease = s.lease(&w, NO_WAIT).await.unwrap();
     assert!(s.keep_alive(&w, &[wire::LeaseProgress { lease_id: lease.lease_id.clone(), stage: wire::Stage::Executing as i32, since: None }]).is_empty());
-    assert!(s.complete("w", &lease.lease_id, &name, ran(0), String::new()));
+    let stamp = |s: i64| Some(prost_types::Timestamp { seconds: s, nanos: 0 });
+    let result = reapi::ActionResult {
+        execution_metadata: Some(reapi::ExecutedActionMetadata {
+            input_fetch_completed_timestamp: stamp(1),
+            execution_completed_timestamp: stamp(2),
+            output_upload_completed_timestamp: stamp(3),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert!(s.complete("w", &lease.lease_id, &name, LeaseOutcome::Ran(result), String::new()));
     updates.changed().await.unwrap();
     let op = updates.borrow().clone();
     assert!(op.done);
@@ -112,7 +122,7 @@ async fn completion_reaches_watchers_and_counts_outcome() {
     assert!(response.result.unwrap().execution_metadata.unwrap().queued_timestamp.is_some());
     assert_eq!(s.stats().outcomes[&Outcome::Success], 1);
     let events: Vec<String> = s.summary_of(&name).unwrap().timeline.into_iter().map(|e| e.event).collect();
-    assert_eq!(events, ["queued", "assigned", "executing", "completed"]);
+    assert_eq!(events, ["queued", "assigned", "executing", "inputs_fetched", "executed", "outputs_uploaded", "completed"]);
 }
 
 #[tokio::test]

@@ -564,3 +564,73 @@ async fn auth_token_is_required_when_configured() {
     let mut right = clients(&server, Some("s3cret"));
     right.caps.get_capabilities(request).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn executed_action_returns_output_and_leaves_a_timeline() {
+    let server = Server::start().unwrap();
+    let _worker = buildkube_tests::Worker::start(&server).unwrap();
+    let mut c = clients(&server, None);
+    let root = reapi::Directory::default().encode_to_vec();
+    let command = reapi::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), "echo hello from the farm; mkdir -p out; printf x > out/file".into()],
+        output_paths: vec!["out/file".into()],
+        environment_variables: vec![reapi::command::EnvironmentVariable { name: "PATH".into(), value: "/usr/bin:/bin".into() }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action = reapi::Action {
+        command_digest: Some(Digest::of_bytes(&command).to_proto()),
+        input_root_digest: Some(Digest::of_bytes(&root).to_proto()),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    upload(&mut c, &[&root, &command, &action]).await;
+    let mut stream = c
+        .exec
+        .execute(reapi::ExecuteRequest { instance_name: INSTANCE.into(), action_digest: Some(Digest::of_bytes(&action).to_proto()), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(op) = stream.next().await {
+        last = Some(op.unwrap());
+    }
+    let last = last.unwrap();
+    let Some(longrunning::operation::Result::Response(any)) = last.result else { panic!("{last:?}") };
+    let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert!(!response.cached_result);
+    assert_eq!(result.output_files.len(), 1);
+    assert_eq!(result.output_files[0].digest.as_ref().unwrap(), &Digest::of_bytes(b"x").to_proto());
+    let stdout = Digest::from_field(result.stdout_digest.as_ref()).unwrap();
+    let blob = c
+        .cas
+        .batch_read_blobs(reapi::BatchReadBlobsRequest { instance_name: INSTANCE.into(), digests: vec![stdout.to_proto()], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(blob.responses[0].data.as_ref(), b"hello from the farm\n");
+    let metadata = result.execution_metadata.unwrap();
+    assert!(metadata.queued_timestamp.is_some() && metadata.execution_completed_timestamp.is_some());
+
+    let id = last.name.strip_prefix("operations/").unwrap();
+    let timeline = server.http_get(&format!("/operations/{id}")).unwrap();
+    assert_eq!(timeline.status, 200, "{}", timeline.body);
+    let mut at = 0;
+    for event in ["queued", "assigned", "inputs_fetched", "executed", "outputs_uploaded", "completed"] {
+        let found = timeline.body[at..].find(&format!("\"{event}\"")).unwrap_or_else(|| panic!("no {event} after offset {at} in {}", timeline.body));
+        at += found;
+    }
+
+    // The same action again is answered from the action cache.
+    let mut stream = c
+        .exec
+        .execute(reapi::ExecuteRequest { instance_name: INSTANCE.into(), action_digest: Some(Digest::of_bytes(&action).to_proto()), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let op = stream.next().await.unwrap().unwrap();
+    let Some(longrunning::operation::Result::Response(any)) = op.result else { panic!("{op:?}") };
+    assert!(reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap().cached_result);
+}
