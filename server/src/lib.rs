@@ -152,10 +152,12 @@ pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = (
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)
                 .max_encoding_message_size(MAX_GRPC_MESSAGE),
         );
-    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-        stopped(stop_rx.clone()),
-    ));
+    // The builder's tcp_nodelay applies only to listeners it binds itself; a
+    // listener we bound must get it here, or small replies (leases) stall on
+    // delayed ACKs for ~40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
+        .map_err(|e| anyhow::anyhow!("configuring the gRPC listener: {e}"))?;
+    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
 
     let ready = Arc::new(AtomicBool::new(false));
     let http_state = http::HttpState {
