@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::{Deserialize, Serialize};
 
@@ -53,8 +54,26 @@ pub struct ScaledObjectSpec {
     pub polling_interval: i32,
     /// Seconds after the last active trigger before scaling to zero.
     pub cooldown_period: i32,
+    /// The HPA KEDA creates.
+    pub advanced: Advanced,
     /// Metrics that drive the scaling.
     pub triggers: Vec<Trigger>,
+}
+
+/// `spec.advanced` of a [`ScaledObject`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Advanced {
+    /// Settings of the HPA KEDA creates.
+    pub horizontal_pod_autoscaler_config: HorizontalPodAutoscalerConfig,
+}
+
+/// `spec.advanced.horizontalPodAutoscalerConfig` of a [`ScaledObject`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HorizontalPodAutoscalerConfig {
+    /// Scaling behaviour (the HPA's own type).
+    pub behavior: HorizontalPodAutoscalerBehavior,
 }
 
 /// Target of a [`ScaledObject`].

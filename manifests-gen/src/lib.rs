@@ -3,11 +3,13 @@
 //!
 //! - [`spec`]: the stack spec (serde + JSON Schema), its defaults and validation;
 //! - [`objects`]: Kubernetes objects as typed k8s-openapi values;
+//! - [`autoscaling`]: each pool's load query, KEDA and HPA objects, adapter rules;
 //! - [`crd`]: typed KEDA and Prometheus Operator resources;
 //! - [`kustomize`]: typed kustomization files and JSON 6902 patches;
 //! - [`overlays`]: the whole tree from a spec;
 //! - [`tree`]: writing, checking (`--check`) and pruning it.
 
+pub mod autoscaling;
 pub mod crd;
 pub mod kustomize;
 pub mod objects;

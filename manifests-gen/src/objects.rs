@@ -15,10 +15,6 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet,
     StatefulSetSpec,
 };
-use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, ExternalMetricSource, HorizontalPodAutoscaler,
-    HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget,
-};
 use k8s_openapi::api::core::v1::PodAntiAffinity;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
@@ -40,10 +36,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::crd::{
-    Endpoint, ScaleTargetRef, ScaledObject, ScaledObjectSpec, ServiceMonitor, ServiceMonitorSpec,
-    Trigger,
-};
+use crate::crd::{Endpoint, ServiceMonitor, ServiceMonitorSpec};
 use crate::spec::{LogFormatSpec, ResourcesSpec, StackSpec, WorkerPoolSpec};
 
 /// Name of the server Deployment, Service, ServiceAccount and NetworkPolicy.
@@ -155,7 +148,7 @@ fn with_part_of(mut labels: BTreeMap<String, String>) -> BTreeMap<String, String
     labels
 }
 
-fn meta(name: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
+pub(crate) fn meta(name: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_string()),
         labels: Some(with_part_of(labels)),
@@ -240,6 +233,11 @@ pub fn worker_args(
         cache_max_size: buildkube_config::parse_byte_size(&pool.cache_max_size)
             .expect("validated: cache_max_size"),
         drain_timeout_secs: pool.drain_timeout_secs,
+        max_output_size: buildkube_config::parse_byte_size(&pool.max_output_size)
+            .expect("validated: max_output_size"),
+        max_stdio_size: buildkube_config::parse_byte_size(&pool.max_stdio_size)
+            .expect("validated: max_stdio_size"),
+        max_action_timeout_secs: pool.max_action_timeout_secs,
         http_listen: any_addr(DEFAULT_WORKER_HTTP_PORT),
         log_format: log_format(spec),
         // Flags added later keep the binary's defaults until the spec models them.
@@ -247,7 +245,9 @@ pub fn worker_args(
     }
 }
 
-/// terminationGracePeriodSeconds of a pool: the drain plus a margin.
+/// terminationGracePeriodSeconds of a pool: the drain (at least the longest
+/// action, by validation) plus a margin to report the last results, so the
+/// kubelet never SIGKILLs a worker whose action is within its timeout.
 pub fn termination_grace_secs(pool: &WorkerPoolSpec) -> i64 {
     (pool.drain_timeout_secs + pool.termination_grace_margin_secs) as i64
 }
@@ -649,8 +649,12 @@ pub fn pool_anti_affinity(pool: &str) -> Affinity {
     }
 }
 
-/// A pool's disruption budget: node drains evict a few workers at a time,
-/// each of which drains its running actions.
+/// A pool's disruption budget: node drains and the cluster autoscaler evict
+/// `max_unavailable` workers at a time, each of which drains its running
+/// actions (a draining worker is unready, so it uses up the budget until it
+/// exits). Unready workers may always be evicted: a worker is unready only
+/// while starting or draining, neither of which the budget protects, and a
+/// crash-looping worker must not block a node drain.
 pub fn worker_pdb(pool: &WorkerPoolSpec) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: meta(
@@ -660,6 +664,7 @@ pub fn worker_pdb(pool: &WorkerPoolSpec) -> PodDisruptionBudget {
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(pool.max_unavailable)),
             selector: Some(selector(pool_selector(&pool.name))),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
             ..Default::default()
         }),
         ..Default::default()
@@ -705,103 +710,6 @@ pub fn worker_network_policy() -> NetworkPolicy {
             ingress: Some(vec![]),
             ..Default::default()
         }),
-    }
-}
-
-/// PromQL for the work waiting for, or running on, one pool.
-pub fn pool_load_query(spec: &StackSpec, pool: &WorkerPoolSpec, metric: &str) -> String {
-    let mut matchers = vec![format!("instance=\"{}\"", pool.instance)];
-    // With one pool per instance every action of the instance is this pool's;
-    // otherwise match the pool's runner inside the platform label.
-    let pools_for_instance = spec
-        .worker_pools
-        .iter()
-        .filter(|p| p.instance == pool.instance)
-        .count();
-    if pools_for_instance > 1 {
-        if let Some(runner) = pool.platform.get(buildkube_config::PLATFORM_RUNNER_KEY) {
-            matchers.push(format!(
-                "platform=~\"(.*,)?{}={}(,.*)?\"",
-                buildkube_config::PLATFORM_RUNNER_KEY,
-                runner
-            ));
-        }
-    }
-    format!("sum({metric}{{{}}})", matchers.join(","))
-}
-
-/// KEDA: replicas = (queued + running actions) / concurrency.
-pub fn worker_scaled_object(spec: &StackSpec, pool: &WorkerPoolSpec) -> ScaledObject {
-    let query = format!(
-        "{} + {}",
-        pool_load_query(spec, pool, buildkube_config::METRIC_QUEUE_DEPTH),
-        pool_load_query(spec, pool, buildkube_config::METRIC_ACTIONS_RUNNING)
-    );
-    ScaledObject::new(
-        meta(
-            &worker_deployment_name(&pool.name),
-            pool_selector(&pool.name),
-        ),
-        ScaledObjectSpec {
-            scale_target_ref: ScaleTargetRef {
-                api_version: "apps/v1".into(),
-                kind: "Deployment".into(),
-                name: worker_deployment_name(&pool.name),
-            },
-            min_replica_count: pool.autoscaling.min_replicas,
-            max_replica_count: pool.autoscaling.max_replicas,
-            polling_interval: 15,
-            // Long enough that a drained worker is not recreated right away.
-            cooldown_period: 300,
-            triggers: vec![Trigger {
-                type_: "prometheus".into(),
-                metadata: BTreeMap::from([
-                    (
-                        "serverAddress".to_string(),
-                        spec.monitoring.prometheus_url.clone(),
-                    ),
-                    ("query".to_string(), query),
-                    ("threshold".to_string(), pool.concurrency.to_string()),
-                ]),
-            }],
-        },
-    )
-}
-
-/// HPA: the queue depth as an external metric (from prometheus-adapter),
-/// one worker per `concurrency` queued actions.
-pub fn worker_hpa(pool: &WorkerPoolSpec) -> HorizontalPodAutoscaler {
-    HorizontalPodAutoscaler {
-        metadata: meta(
-            &worker_deployment_name(&pool.name),
-            pool_selector(&pool.name),
-        ),
-        spec: Some(HorizontalPodAutoscalerSpec {
-            scale_target_ref: CrossVersionObjectReference {
-                api_version: Some("apps/v1".into()),
-                kind: "Deployment".into(),
-                name: worker_deployment_name(&pool.name),
-            },
-            min_replicas: Some(pool.autoscaling.min_replicas.max(1)),
-            max_replicas: pool.autoscaling.max_replicas,
-            metrics: Some(vec![MetricSpec {
-                type_: "External".into(),
-                external: Some(ExternalMetricSource {
-                    metric: MetricIdentifier {
-                        name: buildkube_config::METRIC_QUEUE_DEPTH.into(),
-                        selector: Some(selector(map([("instance", pool.instance.as_str())]))),
-                    },
-                    target: MetricTarget {
-                        type_: "AverageValue".into(),
-                        average_value: Some(Quantity(pool.concurrency.to_string())),
-                        ..Default::default()
-                    },
-                }),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
     }
 }
 

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 /// Names of the files and directories under `overlays/` that are not overlays.
 const RESERVED_OVERLAY_NAMES: &[&str] = &["base", "components"];
 
+/// Most platform properties of one pool: the autoscaler queries list every
+/// subset of them (2^n platform labels).
+pub const MAX_POOL_PROPERTIES: usize = 8;
+
 /// Path segments that REAPI reserves inside resource names, so an instance
 /// name must not contain them.
 const RESERVED_INSTANCE_SEGMENTS: &[&str] = &[
@@ -118,30 +122,51 @@ pub struct WorkerPoolSpec {
     /// Size limit of the emptyDir work directory (cache plus action
     /// directories, Kubernetes quantity); must exceed `cache_max_size`.
     pub work_dir_size: String,
-    /// Seconds a SIGTERMed worker lets running actions finish (`--drain-timeout-secs`).
+    /// Longest an action may run, and the timeout of actions that set none,
+    /// in seconds (`--max-action-timeout-secs`).
+    pub max_action_timeout_secs: u64,
+    /// Largest total size of one action's output files (`--max-output-size`,
+    /// e.g. `16GiB`); must fit in `work_dir_size` beside `cache_max_size`.
+    pub max_output_size: String,
+    /// Largest stdout, and largest stderr, of one action (`--max-stdio-size`, e.g. `256MiB`).
+    pub max_stdio_size: String,
+    /// Seconds a SIGTERMed worker lets running actions finish
+    /// (`--drain-timeout-secs`): fetching inputs, running, uploading outputs.
+    /// Must be at least `max_action_timeout_secs`, so that a scale-down or a
+    /// node drain never kills an action that is within its timeout.
     pub drain_timeout_secs: u64,
     /// Seconds added to `drain_timeout_secs` for the pod's
-    /// terminationGracePeriodSeconds (upload of the last results, exit).
+    /// terminationGracePeriodSeconds: reporting the last results (the worker
+    /// waits up to 30 s for an unreachable server after the drain), exit.
     pub termination_grace_margin_secs: u64,
-    /// Worker pods the PodDisruptionBudget lets a voluntary disruption take at once.
+    /// Worker pods the PodDisruptionBudget lets a voluntary disruption
+    /// (node drain, cluster autoscaler) take at once; each one drains.
     pub max_unavailable: i32,
     /// Whether the container's root filesystem is read-only (the work
     /// directory, HOME and /tmp stay writable).
     pub read_only_root_filesystem: bool,
     /// CPU and memory of one worker container.
     pub resources: ResourcesSpec,
-    /// Bounds used by the autoscaling components.
-    pub autoscaling: AutoscalingBoundsSpec,
+    /// Bounds and scale-down pace used by the autoscaling components.
+    pub autoscaling: PoolAutoscalingSpec,
 }
 
-/// Replica bounds of an autoscaled pool.
+/// How the autoscaling components (KEDA or HPA) scale one pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct AutoscalingBoundsSpec {
-    /// Fewest replicas (KEDA may scale to zero when this is 0).
+pub struct PoolAutoscalingSpec {
+    /// Fewest replicas (KEDA may scale to zero when this is 0; the HPA keeps at least 1).
     pub min_replicas: i32,
     /// Most replicas.
     pub max_replicas: i32,
+    /// Seconds the autoscaler looks back before scaling down: it uses the
+    /// highest replica count recommended in that window, so the dips between
+    /// a build's bursts of actions do not remove workers.
+    pub scale_down_stabilization_secs: i32,
+    /// Most workers removed per `scale_down_period_secs` (each one drains).
+    pub scale_down_max_pods: i32,
+    /// Period of `scale_down_max_pods`, in seconds (1-1800).
+    pub scale_down_period_secs: i32,
 }
 
 /// Where Prometheus is and how often it scrapes.
@@ -292,8 +317,14 @@ impl Default for StackSpec {
             concurrency: 4,
             cache_max_size: "10GiB".into(),
             work_dir_size: "40Gi".into(),
-            drain_timeout_secs: 600,
-            termination_grace_margin_secs: 30,
+            // Bazel's longest test timeout (`eternal`).
+            max_action_timeout_secs: 3600,
+            max_output_size: "16GiB".into(),
+            max_stdio_size: "256MiB".into(),
+            // The longest action plus 5 minutes to fetch its inputs and
+            // upload its outputs.
+            drain_timeout_secs: 3900,
+            termination_grace_margin_secs: 60,
             max_unavailable: 1,
             read_only_root_filesystem: true,
             resources: ResourcesSpec {
@@ -302,9 +333,12 @@ impl Default for StackSpec {
                 cpu_limit: None,
                 memory_limit: "16Gi".into(),
             },
-            autoscaling: AutoscalingBoundsSpec {
+            autoscaling: PoolAutoscalingSpec {
                 min_replicas: 1,
                 max_replicas: 20,
+                scale_down_stabilization_secs: 600,
+                scale_down_max_pods: 2,
+                scale_down_period_secs: 60,
             },
         };
         let images = |registry: Option<&str>, tag: &str| ImagesSpec {
@@ -586,10 +620,65 @@ impl StackSpec {
                     );
                 }
             }
-            if pool.drain_timeout_secs == 0 {
+            if let (Some(work), Some(cache), Some(output)) = (
+                work,
+                cache,
+                v.byte_size(&at("max_output_size"), &pool.max_output_size),
+            ) {
+                if output > work.saturating_sub(cache) {
+                    v.error(
+                        &at("max_output_size"),
+                        format!(
+                            "{} does not fit in work_dir_size {} beside cache_max_size {}",
+                            pool.max_output_size, pool.work_dir_size, pool.cache_max_size
+                        ),
+                    );
+                }
+            }
+            if v.byte_size(&at("max_stdio_size"), &pool.max_stdio_size) == Some(0) {
+                v.error(&at("max_stdio_size"), "must be at least 1 byte");
+            }
+            if pool.max_action_timeout_secs == 0 {
+                v.error(&at("max_action_timeout_secs"), "must be at least 1");
+            }
+            if pool.drain_timeout_secs < pool.max_action_timeout_secs {
                 v.error(
                     &at("drain_timeout_secs"),
-                    "must be at least 1: workers finish running actions on SIGTERM",
+                    format!(
+                        "{} is less than max_action_timeout_secs {}: a scale-down would kill \
+                         actions that are within their timeout",
+                        pool.drain_timeout_secs, pool.max_action_timeout_secs
+                    ),
+                );
+            }
+            // Each platform's load is counted for the first pool that can run
+            // it; a pool all of whose platforms an earlier one runs would
+            // never be scaled.
+            if let Some(earlier) = self.worker_pools[..i].iter().find(|other| {
+                other.instance == pool.instance
+                    && pool
+                        .platform
+                        .iter()
+                        .all(|(k, v)| other.platform.get(k) == Some(v))
+            }) {
+                v.error(
+                    &at("platform"),
+                    format!(
+                        "pool `{}`, listed before, offers all of it, so the autoscaler counts \
+                         this pool's work for that one; list this pool first or give it a \
+                         property of its own",
+                        earlier.name
+                    ),
+                );
+            }
+            if pool.platform.len() > MAX_POOL_PROPERTIES {
+                v.error(
+                    &at("platform"),
+                    format!(
+                        "{} properties; at most {MAX_POOL_PROPERTIES}: the autoscaler query \
+                         lists every subset of them",
+                        pool.platform.len()
+                    ),
                 );
             }
             if pool.termination_grace_margin_secs == 0 {
@@ -611,6 +700,26 @@ impl StackSpec {
             }
             if bounds.max_replicas < 1 {
                 v.error(&at("autoscaling.max_replicas"), "must be at least 1");
+            }
+            if bounds.scale_down_stabilization_secs < 0
+                || bounds.scale_down_stabilization_secs > 3600
+            {
+                v.error(
+                    &at("autoscaling.scale_down_stabilization_secs"),
+                    "must be 0-3600 (the HPA's limit)",
+                );
+            }
+            if bounds.scale_down_max_pods < 1 {
+                v.error(
+                    &at("autoscaling.scale_down_max_pods"),
+                    "must be at least 1 or the pool never scales down",
+                );
+            }
+            if !(1..=1800).contains(&bounds.scale_down_period_secs) {
+                v.error(
+                    &at("autoscaling.scale_down_period_secs"),
+                    "must be 1-1800 (the HPA's limit)",
+                );
             }
             if bounds.min_replicas > bounds.max_replicas {
                 v.error(

@@ -406,6 +406,8 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
         }
     }
 
+    bad.extend(autoscaler_invariants(built));
+
     // Autoscalers, disruption budgets and network policies target what exists.
     for hpa in built
         .of_kind("HorizontalPodAutoscaler")
@@ -564,9 +566,18 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
                 "{name}: --http-listen port is not the container's http port"
             ));
         }
+        // Issue 4: a scale-down never kills an action within its timeout.
+        // The kubelet waits the grace period after SIGTERM; the worker drains
+        // for --drain-timeout-secs, which covers the longest action.
         let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
         if grace <= worker.drain_timeout_secs {
             bad.push(format!("{name}: terminationGracePeriodSeconds {grace} does not exceed --drain-timeout-secs {}", worker.drain_timeout_secs));
+        }
+        if worker.drain_timeout_secs < worker.max_action_timeout_secs {
+            bad.push(format!(
+                "{name}: --drain-timeout-secs {} is less than --max-action-timeout-secs {}",
+                worker.drain_timeout_secs, worker.max_action_timeout_secs
+            ));
         }
         match (&worker.auth_token_file, &server.auth_token_file) {
             (Some(path), Some(_)) => match file_source(built, pod, container, path) {
@@ -628,6 +639,231 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
             }
         }
         bad.extend(client_config_invariants(built, overlay, &server));
+    }
+    bad
+}
+
+/// PromQL functions and keywords the load queries may use.
+const PROMQL_WORDS: &[&str] = &["sum", "vector", "or"];
+
+/// Problems with one load query: a name that is not a metric of
+/// `buildkube-config` or not an allowed function. Returns the matchers'
+/// `(instance, platform labels)` of each selector.
+fn query_problems(query: &str, bad: &mut Vec<String>, what: &str) -> Vec<(String, Vec<String>)> {
+    let metrics = [
+        buildkube_config::METRIC_QUEUE_DEPTH,
+        buildkube_config::METRIC_ACTIONS_RUNNING,
+    ];
+    // Selectors `NAME{instance="…",platform=~"…"}` with PromQL-escaped strings.
+    let selector_re = regex::Regex::new(
+        r#"([A-Za-z_:][A-Za-z0-9_:]*)\{instance="((?:[^"\\]|\\.)*)",platform=~"((?:[^"\\]|\\.)*)"\}"#,
+    )
+    .unwrap();
+    let unescape = |text: &str| {
+        let mut out = String::new();
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            out.push(if c == '\\' {
+                chars.next().unwrap_or(c)
+            } else {
+                c
+            });
+        }
+        out
+    };
+    let mut selectors = Vec::new();
+    for capture in selector_re.captures_iter(query) {
+        let metric = &capture[1];
+        if !metrics.contains(&metric) {
+            bad.push(format!(
+                "{what}: `{metric}` is not a load metric of buildkube-config"
+            ));
+        }
+        // PromQL string escapes, then the regex escapes of each alternative.
+        let platforms = unescape(&capture[3]).split('|').map(unescape).collect();
+        selectors.push((unescape(&capture[2]), platforms));
+    }
+    // Every other word is an allowed function or keyword.
+    let rest = selector_re.replace_all(query, " ");
+    let word_re = regex::Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").unwrap();
+    for word in word_re.find_iter(&rest) {
+        if !PROMQL_WORDS.contains(&word.as_str()) {
+            bad.push(format!(
+                "{what}: unexpected `{}` in `{query}`",
+                word.as_str()
+            ));
+        }
+    }
+    if selectors.len() != metrics.len() {
+        bad.push(format!(
+            "{what}: expected one selector per load metric in `{query}`"
+        ));
+    }
+    selectors
+}
+
+/// Issue 4: every autoscaler paces its scale-down (a stabilization window, a
+/// policy removing at most N pods per period), and reads its pool's load
+/// exactly: queued plus running actions of the pool's instance, over the
+/// platforms the pool's workers can run, each platform of an instance counted
+/// for exactly one pool.
+fn autoscaler_invariants(built: &Built) -> Vec<String> {
+    let mut bad = Vec::new();
+    // (instance, platform label) -> pools counting it.
+    let mut counted: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    // (instance, platform label) of every platform some pool can run.
+    let mut servable: BTreeSet<(String, String)> = BTreeSet::new();
+    let adapter_rules: Value = built
+        .dir
+        .parent()
+        .map(|root| {
+            root.join("components")
+                .join(manifests_gen::overlays::COMPONENT_HPA)
+                .join(manifests_gen::overlays::ADAPTER_RULES_FILE)
+        })
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .map(|text| serde_yaml::from_str(&text).unwrap())
+        .unwrap_or(Value::Null);
+    for scaler in built
+        .of_kind("HorizontalPodAutoscaler")
+        .chain(built.of_kind(ScaledObject::KIND))
+    {
+        let what = format!("{} {}", str_of(&scaler["kind"]), name_of(scaler));
+        let (behavior, queries, threshold) = if scaler["kind"] == ScaledObject::KIND {
+            let trigger = &scaler["spec"]["triggers"][0];
+            (
+                &scaler["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"],
+                vec![str_of(&trigger["metadata"]["query"]).to_string()],
+                str_of(&trigger["metadata"]["threshold"]).to_string(),
+            )
+        } else {
+            let metrics = scaler["spec"]["metrics"].as_array().unwrap();
+            let queries = metrics
+                .iter()
+                .map(|m| {
+                    let name = &m["external"]["metric"]["name"];
+                    adapter_rules["externalRules"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|rule| rule["name"]["as"] == *name)
+                        .map(|rule| str_of(&rule["metricsQuery"]).to_string())
+                        .unwrap_or_else(|| {
+                            bad.push(format!("{what}: no prometheus-adapter rule serves {name}"));
+                            String::new()
+                        })
+                })
+                .collect();
+            (
+                &scaler["spec"]["behavior"],
+                queries,
+                str_of(&metrics[0]["external"]["target"]["averageValue"]).to_string(),
+            )
+        };
+        let down = &behavior["scaleDown"];
+        if down["stabilizationWindowSeconds"].as_i64().unwrap_or(0) <= 0 {
+            bad.push(format!("{what}: no scale-down stabilization window"));
+        }
+        let policies = down["policies"].as_array().cloned().unwrap_or_default();
+        if policies.is_empty()
+            || down["selectPolicy"] == "Disabled"
+            || policies.iter().any(|p| {
+                p["type"] != "Pods"
+                    || p["value"].as_i64().unwrap_or(0) < 1
+                    || p["periodSeconds"].as_i64().unwrap_or(0) < 1
+            })
+        {
+            bad.push(format!(
+                "{what}: scale-down is not limited to N pods per period: {down}"
+            ));
+        }
+
+        // The target's worker flags: its instance, platform and concurrency.
+        let target = &scaler["spec"]["scaleTargetRef"];
+        let Some(deployment) = built.find("Deployment", str_of(&target["name"])) else {
+            continue; // reported with the other dangling references
+        };
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let worker = match WorkerArgs::try_parse_from(args_of(container, "buildkube-worker")) {
+            Ok(worker) => worker,
+            Err(e) => {
+                bad.push(format!("{what}: target's worker args do not parse: {e}"));
+                continue;
+            }
+        };
+        if Some(threshold.as_str()) != worker.concurrency.map(|c| c.to_string()).as_deref() {
+            bad.push(format!(
+                "{what}: target {threshold} actions per worker is not the pool's --concurrency {:?}",
+                worker.concurrency
+            ));
+        }
+        let offered: Vec<(&str, &str)> = worker
+            .platform
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        for mask in 0u32..(1 << offered.len()) {
+            let subset = (0..offered.len())
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| offered[i]);
+            servable.insert((
+                worker.instance.clone(),
+                buildkube_config::platform_label(subset),
+            ));
+        }
+        for query in queries {
+            let selectors = query_problems(&query, &mut bad, &what);
+            let Some((instance, platforms)) = selectors.first() else {
+                continue;
+            };
+            if selectors.iter().any(|s| s != &selectors[0]) {
+                bad.push(format!(
+                    "{what}: queued and running select different series"
+                ));
+            }
+            if *instance != worker.instance {
+                bad.push(format!(
+                    "{what}: query instance `{instance}` is not the pool's --instance={}",
+                    worker.instance
+                ));
+            }
+            for label in platforms {
+                let runnable = label.is_empty()
+                    || label
+                        .split(',')
+                        .all(|pair| offered.iter().any(|(k, v)| format!("{k}={v}") == pair));
+                if !runnable {
+                    bad.push(format!(
+                        "{what}: counts platform `{label}`, which its workers cannot run"
+                    ));
+                }
+                counted
+                    .entry((instance.clone(), label.clone()))
+                    .or_default()
+                    .push(what.clone());
+            }
+        }
+    }
+    if counted.is_empty() {
+        return bad;
+    }
+    for ((instance, label), scalers) in &counted {
+        // KEDA and HPA are alternatives: count each kind separately.
+        for kind in ["HorizontalPodAutoscaler", ScaledObject::KIND] {
+            let n = scalers.iter().filter(|s| s.starts_with(kind)).count();
+            if n > 1 {
+                bad.push(format!(
+                    "instance `{instance}` platform `{label}` is counted by {n} autoscalers: {scalers:?}"
+                ));
+            }
+        }
+    }
+    for (instance, label) in &servable {
+        if !counted.contains_key(&(instance.clone(), label.clone())) {
+            bad.push(format!(
+                "instance `{instance}` platform `{label}` can run on a pool but no autoscaler counts it"
+            ));
+        }
     }
     bad
 }
@@ -831,6 +1067,8 @@ fn alternate_stack_builds_validates_and_holds_its_invariants() {
     let mut second = spec.worker_pools[0].clone();
     second.name = "big".into();
     second.concurrency = 16;
+    // A property of its own: the autoscaler counts each platform for one pool.
+    second.platform.insert("size".into(), "big".into());
     spec.worker_pools.push(second);
     let base = spec.overlays["production"].clone();
     spec.overlays.clear();
@@ -882,6 +1120,59 @@ fn invariants_catch_a_broken_overlay() {
         "--instance=typo is not served",
         "does not exceed --drain-timeout-secs",
         "references ConfigMap buildkube-worker-git, which does not exist",
+    ] {
+        assert!(
+            failures.contains(expected),
+            "`{expected}` not reported in:\n{failures}"
+        );
+    }
+}
+
+/// Issue 4: the autoscaler invariants catch a query on a foreign metric or
+/// another pool's platform, a missing scale-down pace, and a drain shorter
+/// than the longest action.
+#[test]
+fn issue_4_invariants_catch_a_broken_autoscaler_and_drain() {
+    let spec = StackSpec::default();
+    let dir = tempfile::tempdir().unwrap();
+    generate(&spec)
+        .write(dir.path(), &owned_roots(&spec))
+        .unwrap();
+    let mut built = build(dir.path(), "production");
+    for doc in &mut built.docs {
+        if doc["kind"] == ScaledObject::KIND {
+            let spec = &mut doc["spec"];
+            spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] = serde_json::json!({"scaleDown": {"policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}]}});
+            let query = spec["triggers"][0]["metadata"]["query"]
+                .as_str()
+                .unwrap()
+                .replacen("buildkube_queue_depth", "buildkube_workers_busy", 1)
+                .replace("runner=plain", "runner=gpu");
+            spec["triggers"][0]["metadata"]["query"] = query.into();
+        }
+        if doc["kind"] == "Deployment" && name_of(doc) == "buildkube-worker-default" {
+            let args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+                .as_array_mut()
+                .unwrap();
+            for arg in args.iter_mut() {
+                if arg
+                    .as_str()
+                    .unwrap()
+                    .starts_with("--max-action-timeout-secs=")
+                {
+                    *arg = "--max-action-timeout-secs=86400".into();
+                }
+            }
+        }
+    }
+    let failures = invariants(&built, &spec).join("\n");
+    for expected in [
+        "no scale-down stabilization window",
+        "scale-down is not limited to N pods per period",
+        "`buildkube_workers_busy` is not a load metric of buildkube-config",
+        "counts platform `runner=gpu`, which its workers cannot run",
+        "platform `OSFamily=Linux,runner=plain` can run on a pool but no autoscaler counts it",
+        "--drain-timeout-secs 3900 is less than --max-action-timeout-secs 86400",
     ] {
         assert!(
             failures.contains(expected),

@@ -107,3 +107,60 @@ fn the_binary_reports_the_field_and_exits_2() {
     );
     assert!(!dir.path().join("out").exists(), "nothing written");
 }
+
+/// Issue 4: a scale-down must never kill an action within its timeout, so a
+/// drain shorter than the longest action is rejected, naming the field.
+#[test]
+fn issue_4_drain_shorter_than_the_longest_action_is_rejected() {
+    let yaml = default_yaml_with(|v| {
+        pool(v)["max_action_timeout_secs"] = 7200.into();
+    });
+    let error = error_of(&yaml);
+    assert!(
+        error.contains(
+            "worker_pools[0].drain_timeout_secs: 3900 is less than max_action_timeout_secs 7200"
+        ),
+        "{error}"
+    );
+    insta_settings().bind(|| insta::assert_snapshot!("error-drain-shorter-than-action", error));
+}
+
+#[test]
+fn scale_down_pace_and_limits_name_their_fields() {
+    let yaml = default_yaml_with(|v| {
+        pool(v)["autoscaling"]["scale_down_max_pods"] = 0.into();
+        pool(v)["autoscaling"]["scale_down_period_secs"] = 0.into();
+        pool(v)["autoscaling"]["scale_down_stabilization_secs"] = 7200.into();
+        pool(v)["max_output_size"] = "64GiB".into();
+        pool(v)["max_stdio_size"] = "lots".into();
+    });
+    let error = error_of(&yaml);
+    for field in [
+        "worker_pools[0].autoscaling.scale_down_max_pods",
+        "worker_pools[0].autoscaling.scale_down_period_secs",
+        "worker_pools[0].autoscaling.scale_down_stabilization_secs",
+        "worker_pools[0].max_output_size",
+        "worker_pools[0].max_stdio_size",
+    ] {
+        assert!(
+            error.contains(&format!("  {field}: ")),
+            "{field} not named in:\n{error}"
+        );
+    }
+}
+
+/// A pool whose every platform an earlier pool of its instance can run would
+/// get no load counted, so it would never scale: rejected.
+#[test]
+fn a_pool_shadowed_by_an_earlier_one_is_rejected() {
+    let yaml = default_yaml_with(|v| {
+        let mut twin = pool(v).clone();
+        twin["name"] = "twin".into();
+        v["worker_pools"].as_sequence_mut().unwrap().push(twin);
+    });
+    let error = error_of(&yaml);
+    assert!(
+        error.contains("worker_pools[1].platform: pool `default`, listed before, offers all of it"),
+        "{error}"
+    );
+}
