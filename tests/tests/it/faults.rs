@@ -317,6 +317,88 @@ fn worker_connection_cut_and_restored_mid_build() -> Result<()> {
     Ok(())
 }
 
+/// A worker's connection cut for less than the lease timeout, until the
+/// commands it ran at the cut have ended: it keeps its leases, uploads and
+/// reports once the link is back, and the server takes its results without
+/// requeueing anything.
+#[test]
+fn worker_connection_cut_briefly_keeps_its_leases() -> Result<()> {
+    // Longer than keep-alive interval + the cut + the reconnect backoff.
+    let server = Server::start_with(|args| args.lease_timeout_secs = 30)?;
+    let proxy = TcpProxy::start(server.grpc_addr())?;
+    let cut_off = Worker::start_with(&server, |args| args.server = proxy.http_url())?;
+    let _direct = Worker::start(&server)?;
+    server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+    let cut_id = cut_off.id().to_string();
+    let bazel = Bazel::new()?;
+
+    let (run, lost) = build_during(&bazel, &build_args(&server), || {
+        wait_running_on(&server, &cut_id, 2)?;
+        proxy.cut();
+        let lost = names(&running_on(&server, &cut_id)?);
+        ensure!(
+            !lost.is_empty(),
+            "no action was running on the worker when its link was cut"
+        );
+        let commands = processes_under(cut_off.work_dir());
+        ensure!(
+            commands > 0,
+            "no command of the cut-off worker was running at the cut"
+        );
+        // Until every command running at the cut has ended: their results
+        // can only reach the server after the restore.
+        poll_until(
+            "the cut-off worker's commands to end",
+            REQUEUE_TIMEOUT,
+            || Ok((processes_under(cut_off.work_dir()) == 0).then_some(())),
+        )?;
+        proxy.restore();
+        Ok((lost, commands))
+    })
+    .map(|(run, (lost, commands))| {
+        eprintln!("{commands} command(s) of the cut-off worker ran through the cut");
+        (run, lost)
+    })?;
+    ensure_good_build(&run, &bazel)?;
+
+    let ops = server.operations()?;
+    for name in &lost {
+        let op = find(&ops, name)?;
+        ensure!(
+            op.completed_by() == Some(cut_id.as_str())
+                && !op.timeline.iter().any(|e| e.event == EVENT_REQUEUED),
+            "{name} should be completed by {cut_id} through the cut, never requeued:\n{}",
+            describe(&ops, &lost)
+        );
+    }
+    eprintln!(
+        "{} action(s) ran through the cut and were reported after it:\n{}",
+        lost.len(),
+        describe(&ops, &lost)
+    );
+    Ok(())
+}
+
+/// Live processes whose working directory is under `dir` (the commands a
+/// worker runs there, children included).
+fn processes_under(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                && std::fs::read_link(entry.path().join("cwd"))
+                    .is_ok_and(|cwd| cwd.starts_with(dir))
+        })
+        .count()
+}
+
 /// A worker started while the build runs with a backlog takes work from it.
 #[test]
 fn worker_joining_mid_build_takes_work() -> Result<()> {
