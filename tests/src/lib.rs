@@ -91,3 +91,19 @@ pub fn poll_until<T>(
         pause = (pause * 2).min(Duration::from_millis(200));
     }
 }
+
+/// Pids of live processes whose working directory is under `dir`, e.g. the
+/// commands a worker runs in its work dir, their children included.
+pub fn processes_under(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cwd = std::fs::read_link(entry.path().join("cwd")).ok()?;
+            cwd.starts_with(dir).then_some(pid)
+        })
+        .collect()
+}

@@ -10,9 +10,12 @@ use anyhow::{Context, Result};
 use buildkube_config::WorkerArgs;
 use tempfile::TempDir;
 
-use crate::bin_path;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
 use crate::daemon::{Daemon, LogFiles};
 use crate::server::Server;
+use crate::{bin_path, processes_under};
 
 /// Actions a test worker runs at once unless a test says otherwise.
 pub const DEFAULT_TEST_CONCURRENCY: usize = 4;
@@ -114,11 +117,30 @@ impl Worker {
     /// Sends SIGTERM (the worker starts draining) and returns at once; wait
     /// for the exit with [`Worker::terminate`].
     pub fn send_sigterm(&self) -> Result<()> {
-        self.daemon.signal(nix::sys::signal::Signal::SIGTERM)
+        self.daemon.signal(Signal::SIGTERM)
     }
 
-    /// SIGKILLs the worker and the actions it runs, and waits.
+    /// SIGKILLs the worker and waits, then SIGKILLs the commands it left
+    /// running, as a container runtime does when a worker's container dies.
     pub fn kill(&mut self) -> Result<ExitStatus> {
-        self.daemon.kill()
+        let status = self.daemon.kill();
+        self.kill_commands_left();
+        status
+    }
+
+    /// Actions run in process groups of their own, which killing the
+    /// worker's group misses: they are found by their working directory.
+    fn kill_commands_left(&self) {
+        for pid in processes_under(&self.args.work_dir) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Not reaped here: the daemon's own drop does, and shows the logs.
+        let _ = self.daemon.signal(Signal::SIGKILL);
+        self.kill_commands_left();
     }
 }

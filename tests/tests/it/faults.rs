@@ -14,7 +14,7 @@ use buildkube_config::{METRIC_ACTIONS_RUNNING, METRIC_QUEUE_DEPTH};
 use buildkube_tests::fixture::{self, ALL_TARGETS, SLOW_TARGET};
 use buildkube_tests::operations::{Operation, EVENT_ASSIGNED, EVENT_REQUEUED};
 use buildkube_tests::{
-    poll_until, remote_execution_flags, Bazel, BazelRun, Server, TcpProxy, Worker,
+    poll_until, processes_under, remote_execution_flags, Bazel, BazelRun, Server, TcpProxy, Worker,
 };
 
 /// Lease timeout of the servers here: short, so requeues come quickly.
@@ -340,7 +340,7 @@ fn worker_connection_cut_briefly_keeps_its_leases() -> Result<()> {
             !lost.is_empty(),
             "no action was running on the worker when its link was cut"
         );
-        let commands = processes_under(cut_off.work_dir());
+        let commands = processes_under(cut_off.work_dir()).len();
         ensure!(
             commands > 0,
             "no command of the cut-off worker was running at the cut"
@@ -350,7 +350,7 @@ fn worker_connection_cut_briefly_keeps_its_leases() -> Result<()> {
         poll_until(
             "the cut-off worker's commands to end",
             REQUEUE_TIMEOUT,
-            || Ok((processes_under(cut_off.work_dir()) == 0).then_some(())),
+            || Ok((processes_under(cut_off.work_dir()).is_empty()).then_some(())),
         )?;
         proxy.restore();
         Ok((lost, commands))
@@ -377,26 +377,6 @@ fn worker_connection_cut_briefly_keeps_its_leases() -> Result<()> {
         describe(&ops, &lost)
     );
     Ok(())
-}
-
-/// Live processes whose working directory is under `dir` (the commands a
-/// worker runs there, children included).
-fn processes_under(dir: &std::path::Path) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|entry| {
-            entry
-                .file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-                && std::fs::read_link(entry.path().join("cwd"))
-                    .is_ok_and(|cwd| cwd.starts_with(dir))
-        })
-        .count()
 }
 
 /// A worker started while the build runs with a backlog takes work from it.
