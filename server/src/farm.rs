@@ -25,6 +25,9 @@ pub struct Farm {
     pub instances: Instances,
     /// Counters.
     pub metrics: Metrics,
+    /// Turns true when the server is shutting down: open Execute streams end
+    /// with UNAVAILABLE (clients retry) and waiting Lease calls return empty.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Farm {

@@ -84,12 +84,14 @@ pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = (
         max_attempts: args.max_attempts.max(1),
         ..Default::default()
     }));
+    let (stop_tx, stop_rx) = watch::channel(false);
     let farm = Arc::new(Farm {
         cas,
         action_cache,
         scheduler: scheduler.clone(),
         instances,
         metrics: Metrics::default(),
+        stopping: stop_rx.clone(),
     });
 
     let grpc_listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
@@ -99,7 +101,6 @@ pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = (
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);

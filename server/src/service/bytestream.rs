@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use buildkube_proto::bytestream::{byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse};
 use buildkube_reapi::{ReadResource, WriteResource, BYTESTREAM_CHUNK};
@@ -15,11 +16,15 @@ use crate::storage::BlobWriter;
 
 type Upload = Arc<Mutex<BlobWriter>>;
 
+/// An unfinished upload untouched this long is dropped (its temp file deleted).
+const UPLOAD_IDLE_LIMIT: Duration = Duration::from_secs(15 * 60);
+
 /// ByteStream Read / Write / QueryWriteStatus over the CAS. Unfinished writes
-/// stay resumable (by resource name) until the server restarts.
+/// stay resumable (by resource name) for [`UPLOAD_IDLE_LIMIT`] or until the
+/// server restarts.
 pub struct ByteStreamService {
     farm: Arc<Farm>,
-    uploads: Mutex<HashMap<String, Upload>>,
+    uploads: Mutex<HashMap<String, (Instant, Upload)>>,
 }
 
 impl ByteStreamService {
@@ -33,12 +38,21 @@ impl ByteStreamService {
 
     fn upload_for(&self, name: &str, resource: &WriteResource) -> Result<Upload, Status> {
         let mut uploads = self.uploads.lock().unwrap();
-        if let Some(upload) = uploads.get(name) {
+        let now = Instant::now();
+        uploads.retain(|name, (touched, _)| {
+            let keep = now.duration_since(*touched) < UPLOAD_IDLE_LIMIT;
+            if !keep {
+                tracing::info!(resource = %name, "dropping abandoned upload");
+            }
+            keep
+        });
+        if let Some((touched, upload)) = uploads.get_mut(name) {
+            *touched = now;
             return Ok(upload.clone());
         }
         let writer = self.farm.cas.begin_write(resource.digest)?;
         let upload = Arc::new(Mutex::new(writer));
-        uploads.insert(name.to_string(), upload.clone());
+        uploads.insert(name.to_string(), (now, upload.clone()));
         Ok(upload)
     }
 
@@ -165,7 +179,7 @@ impl ByteStream for ByteStreamService {
                 complete: true,
             }));
         }
-        let upload = self.uploads.lock().unwrap().get(&name).cloned();
+        let upload = self.uploads.lock().unwrap().get(&name).map(|(_, upload)| upload.clone());
         match upload {
             Some(upload) => Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: upload.lock().unwrap().committed_size() as i64,

@@ -32,29 +32,40 @@ impl ExecutionService {
 
 type OperationStream = BoxStream<'static, Result<longrunning::Operation, Status>>;
 
-/// Streams an operation's updates until (and including) the one that is done.
-fn follow(receiver: watch::Receiver<longrunning::Operation>) -> OperationStream {
-    futures::stream::unfold((receiver, false, true), |(mut receiver, finished, first)| async move {
+/// Streams an operation's updates until (and including) the one that is done,
+/// or until the server stops (then UNAVAILABLE, so the client retries).
+fn follow(receiver: watch::Receiver<longrunning::Operation>, stopping: watch::Receiver<bool>) -> OperationStream {
+    enum Wake {
+        Changed,
+        Dropped,
+        Heartbeat,
+        Stopping,
+    }
+    futures::stream::unfold((receiver, stopping, false, true), |(mut receiver, mut stopping, finished, first)| async move {
         if finished {
             return None;
         }
         if !first {
-            tokio::select! {
-                changed = receiver.changed() => {
-                    if changed.is_err() {
-                        let last = receiver.borrow().clone();
-                        if last.done {
-                            return Some((Ok(last), (receiver, true, false)));
-                        }
-                        return Some((Err(Status::unavailable("operation was dropped by the server; retry with Execute")), (receiver, true, false)));
-                    }
+            let wake = tokio::select! {
+                _ = stopping.wait_for(|stop| *stop) => Wake::Stopping,
+                changed = receiver.changed() => if changed.is_ok() { Wake::Changed } else { Wake::Dropped },
+                _ = tokio::time::sleep(STREAM_HEARTBEAT) => Wake::Heartbeat,
+            };
+            match wake {
+                Wake::Stopping => {
+                    let status = Status::unavailable("server is shutting down; retry");
+                    return Some((Err(status), (receiver, stopping, true, false)));
                 }
-                _ = tokio::time::sleep(STREAM_HEARTBEAT) => {}
+                Wake::Dropped if !receiver.borrow().done => {
+                    let status = Status::unavailable("operation was dropped by the server; retry with Execute");
+                    return Some((Err(status), (receiver, stopping, true, false)));
+                }
+                Wake::Changed | Wake::Dropped | Wake::Heartbeat => {}
             }
         }
         let operation = receiver.borrow_and_update().clone();
         let done = operation.done;
-        Some((Ok(operation), (receiver, done, false)))
+        Some((Ok(operation), (receiver, stopping, done, false)))
     })
     .boxed()
 }
@@ -161,7 +172,7 @@ impl Execution for ExecutionService {
             command,
             priority,
         });
-        Ok(Response::new(follow(receiver)))
+        Ok(Response::new(follow(receiver, self.farm.stopping.clone())))
     }
 
     type WaitExecutionStream = OperationStream;
@@ -174,7 +185,7 @@ impl Execution for ExecutionService {
             .scheduler
             .watch(&name)
             .ok_or_else(|| Status::not_found(format!("operation {name:?} not found; it may predate a server restart, retry with Execute")))?;
-        Ok(Response::new(follow(receiver)))
+        Ok(Response::new(follow(receiver, self.farm.stopping.clone())))
     }
 }
 

@@ -42,7 +42,11 @@ impl WorkerService for WorkerProtocolService {
             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
             .unwrap_or_default()
             .min(MAX_LEASE_WAIT);
-        let lease = self.farm.scheduler.lease(&worker, wait).await;
+        let mut stopping = self.farm.stopping.clone();
+        let lease = tokio::select! {
+            lease = self.farm.scheduler.lease(&worker, wait) => lease,
+            _ = stopping.wait_for(|stop| *stop) => None,
+        };
         Ok(Response::new(wire::LeaseResponse { lease }))
     }
 

@@ -634,3 +634,23 @@ async fn executed_action_returns_output_and_leaves_a_timeline() {
     let Some(longrunning::operation::Result::Response(any)) = op.result else { panic!("{op:?}") };
     assert!(reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap().cached_result);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_ends_open_streams_with_unavailable() {
+    let mut server = Server::start().unwrap();
+    let mut c = clients(&server, None);
+    let input = b"present";
+    let action = action_with(&mut c, Some(input), Digest::of_bytes(input), &["out"]).await;
+    // No worker: the operation stays queued and the stream stays open.
+    let mut stream = c
+        .exec
+        .execute(reapi::ExecuteRequest { instance_name: INSTANCE.into(), action_digest: Some(action.to_proto()), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stream.next().await.unwrap().unwrap().done);
+    let status = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap().unwrap();
+    assert!(status.success(), "the server exits cleanly on SIGTERM with a stream open: {status:?}");
+    let end = stream.next().await.unwrap().unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+}
