@@ -85,7 +85,11 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
 
 /// Command line of `buildkube-server`. Every flag has a `BUILDKUBE_*` env fallback.
 #[derive(Parser, Debug, Clone, PartialEq)]
-#[command(name = "buildkube-server", version, about = "Remote Execution API v2 server and scheduler")]
+#[command(
+    name = "buildkube-server",
+    version,
+    about = "Remote Execution API v2 server and scheduler"
+)]
 pub struct ServerArgs {
     /// gRPC listen address (REAPI services, worker protocol, health).
     #[arg(long, env = "BUILDKUBE_LISTEN", default_value_t = loopback(DEFAULT_GRPC_PORT))]
@@ -157,7 +161,11 @@ impl ServerArgs {
 
 /// Command line of `buildkube-worker`. Every flag has a `BUILDKUBE_*` env fallback.
 #[derive(Parser, Debug, Clone, PartialEq)]
-#[command(name = "buildkube-worker", version, about = "Runs actions leased from a buildkube server")]
+#[command(
+    name = "buildkube-worker",
+    version,
+    about = "Runs actions leased from a buildkube server"
+)]
 pub struct WorkerArgs {
     /// Server gRPC endpoint, e.g. http://buildkube-server:8980.
     #[arg(long, env = "BUILDKUBE_SERVER", default_value_t = format!("http://127.0.0.1:{DEFAULT_GRPC_PORT}"))]
@@ -198,7 +206,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "BUILDKUBE_MAX_STDIO_SIZE", default_value = "256MiB", value_parser = parse_byte_size)]
     pub max_stdio_size: u64,
     /// Timeout of actions that set none, and the longest timeout an action may ask for.
-    #[arg(long, env = "BUILDKUBE_MAX_ACTION_TIMEOUT_SECS", default_value_t = 3600)]
+    #[arg(
+        long,
+        env = "BUILDKUBE_MAX_ACTION_TIMEOUT_SECS",
+        default_value_t = 3600
+    )]
     pub max_action_timeout_secs: u64,
     /// HTTP listen address of the worker (/healthz, /readyz, /metrics); readiness
     /// turns false while draining.
@@ -243,7 +255,10 @@ impl WorkerArgs {
         args.push(format!("--drain-timeout-secs={}", self.drain_timeout_secs));
         args.push(format!("--max-output-size={}", self.max_output_size));
         args.push(format!("--max-stdio-size={}", self.max_stdio_size));
-        args.push(format!("--max-action-timeout-secs={}", self.max_action_timeout_secs));
+        args.push(format!(
+            "--max-action-timeout-secs={}",
+            self.max_action_timeout_secs
+        ));
         args.push(format!("--http-listen={}", self.http_listen));
         args.push(format!("--log-format={}", self.log_format.as_arg()));
         args
@@ -268,7 +283,9 @@ pub fn platform_label<'a>(properties: impl IntoIterator<Item = (&'a str, &'a str
 pub fn parse_platform_property(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
-        _ => Err(format!("platform property `{text}` must be key=value with a non-empty key")),
+        _ => Err(format!(
+            "platform property `{text}` must be key=value with a non-empty key"
+        )),
     }
 }
 
@@ -290,7 +307,10 @@ mod tests {
     #[test]
     fn worker_args_round_trip() {
         let mut args = WorkerArgs::default();
-        args.platform = vec![("OSFamily".into(), "Linux".into()), ("runner".into(), "sandbox".into())];
+        args.platform = vec![
+            ("OSFamily".into(), "Linux".into()),
+            ("runner".into(), "sandbox".into()),
+        ];
         args.concurrency = Some(4);
         args.env_script = Some("/etc/buildkube/env.sh".into());
         args.max_output_size = 1 << 30;
@@ -303,7 +323,10 @@ mod tests {
 
     #[test]
     fn platform_label_is_sorted() {
-        assert_eq!(platform_label([("runner", "sandbox"), ("OSFamily", "Linux")]), "OSFamily=Linux,runner=sandbox");
+        assert_eq!(
+            platform_label([("runner", "sandbox"), ("OSFamily", "Linux")]),
+            "OSFamily=Linux,runner=sandbox"
+        );
         assert_eq!(platform_label([]), "");
     }
 

@@ -34,9 +34,14 @@ const MAX_MESSAGE: usize = 64 << 20;
 pub struct BearerToken(Option<MetadataValue<Ascii>>);
 
 impl tonic::service::Interceptor for BearerToken {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
         }
         Ok(request)
     }
@@ -97,7 +102,10 @@ impl CasClientError {
     }
 }
 
-fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CasClientError + 'a {
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> CasClientError + 'a {
     move |source| CasClientError::Io {
         action,
         path: path.display().to_string(),
@@ -194,7 +202,8 @@ impl CasClient {
         let mut batch_bytes = 0u64;
         for (digest, data) in blobs {
             if digest.size() > BATCH_BLOB_LIMIT {
-                self.write_bytestream(digest, futures::stream::iter(chunks(data)).map(Ok)).await?;
+                self.write_bytestream(digest, futures::stream::iter(chunks(data)).map(Ok))
+                    .await?;
                 continue;
             }
             if batch_bytes + digest.size() > BATCH_TOTAL_LIMIT {
@@ -222,10 +231,14 @@ impl CasClient {
     /// Uploads a file whose digest is known, streaming it if it is big.
     pub async fn upload_file(&self, digest: Digest, path: &Path) -> Result<(), CasClientError> {
         if digest.size() <= BATCH_BLOB_LIMIT {
-            let data = tokio::fs::read(path).await.map_err(io_error("reading", path))?;
+            let data = tokio::fs::read(path)
+                .await
+                .map_err(io_error("reading", path))?;
             return self.upload_blob(digest, data.into()).await;
         }
-        let file = tokio::fs::File::open(path).await.map_err(io_error("opening", path))?;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(io_error("opening", path))?;
         let path_text = path.display().to_string();
         let stream = futures::stream::unfold(Some(file), move |file| {
             let path_text = path_text.clone();
@@ -252,7 +265,10 @@ impl CasClient {
         self.write_bytestream(digest, stream).await
     }
 
-    async fn send_batch(&self, requests: Vec<batch_update_blobs_request::Request>) -> Result<(), CasClientError> {
+    async fn send_batch(
+        &self,
+        requests: Vec<batch_update_blobs_request::Request>,
+    ) -> Result<(), CasClientError> {
         let response = self
             .cas
             .clone()
@@ -269,7 +285,11 @@ impl CasClient {
         for r in &response.get_ref().responses {
             let code = r.status.as_ref().map_or(0, |s| s.code);
             if code != 0 {
-                let message = r.status.as_ref().map(|s| s.message.clone()).unwrap_or_default();
+                let message = r
+                    .status
+                    .as_ref()
+                    .map(|s| s.message.clone())
+                    .unwrap_or_default();
                 return Err(CasClientError::Rpc {
                     call: "BatchUpdateBlobs",
                     status: tonic::Status::new(tonic::Code::from(code), message),
@@ -284,7 +304,8 @@ impl CasClient {
     where
         S: futures::Stream<Item = Result<Bytes, CasClientError>> + Send + 'static,
     {
-        let resource = WriteResource::format(&self.instance, &uuid::Uuid::new_v4().to_string(), &digest);
+        let resource =
+            WriteResource::format(&self.instance, &uuid::Uuid::new_v4().to_string(), &digest);
         let size = digest.size() as i64;
         let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
         let (err_tx, mut err_rx) = tokio::sync::oneshot::channel();
@@ -302,7 +323,11 @@ impl CasClient {
                 };
                 let len = chunk.len() as i64;
                 let request = WriteRequest {
-                    resource_name: if first { resource.clone() } else { String::new() },
+                    resource_name: if first {
+                        resource.clone()
+                    } else {
+                        String::new()
+                    },
                     write_offset: offset,
                     finish_write: offset + len == size,
                     data: chunk,
@@ -317,7 +342,11 @@ impl CasClient {
                 // Empty blob or a short source: send a final (possibly empty) frame.
                 let _ = tx
                     .send(WriteRequest {
-                        resource_name: if first { resource.clone() } else { String::new() },
+                        resource_name: if first {
+                            resource.clone()
+                        } else {
+                            String::new()
+                        },
                         write_offset: offset,
                         finish_write: true,
                         data: Bytes::new(),
@@ -374,7 +403,10 @@ impl CasClient {
     }
 
     /// Reads several blobs (each must exist), verifying each.
-    pub async fn read_blobs(&self, digests: &[Digest]) -> Result<Vec<(Digest, Bytes)>, CasClientError> {
+    pub async fn read_blobs(
+        &self,
+        digests: &[Digest],
+    ) -> Result<Vec<(Digest, Bytes)>, CasClientError> {
         let mut out = Vec::with_capacity(digests.len());
         let mut batch = Vec::new();
         let mut batch_bytes = 0u64;
@@ -396,7 +428,10 @@ impl CasClient {
         Ok(out)
     }
 
-    async fn read_batch(&self, digests: Vec<Digest>) -> Result<Vec<(Digest, Bytes)>, CasClientError> {
+    async fn read_batch(
+        &self,
+        digests: Vec<Digest>,
+    ) -> Result<Vec<(Digest, Bytes)>, CasClientError> {
         let response = self
             .cas
             .clone()
@@ -412,10 +447,11 @@ impl CasClient {
             })?;
         let mut out = Vec::with_capacity(digests.len());
         for r in response.into_inner().responses {
-            let digest = Digest::from_field(r.digest.as_ref()).map_err(|e| CasClientError::Rpc {
-                call: "BatchReadBlobs",
-                status: tonic::Status::internal(format!("server returned a bad digest: {e}")),
-            })?;
+            let digest =
+                Digest::from_field(r.digest.as_ref()).map_err(|e| CasClientError::Rpc {
+                    call: "BatchReadBlobs",
+                    status: tonic::Status::internal(format!("server returned a bad digest: {e}")),
+                })?;
             let code = r.status.as_ref().map_or(0, |s| s.code);
             if code == tonic::Code::NotFound as i32 {
                 return Err(CasClientError::Missing(digest));
@@ -463,7 +499,9 @@ impl CasClient {
             })?;
         Ok(response.into_inner().map(move |item| match item {
             Ok(r) => Ok(r.data),
-            Err(status) if status.code() == tonic::Code::NotFound => Err(CasClientError::Missing(digest)),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                Err(CasClientError::Missing(digest))
+            }
             Err(status) => Err(CasClientError::Rpc {
                 call: "ByteStream.Read",
                 status,
@@ -472,18 +510,28 @@ impl CasClient {
     }
 
     /// Downloads a blob into `path` (created or truncated), verifying its digest.
-    pub async fn download_to_file(&self, digest: Digest, path: &Path) -> Result<(), CasClientError> {
-        let mut file = tokio::fs::File::create(path).await.map_err(io_error("creating", path))?;
+    pub async fn download_to_file(
+        &self,
+        digest: Digest,
+        path: &Path,
+    ) -> Result<(), CasClientError> {
+        let mut file = tokio::fs::File::create(path)
+            .await
+            .map_err(io_error("creating", path))?;
         if digest.size() <= BATCH_BLOB_LIMIT {
             let data = self.read_blob(digest).await?;
-            file.write_all(&data).await.map_err(io_error("writing", path))?;
+            file.write_all(&data)
+                .await
+                .map_err(io_error("writing", path))?;
         } else {
             let mut hasher = Hasher::new();
             let mut stream = std::pin::pin!(self.read_stream(digest, 0, 0).await?);
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk?;
                 hasher.update(&chunk);
-                file.write_all(&chunk).await.map_err(io_error("writing", path))?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(io_error("writing", path))?;
             }
             let actual = hasher.finish();
             if actual != digest {
@@ -515,14 +563,20 @@ impl CasClient {
                 .await
                 .map_err(|status| match status.code() {
                     tonic::Code::NotFound => CasClientError::Missing(root),
-                    _ => CasClientError::Rpc { call: "GetTree", status },
+                    _ => CasClientError::Rpc {
+                        call: "GetTree",
+                        status,
+                    },
                 })?
                 .into_inner();
             let mut next = String::new();
             while let Some(page) = stream.next().await {
                 let page = page.map_err(|status| match status.code() {
                     tonic::Code::NotFound => CasClientError::Missing(root),
-                    _ => CasClientError::Rpc { call: "GetTree", status },
+                    _ => CasClientError::Rpc {
+                        call: "GetTree",
+                        status,
+                    },
                 })?;
                 directories.extend(page.directories);
                 next = page.next_page_token;

@@ -78,7 +78,9 @@ impl Digest {
 
     /// Parses an optional wire digest (a message field).
     pub fn from_field(digest: Option<&reapi::Digest>) -> Result<Digest, DigestError> {
-        digest.ok_or(DigestError::Missing).and_then(Digest::try_from)
+        digest
+            .ok_or(DigestError::Missing)
+            .and_then(Digest::try_from)
     }
 
     /// The hash as 64 lowercase hex characters.
@@ -205,9 +207,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_hashes_and_sizes() {
-        assert!(matches!(Digest::from_hex("abc", 1), Err(DigestError::BadHash(_))));
+        assert!(matches!(
+            Digest::from_hex("abc", 1),
+            Err(DigestError::BadHash(_))
+        ));
         let upper = "2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824";
-        assert!(matches!(Digest::from_hex(upper, 5), Err(DigestError::BadHash(_))));
+        assert!(matches!(
+            Digest::from_hex(upper, 5),
+            Err(DigestError::BadHash(_))
+        ));
         let ok = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
         assert!(matches!(
             Digest::from_hex(ok, -1),

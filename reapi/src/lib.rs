@@ -6,6 +6,8 @@ mod cas_client;
 mod digest;
 mod resource;
 
-pub use cas_client::{connect_channel, AuthChannel, BearerToken, CasClient, CasClientError, BYTESTREAM_CHUNK};
+pub use cas_client::{
+    connect_channel, AuthChannel, BearerToken, CasClient, CasClientError, BYTESTREAM_CHUNK,
+};
 pub use digest::{Digest, DigestError, Hasher};
 pub use resource::{ReadResource, ResourceError, WriteResource};

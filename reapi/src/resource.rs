@@ -52,7 +52,12 @@ pub struct WriteResource {
 const READ_SHAPE: &str = "[{instance}/]blobs/{hash}/{size}";
 const WRITE_SHAPE: &str = "[{instance}/]uploads/{uuid}/blobs/{hash}/{size}";
 
-fn parse_digest(name: &str, hash: &str, size: &str, expected: &'static str) -> Result<Digest, ResourceError> {
+fn parse_digest(
+    name: &str,
+    hash: &str,
+    size: &str,
+    expected: &'static str,
+) -> Result<Digest, ResourceError> {
     let size: i64 = size.parse().map_err(|_| ResourceError::Malformed {
         name: name.to_string(),
         expected,
@@ -74,7 +79,10 @@ impl ReadResource {
         if segments.contains(&"compressed-blobs") {
             return Err(ResourceError::Compressed(name.to_string()));
         }
-        let at = segments.iter().position(|s| *s == "blobs").ok_or_else(malformed)?;
+        let at = segments
+            .iter()
+            .position(|s| *s == "blobs")
+            .ok_or_else(malformed)?;
         if segments.len() < at + 3 || segments[..at].iter().any(|s| s.is_empty()) {
             return Err(malformed());
         }
@@ -107,7 +115,10 @@ impl WriteResource {
         if segments.contains(&"compressed-blobs") {
             return Err(ResourceError::Compressed(name.to_string()));
         }
-        let at = segments.iter().position(|s| *s == "uploads").ok_or_else(malformed)?;
+        let at = segments
+            .iter()
+            .position(|s| *s == "uploads")
+            .ok_or_else(malformed)?;
         if segments.len() < at + 5
             || segments[at + 1].is_empty()
             || segments[at + 2] != "blobs"
@@ -125,7 +136,11 @@ impl WriteResource {
 
     /// Formats a write resource name.
     pub fn format(instance: &str, upload_id: &str, digest: &Digest) -> String {
-        let blob = format!("uploads/{upload_id}/blobs/{}/{}", digest.hash_hex(), digest.size());
+        let blob = format!(
+            "uploads/{upload_id}/blobs/{}/{}",
+            digest.hash_hex(),
+            digest.size()
+        );
         if instance.is_empty() {
             blob
         } else {
@@ -149,17 +164,26 @@ mod tests {
         assert_eq!(r.instance, "");
         let r = ReadResource::parse(&format!("a/b/blobs/{HASH}/5/extra")).unwrap();
         assert_eq!(r.instance, "a/b");
-        assert_eq!(ReadResource::parse(&ReadResource::format("a/b", &r.digest)).unwrap(), r);
+        assert_eq!(
+            ReadResource::parse(&ReadResource::format("a/b", &r.digest)).unwrap(),
+            r
+        );
     }
 
     #[test]
     fn write_with_and_without_instance() {
         let name = format!("main/uploads/1234/blobs/{HASH}/5");
         let w = WriteResource::parse(&name).unwrap();
-        assert_eq!((w.instance.as_str(), w.upload_id.as_str()), ("main", "1234"));
+        assert_eq!(
+            (w.instance.as_str(), w.upload_id.as_str()),
+            ("main", "1234")
+        );
         let w = WriteResource::parse(&format!("uploads/x/blobs/{HASH}/5/meta")).unwrap();
         assert_eq!(w.instance, "");
-        assert_eq!(WriteResource::parse(&WriteResource::format("", "x", &w.digest)).unwrap(), w);
+        assert_eq!(
+            WriteResource::parse(&WriteResource::format("", "x", &w.digest)).unwrap(),
+            w
+        );
     }
 
     #[test]
@@ -176,7 +200,9 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    ReadResource::parse(&bad).err().or(WriteResource::parse(&bad).err()),
+                    ReadResource::parse(&bad)
+                        .err()
+                        .or(WriteResource::parse(&bad).err()),
                     Some(ResourceError::Malformed { .. })
                 ),
                 "{bad:?} accepted"

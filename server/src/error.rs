@@ -10,9 +10,9 @@ use crate::storage::StorageError;
 impl From<StorageError> for Status {
     fn from(error: StorageError) -> Status {
         let code = match &error {
-            StorageError::DigestMismatch { .. } | StorageError::BadOffset { .. } | StorageError::TooLong { .. } => {
-                Code::InvalidArgument
-            }
+            StorageError::DigestMismatch { .. }
+            | StorageError::BadOffset { .. }
+            | StorageError::TooLong { .. } => Code::InvalidArgument,
             StorageError::TooLarge { .. } => Code::ResourceExhausted,
             e if e.is_disk_full() => Code::ResourceExhausted,
             StorageError::Io { .. } | StorageError::CorruptEntry { .. } => Code::Internal,

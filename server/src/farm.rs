@@ -32,16 +32,26 @@ pub struct Farm {
 
 impl Farm {
     /// Reads and decodes a message stored in the CAS; `None` if absent.
-    pub async fn read_message<M: Message + Default>(&self, digest: &Digest, what: &str) -> Result<Option<M>, Status> {
+    pub async fn read_message<M: Message + Default>(
+        &self,
+        digest: &Digest,
+        what: &str,
+    ) -> Result<Option<M>, Status> {
         let Some(data) = self.cas.read(digest).await? else {
             return Ok(None);
         };
-        M::decode(data).map(Some).map_err(|e| Status::invalid_argument(format!("{what} {digest} is not a valid message: {e}")))
+        M::decode(data).map(Some).map_err(|e| {
+            Status::invalid_argument(format!("{what} {digest} is not a valid message: {e}"))
+        })
     }
 
     /// Every directory of the tree under `root`, root first (breadth first).
     /// Missing directories are collected in `missing` instead of failing.
-    pub async fn walk_tree(&self, root: Digest, missing: &mut Vec<Digest>) -> Result<Vec<(Digest, reapi::Directory)>, Status> {
+    pub async fn walk_tree(
+        &self,
+        root: Digest,
+        missing: &mut Vec<Digest>,
+    ) -> Result<Vec<(Digest, reapi::Directory)>, Status> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut frontier = vec![root];
@@ -51,12 +61,17 @@ impl Farm {
                 if !seen.insert(digest) {
                     continue;
                 }
-                let Some(directory) = self.read_message::<reapi::Directory>(&digest, "directory").await? else {
+                let Some(directory) = self
+                    .read_message::<reapi::Directory>(&digest, "directory")
+                    .await?
+                else {
                     missing.push(digest);
                     continue;
                 };
                 for child in &directory.directories {
-                    next.push(Digest::from_field(child.digest.as_ref()).map_err(|e| bad_digest(&format!("directory {digest} entry {:?}", child.name), e))?);
+                    next.push(Digest::from_field(child.digest.as_ref()).map_err(|e| {
+                        bad_digest(&format!("directory {digest} entry {:?}", child.name), e)
+                    })?);
                 }
                 out.push((digest, directory));
             }
@@ -73,7 +88,9 @@ impl Farm {
         let mut files = Vec::new();
         for (digest, directory) in &tree {
             for file in &directory.files {
-                files.push(Digest::from_field(file.digest.as_ref()).map_err(|e| bad_digest(&format!("directory {digest} file {:?}", file.name), e))?);
+                files.push(Digest::from_field(file.digest.as_ref()).map_err(|e| {
+                    bad_digest(&format!("directory {digest} file {:?}", file.name), e)
+                })?);
             }
         }
         files.sort();
@@ -100,7 +117,10 @@ impl Farm {
             let Some(tree_digest) = parse(dir.tree_digest.as_ref()) else {
                 return Ok(false);
             };
-            let Some(tree) = self.read_message::<reapi::Tree>(&tree_digest, "tree").await? else {
+            let Some(tree) = self
+                .read_message::<reapi::Tree>(&tree_digest, "tree")
+                .await?
+            else {
                 return Ok(false);
             };
             for directory in tree.root.iter().chain(tree.children.iter()) {

@@ -55,7 +55,10 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         .into_response()
 }
 
-async fn recent_operations(State(state): State<HttpState>, Query(query): Query<RecentQuery>) -> Response {
+async fn recent_operations(
+    State(state): State<HttpState>,
+    Query(query): Query<RecentQuery>,
+) -> Response {
     Json(state.farm.scheduler.recent(query.limit.unwrap_or(100))).into_response()
 }
 
@@ -63,6 +66,10 @@ async fn operation(State(state): State<HttpState>, Path(id): Path<String>) -> Re
     let name = format!("operations/{id}");
     match state.farm.scheduler.summary_of(&name) {
         Some(summary) => Json(summary).into_response(),
-        None => (StatusCode::NOT_FOUND, format!("operation {name} not found\n")).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("operation {name} not found\n"),
+        )
+            .into_response(),
     }
 }

@@ -17,7 +17,15 @@ pub struct InstanceNameError {
 }
 
 /// Path segments the REAPI reserves; an instance name may not contain them.
-const RESERVED: &[&str] = &["blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"];
+const RESERVED: &[&str] = &[
+    "blobs",
+    "uploads",
+    "actions",
+    "actionResults",
+    "operations",
+    "capabilities",
+    "compressed-blobs",
+];
 
 impl Instances {
     /// Validates and collects instance names.
@@ -34,8 +42,13 @@ impl Instances {
             if name.split('/').any(|s| RESERVED.contains(&s)) && !name.is_empty() {
                 return Err(error("contains a path segment the REAPI reserves (blobs, uploads, actions, operations, ...)"));
             }
-            if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
-                return Err(error("may contain only ASCII letters, digits, '-', '_', '.' and '/'"));
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+            {
+                return Err(error(
+                    "may contain only ASCII letters, digits, '-', '_', '.' and '/'",
+                ));
             }
             set.insert(name.clone());
         }

@@ -46,34 +46,53 @@ use crate::service::MAX_GRPC_MESSAGE;
 use crate::storage::{FsActionCache, FsCas};
 
 /// Checks `authorization: Bearer TOKEN` on every gRPC call when a token is configured.
-fn auth_check(token: Option<String>) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+fn auth_check(
+    token: Option<String>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
     let expected = token.map(|t| format!("Bearer {}", t.trim()));
     move |request: tonic::Request<()>| {
-        let Some(expected) = &expected else { return Ok(request) };
-        match request.metadata().get(buildkube_config::AUTHORIZATION_HEADER).and_then(|v| v.to_str().ok()) {
+        let Some(expected) = &expected else {
+            return Ok(request);
+        };
+        match request
+            .metadata()
+            .get(buildkube_config::AUTHORIZATION_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
             Some(given) if given == expected => Ok(request),
             Some(_) => Err(tonic::Status::unauthenticated("wrong bearer token")),
-            None => Err(tonic::Status::unauthenticated("this server requires `authorization: Bearer <token>`")),
+            None => Err(tonic::Status::unauthenticated(
+                "this server requires `authorization: Bearer <token>`",
+            )),
         }
     }
 }
 
 fn write_addr_file(path: &Path, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("grpc={grpc}\nhttp={http}\n")).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", path.display()))?;
+    std::fs::write(&tmp, format!("grpc={grpc}\nhttp={http}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} into place", path.display()))?;
     Ok(())
 }
 
 /// Runs the server until `shutdown` resolves, then stops accepting calls,
 /// drains in-process workers and returns.
-pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    args: ServerArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let instances = Instances::new(&args.instances)?;
     let token = match &args.auth_token_file {
-        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("--auth-token-file {}", path.display()))?),
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--auth-token-file {}", path.display()))?,
+        ),
         None => None,
     };
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let cas = FsCas::open(&args.data_dir.join("cas"), args.cas_max_size)
         .await
         .with_context(|| format!("opening the CAS in {}", args.data_dir.display()))?;
@@ -94,7 +113,9 @@ pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = (
         stopping: stop_rx.clone(),
     });
 
-    let grpc_listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
+    let grpc_listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
     let http_listener = TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("binding --http-listen {}", args.http_listen))?;
@@ -121,8 +142,12 @@ pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = (
     };
 
     let (mut health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ExecutionServer<service::ExecutionService>>().await;
-    health.set_serving::<ContentAddressableStorageServer<service::CasService>>().await;
+    health
+        .set_serving::<ExecutionServer<service::ExecutionService>>()
+        .await;
+    health
+        .set_serving::<ContentAddressableStorageServer<service::CasService>>()
+        .await;
 
     let auth = auth_check(token);
     let router = tonic::transport::Server::builder()
@@ -130,7 +155,9 @@ pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = (
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(tonic::service::interceptor(auth))
         .add_service(health_service)
-        .add_service(CapabilitiesServer::new(service::CapabilitiesService::new(farm.clone())))
+        .add_service(CapabilitiesServer::new(service::CapabilitiesService::new(
+            farm.clone(),
+        )))
         .add_service(
             ContentAddressableStorageServer::new(service::CasService::new(farm.clone()))
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)
@@ -146,8 +173,12 @@ pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = (
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)
                 .max_encoding_message_size(MAX_GRPC_MESSAGE),
         )
-        .add_service(ExecutionServer::new(service::ExecutionService::new(farm.clone())))
-        .add_service(OperationsServer::new(service::OperationsService::new(farm.clone())))
+        .add_service(ExecutionServer::new(service::ExecutionService::new(
+            farm.clone(),
+        )))
+        .add_service(OperationsServer::new(service::OperationsService::new(
+            farm.clone(),
+        )))
         .add_service(
             WorkerServiceServer::new(service::WorkerProtocolService::new(farm.clone()))
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)
@@ -158,14 +189,16 @@ pub async fn run(args: ServerArgs, shutdown: impl std::future::Future<Output = (
     // delayed ACKs for ~40 ms.
     let incoming = tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
         .map_err(|e| anyhow::anyhow!("configuring the gRPC listener: {e}"))?;
-    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
+    let grpc =
+        tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
 
     let ready = Arc::new(AtomicBool::new(false));
     let http_state = http::HttpState {
         farm: farm.clone(),
         ready: ready.clone(),
     };
-    let http_server = axum::serve(http_listener, http::router(http_state)).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http_server = axum::serve(http_listener, http::router(http_state))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
     let http = tokio::spawn(async move { http_server.await });
 
     let mut local_workers = Vec::new();

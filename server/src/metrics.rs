@@ -37,15 +37,31 @@ impl Metrics {
         let mut gauge = |name: &str, help: &str, kind: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        gauge(names::METRIC_QUEUE_DEPTH, "Actions waiting for a worker.", "gauge");
+        gauge(
+            names::METRIC_QUEUE_DEPTH,
+            "Actions waiting for a worker.",
+            "gauge",
+        );
         let mut lines = String::new();
         for ((instance, platform), n) in &stats.queue_depth {
-            let _ = writeln!(lines, "{}{{instance=\"{instance}\",platform=\"{platform}\"}} {n}", names::METRIC_QUEUE_DEPTH);
+            let _ = writeln!(
+                lines,
+                "{}{{instance=\"{instance}\",platform=\"{platform}\"}} {n}",
+                names::METRIC_QUEUE_DEPTH
+            );
         }
         out.push_str(&lines);
-        let _ = writeln!(out, "# HELP {0} Actions leased to workers.\n# TYPE {0} gauge", names::METRIC_ACTIONS_RUNNING);
+        let _ = writeln!(
+            out,
+            "# HELP {0} Actions leased to workers.\n# TYPE {0} gauge",
+            names::METRIC_ACTIONS_RUNNING
+        );
         for ((instance, platform), n) in &stats.running {
-            let _ = writeln!(out, "{}{{instance=\"{instance}\",platform=\"{platform}\"}} {n}", names::METRIC_ACTIONS_RUNNING);
+            let _ = writeln!(
+                out,
+                "{}{{instance=\"{instance}\",platform=\"{platform}\"}} {n}",
+                names::METRIC_ACTIONS_RUNNING
+            );
         }
         let _ = writeln!(
             out,
@@ -61,14 +77,26 @@ impl Metrics {
         );
         let _ = writeln!(out, "# HELP buildkube_actions_total Finished actions by outcome.\n# TYPE buildkube_actions_total counter");
         for (outcome, n) in &stats.outcomes {
-            let _ = writeln!(out, "buildkube_actions_total{{outcome=\"{}\"}} {n}", outcome.label());
+            let _ = writeln!(
+                out,
+                "buildkube_actions_total{{outcome=\"{}\"}} {n}",
+                outcome.label()
+            );
         }
         let hits = get(&self.cas_hits);
         let misses = get(&self.cas_misses);
-        let ratio = if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 };
+        let ratio = if hits + misses == 0 {
+            0.0
+        } else {
+            hits as f64 / (hits + misses) as f64
+        };
         let ac_hits = get(&self.ac_hits);
         let ac_misses = get(&self.ac_misses);
-        let ac_ratio = if ac_hits + ac_misses == 0 { 0.0 } else { ac_hits as f64 / (ac_hits + ac_misses) as f64 };
+        let ac_ratio = if ac_hits + ac_misses == 0 {
+            0.0
+        } else {
+            ac_hits as f64 / (ac_hits + ac_misses) as f64
+        };
         let _ = write!(
             out,
             "# HELP buildkube_cas_bytes Bytes stored in the CAS.\n# TYPE buildkube_cas_bytes gauge\nbuildkube_cas_bytes {cas_bytes}\n\

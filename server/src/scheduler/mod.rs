@@ -258,7 +258,11 @@ fn metadata(stage: execution_stage::Value, digest: &Digest) -> prost_types::Any 
 }
 
 /// A finished operation carrying `response`.
-fn done_operation(name: &str, digest: &Digest, response: &reapi::ExecuteResponse) -> longrunning::Operation {
+fn done_operation(
+    name: &str,
+    digest: &Digest,
+    response: &reapi::ExecuteResponse,
+) -> longrunning::Operation {
     longrunning::Operation {
         name: name.to_string(),
         metadata: Some(metadata(execution_stage::Value::Completed, digest)),
@@ -270,7 +274,11 @@ fn done_operation(name: &str, digest: &Digest, response: &reapi::ExecuteResponse
     }
 }
 
-fn pending_operation(name: &str, digest: &Digest, stage: execution_stage::Value) -> longrunning::Operation {
+fn pending_operation(
+    name: &str,
+    digest: &Digest,
+    stage: execution_stage::Value,
+) -> longrunning::Operation {
     longrunning::Operation {
         name: name.to_string(),
         metadata: Some(metadata(stage, digest)),
@@ -325,7 +333,11 @@ impl Scheduler {
         );
         let seq = state.next_seq;
         state.next_seq += 1;
-        let (updates, receiver) = watch::channel(pending_operation(&name, &new.action_digest, execution_stage::Value::Queued));
+        let (updates, receiver) = watch::channel(pending_operation(
+            &name,
+            &new.action_digest,
+            execution_stage::Value::Queued,
+        ));
         tracing::info!(operation = %name, action = %new.action_digest, instance = %new.instance, %platform, "action queued");
         let key = QueueKey {
             instance: new.instance.clone(),
@@ -365,7 +377,12 @@ impl Scheduler {
     }
 
     /// Records an operation answered from the action cache and returns it (done).
-    pub fn record_cached(&self, instance: &str, action_digest: Digest, result: reapi::ActionResult) -> longrunning::Operation {
+    pub fn record_cached(
+        &self,
+        instance: &str,
+        action_digest: Digest,
+        result: reapi::ActionResult,
+    ) -> longrunning::Operation {
         let name = format!("operations/{}", uuid::Uuid::new_v4());
         let response = reapi::ExecuteResponse {
             result: Some(result),
@@ -403,26 +420,48 @@ impl Scheduler {
 
     /// Subscribes to an operation's updates.
     pub fn watch(&self, name: &str) -> Option<watch::Receiver<longrunning::Operation>> {
-        self.state.lock().unwrap().operations.get(name).map(|op| op.updates.subscribe())
+        self.state
+            .lock()
+            .unwrap()
+            .operations
+            .get(name)
+            .map(|op| op.updates.subscribe())
     }
 
     /// The instance an operation belongs to.
     pub fn instance_of(&self, name: &str) -> Option<String> {
-        self.state.lock().unwrap().operations.get(name).map(|op| op.instance.clone())
+        self.state
+            .lock()
+            .unwrap()
+            .operations
+            .get(name)
+            .map(|op| op.instance.clone())
     }
 
     /// The latest state of an operation.
     pub fn get(&self, name: &str) -> Option<longrunning::Operation> {
-        self.state.lock().unwrap().operations.get(name).map(|op| op.updates.borrow().clone())
+        self.state
+            .lock()
+            .unwrap()
+            .operations
+            .get(name)
+            .map(|op| op.updates.borrow().clone())
     }
 
     /// Operations of `instance` (all if `None`), ordered by name, paged.
-    pub fn list(&self, instance: Option<&str>, page_size: usize, page_token: &str) -> (Vec<longrunning::Operation>, String) {
+    pub fn list(
+        &self,
+        instance: Option<&str>,
+        page_size: usize,
+        page_token: &str,
+    ) -> (Vec<longrunning::Operation>, String) {
         let state = self.state.lock().unwrap();
         let mut names: Vec<&String> = state
             .operations
             .iter()
-            .filter(|(name, op)| instance.map_or(true, |i| op.instance == i) && name.as_str() > page_token)
+            .filter(|(name, op)| {
+                instance.map_or(true, |i| op.instance == i) && name.as_str() > page_token
+            })
             .map(|(name, _)| name)
             .collect();
         names.sort();
@@ -445,7 +484,10 @@ impl Scheduler {
         let state = self.state.lock().unwrap();
         let mut ops: Vec<(&String, &Operation)> = state.operations.iter().collect();
         ops.sort_by_key(|(_, op)| std::cmp::Reverse(op.timeline.first().map_or(0, |e| e.at_ms)));
-        ops.into_iter().take(limit).map(|(name, op)| Self::summary(name, op)).collect()
+        ops.into_iter()
+            .take(limit)
+            .map(|(name, op)| Self::summary(name, op))
+            .collect()
     }
 
     /// Timeline of one operation.
@@ -490,10 +532,21 @@ impl Scheduler {
         }
         tracing::info!(operation = %name, reason = why, "operation cancelled");
         let response = reapi::ExecuteResponse {
-            status: Some(status(tonic::Code::Cancelled, format!("operation cancelled: {why}"))),
+            status: Some(status(
+                tonic::Code::Cancelled,
+                format!("operation cancelled: {why}"),
+            )),
             ..Default::default()
         };
-        Self::finish(&mut state, name, response, Outcome::Cancelled, "cancelled", None, self.config.retain_finished);
+        Self::finish(
+            &mut state,
+            name,
+            response,
+            Outcome::Cancelled,
+            "cancelled",
+            None,
+            self.config.retain_finished,
+        );
         true
     }
 
@@ -507,7 +560,9 @@ impl Scheduler {
         worker: Option<&str>,
         retain: usize,
     ) {
-        let Some(op) = state.operations.get_mut(name) else { return };
+        let Some(op) = state.operations.get_mut(name) else {
+            return;
+        };
         op.stage = Stage::Completed;
         op.timeline.push(event(what, worker, None));
         let lease = op.lease.take();
@@ -577,7 +632,11 @@ impl Scheduler {
         let best = state
             .queues
             .iter()
-            .filter(|(key, queue)| key.instance == worker.instance_name && !queue.is_empty() && key.platform.satisfied_by(offered))
+            .filter(|(key, queue)| {
+                key.instance == worker.instance_name
+                    && !queue.is_empty()
+                    && key.platform.satisfied_by(offered)
+            })
             .max_by(|(_, a), (_, b)| a.peek().cmp(&b.peek()))
             .map(|(key, _)| key.clone())?;
         let Queued(_, name) = state.queues.get_mut(&best)?.pop()?;
@@ -588,9 +647,16 @@ impl Scheduler {
         op.attempts += 1;
         op.lease = Some(lease_id.clone());
         op.workers_tried.push(worker.worker_id.clone());
-        op.timeline.push(event("assigned", Some(&worker.worker_id), Some(format!("attempt {}", op.attempts))));
-        op.updates
-            .send_replace(pending_operation(&name, &op.action_digest, execution_stage::Value::Executing));
+        op.timeline.push(event(
+            "assigned",
+            Some(&worker.worker_id),
+            Some(format!("attempt {}", op.attempts)),
+        ));
+        op.updates.send_replace(pending_operation(
+            &name,
+            &op.action_digest,
+            execution_stage::Value::Executing,
+        ));
         let lease = wire::Lease {
             lease_id: lease_id.clone(),
             operation_name: name.clone(),
@@ -617,7 +683,11 @@ impl Scheduler {
 
     /// Extends `worker`'s leases, records progress, and returns the leases the
     /// worker must abandon (unknown, not its own, or cancelled).
-    pub fn keep_alive(&self, worker: &wire::WorkerInfo, progress: &[wire::LeaseProgress]) -> Vec<String> {
+    pub fn keep_alive(
+        &self,
+        worker: &wire::WorkerInfo,
+        progress: &[wire::LeaseProgress],
+    ) -> Vec<String> {
         let mut state = self.state.lock().unwrap();
         Self::touch_worker(&mut state, worker);
         let deadline = Instant::now() + self.config.lease_timeout;
@@ -634,7 +704,8 @@ impl Scheduler {
             record.deadline = deadline;
             let name = record.operation.clone();
             if let Some(op) = state.operations.get_mut(&name) {
-                let stage = match wire::Stage::try_from(p.stage).unwrap_or(wire::Stage::Unspecified) {
+                let stage = match wire::Stage::try_from(p.stage).unwrap_or(wire::Stage::Unspecified)
+                {
                     wire::Stage::FetchingInputs => Some("fetching_inputs"),
                     wire::Stage::Executing => Some("executing"),
                     wire::Stage::UploadingOutputs => Some("uploading_outputs"),
@@ -642,7 +713,8 @@ impl Scheduler {
                 };
                 if let Some(stage) = stage {
                     if op.timeline.last().map(|e| e.event.as_str()) != Some(stage) {
-                        op.timeline.push(event(stage, Some(&worker.worker_id), None));
+                        op.timeline
+                            .push(event(stage, Some(&worker.worker_id), None));
                     }
                 }
             }
@@ -653,7 +725,14 @@ impl Scheduler {
     /// Applies a worker's report. Returns whether it was accepted: the lease
     /// is known, or the operation is still unfinished and the action ran (a
     /// worker whose lease expired while it was cut off still delivers).
-    pub fn complete(&self, worker_id: &str, lease_id: &str, operation: &str, outcome: LeaseOutcome, message: String) -> bool {
+    pub fn complete(
+        &self,
+        worker_id: &str,
+        lease_id: &str,
+        operation: &str,
+        outcome: LeaseOutcome,
+        message: String,
+    ) -> bool {
         let mut state = self.state.lock().unwrap();
         let known = state.leases.get(lease_id).map(|r| r.operation.clone());
         let name = match known {
@@ -684,17 +763,25 @@ impl Scheduler {
                 w.leases.remove(lease_id);
             }
         }
-        let Some(op) = state.operations.get(&name) else { return false };
+        let Some(op) = state.operations.get(&name) else {
+            return false;
+        };
         let queued_at = op.queued_at;
         let digest = op.action_digest;
         let (response, kind) = match outcome {
             LeaseOutcome::Ran(mut result) => {
-                let metadata = result.execution_metadata.get_or_insert_with(Default::default);
+                let metadata = result
+                    .execution_metadata
+                    .get_or_insert_with(Default::default);
                 metadata.queued_timestamp = Some(queued_at.into());
                 if metadata.worker.is_empty() {
                     metadata.worker = worker_id.to_string();
                 }
-                let kind = if result.exit_code == 0 { Outcome::Success } else { Outcome::NonZeroExit };
+                let kind = if result.exit_code == 0 {
+                    Outcome::Success
+                } else {
+                    Outcome::NonZeroExit
+                };
                 let worker_times = Self::worker_events(metadata, worker_id);
                 if let Some(op) = state.operations.get_mut(&name) {
                     op.timeline.extend(worker_times);
@@ -711,7 +798,9 @@ impl Scheduler {
                 )
             }
             LeaseOutcome::Failed(error) => {
-                if error.code == tonic::Code::Unavailable as i32 && self.requeue(&mut state, &name, worker_id, &error.message) {
+                if error.code == tonic::Code::Unavailable as i32
+                    && self.requeue(&mut state, &name, worker_id, &error.message)
+                {
                     drop(state);
                     self.work_available.notify_waiters();
                     return true;
@@ -722,10 +811,15 @@ impl Scheduler {
                 let partial = error
                     .details
                     .iter()
-                    .find(|any| any.type_url.ends_with("/build.bazel.remote.execution.v2.ActionResult"))
+                    .find(|any| {
+                        any.type_url
+                            .ends_with("/build.bazel.remote.execution.v2.ActionResult")
+                    })
                     .and_then(|any| reapi::ActionResult::decode(any.value.as_slice()).ok())
                     .map(|mut result| {
-                        let metadata = result.execution_metadata.get_or_insert_with(Default::default);
+                        let metadata = result
+                            .execution_metadata
+                            .get_or_insert_with(Default::default);
                         metadata.queued_timestamp = Some(queued_at.into());
                         result
                     });
@@ -740,7 +834,15 @@ impl Scheduler {
                 )
             }
         };
-        Self::finish(&mut state, &name, response, kind, "completed", Some(worker_id), self.config.retain_finished);
+        Self::finish(
+            &mut state,
+            &name,
+            response,
+            kind,
+            "completed",
+            Some(worker_id),
+            self.config.retain_finished,
+        );
         true
     }
 
@@ -752,9 +854,15 @@ impl Scheduler {
                 .map(|t| t.seconds.max(0) as u128 * 1000 + (t.nanos.max(0) as u128) / 1_000_000)
         };
         [
-            ("inputs_fetched", at(&metadata.input_fetch_completed_timestamp)),
+            (
+                "inputs_fetched",
+                at(&metadata.input_fetch_completed_timestamp),
+            ),
             ("executed", at(&metadata.execution_completed_timestamp)),
-            ("outputs_uploaded", at(&metadata.output_upload_completed_timestamp)),
+            (
+                "outputs_uploaded",
+                at(&metadata.output_upload_completed_timestamp),
+            ),
         ]
         .into_iter()
         .filter_map(|(name, at_ms)| {
@@ -770,12 +878,18 @@ impl Scheduler {
 
     /// Puts an executing operation back in its queue, keeping its place.
     fn put_back(state: &mut State, name: &str, worker: &str, why: &str) {
-        let Some(op) = state.operations.get_mut(name) else { return };
+        let Some(op) = state.operations.get_mut(name) else {
+            return;
+        };
         op.stage = Stage::Queued;
         op.lease = None;
-        op.timeline.push(event("requeued", Some(worker), Some(why.to_string())));
-        op.updates
-            .send_replace(pending_operation(name, &op.action_digest, execution_stage::Value::Queued));
+        op.timeline
+            .push(event("requeued", Some(worker), Some(why.to_string())));
+        op.updates.send_replace(pending_operation(
+            name,
+            &op.action_digest,
+            execution_stage::Value::Queued,
+        ));
         let key = QueueKey {
             instance: op.instance.clone(),
             platform: op.platform.clone(),
@@ -787,7 +901,9 @@ impl Scheduler {
     /// Requeues an operation whose worker gave it back (e.g. killed at its
     /// drain deadline), if it has attempts left. Returns whether it did.
     fn requeue(&self, state: &mut State, name: &str, worker: &str, why: &str) -> bool {
-        let Some(op) = state.operations.get(name) else { return false };
+        let Some(op) = state.operations.get(name) else {
+            return false;
+        };
         if op.stage == Stage::Completed || op.attempts >= self.config.max_attempts {
             return false;
         }
@@ -810,12 +926,16 @@ impl Scheduler {
             .collect();
         let mut requeued = false;
         for lease_id in expired {
-            let Some(record) = state.leases.remove(&lease_id) else { continue };
+            let Some(record) = state.leases.remove(&lease_id) else {
+                continue;
+            };
             if let Some(w) = state.workers.get_mut(&record.worker) {
                 w.leases.remove(&lease_id);
             }
             let max_attempts = self.config.max_attempts;
-            let Some(op) = state.operations.get_mut(&record.operation) else { continue };
+            let Some(op) = state.operations.get_mut(&record.operation) else {
+                continue;
+            };
             op.lease = None;
             if op.attempts >= max_attempts {
                 let message = format!(
@@ -831,11 +951,24 @@ impl Scheduler {
                     ..Default::default()
                 };
                 let name = record.operation.clone();
-                Self::finish(&mut state, &name, response, Outcome::Error, "lost", Some(&record.worker), self.config.retain_finished);
+                Self::finish(
+                    &mut state,
+                    &name,
+                    response,
+                    Outcome::Error,
+                    "lost",
+                    Some(&record.worker),
+                    self.config.retain_finished,
+                );
                 continue;
             }
             tracing::warn!(operation = %record.operation, action = %op.action_digest, worker = %record.worker, attempt = op.attempts, "lease expired; requeueing action");
-            Self::put_back(&mut state, &record.operation, &record.worker, "lease expired");
+            Self::put_back(
+                &mut state,
+                &record.operation,
+                &record.worker,
+                "lease expired",
+            );
             requeued = true;
         }
         let silent = self.config.lease_timeout * 2;
@@ -885,7 +1018,10 @@ impl Scheduler {
         }
         for record in state.leases.values() {
             if let Some(op) = state.operations.get(&record.operation) {
-                *stats.running.entry((op.instance.clone(), op.platform.label())).or_default() += 1;
+                *stats
+                    .running
+                    .entry((op.instance.clone(), op.platform.label()))
+                    .or_default() += 1;
             }
         }
         let fresh = self.config.lease_timeout;
@@ -902,7 +1038,12 @@ impl Scheduler {
 
     /// Instance of a worker, for logs.
     pub fn worker_instance(&self, worker_id: &str) -> Option<String> {
-        self.state.lock().unwrap().workers.get(worker_id).map(|w| w.instance.clone())
+        self.state
+            .lock()
+            .unwrap()
+            .workers
+            .get(worker_id)
+            .map(|w| w.instance.clone())
     }
 }
 

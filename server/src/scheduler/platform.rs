@@ -24,7 +24,12 @@ impl PlatformKey {
     /// Canonicalizes a wire platform.
     pub fn from_proto(platform: Option<&reapi::Platform>) -> PlatformKey {
         let mut properties: Vec<(String, String)> = platform
-            .map(|p| p.properties.iter().map(|p| (p.name.clone(), p.value.clone())).collect())
+            .map(|p| {
+                p.properties
+                    .iter()
+                    .map(|p| (p.name.clone(), p.value.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         properties.sort();
         properties.dedup();
@@ -41,7 +46,9 @@ impl PlatformKey {
 
     /// Whether a worker offering `offered` can run an action asking for `self`.
     pub fn satisfied_by(&self, offered: &PlatformKey) -> bool {
-        self.0.iter().all(|wanted| offered.0.binary_search(wanted).is_ok())
+        self.0
+            .iter()
+            .all(|wanted| offered.0.binary_search(wanted).is_ok())
     }
 
     /// The properties, sorted.
@@ -56,7 +63,10 @@ impl PlatformKey {
 
     /// Value of a property (the first one if repeated).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -86,17 +96,27 @@ mod tests {
 
     #[test]
     fn every_wanted_property_must_be_offered() {
-        let worker = key(&[("OSFamily", "Linux"), ("ISA", "x86-64"), ("ISA", "x86-64-v2")]);
+        let worker = key(&[
+            ("OSFamily", "Linux"),
+            ("ISA", "x86-64"),
+            ("ISA", "x86-64-v2"),
+        ]);
         assert!(key(&[("OSFamily", "Linux")]).satisfied_by(&worker));
         assert!(key(&[("ISA", "x86-64-v2"), ("OSFamily", "Linux")]).satisfied_by(&worker));
         assert!(!key(&[("OSFamily", "Windows")]).satisfied_by(&worker));
-        assert!(!key(&[("OSFamily", "linux")]).satisfied_by(&worker), "values are case-sensitive");
+        assert!(
+            !key(&[("OSFamily", "linux")]).satisfied_by(&worker),
+            "values are case-sensitive"
+        );
         assert!(!key(&[("OSFamily", "Linux"), ("gpu", "1")]).satisfied_by(&worker));
     }
 
     #[test]
     fn canonical_form_ignores_order_and_duplicates() {
-        assert_eq!(key(&[("b", "1"), ("a", "2"), ("b", "1")]), key(&[("a", "2"), ("b", "1")]));
+        assert_eq!(
+            key(&[("b", "1"), ("a", "2"), ("b", "1")]),
+            key(&[("a", "2"), ("b", "1")])
+        );
         assert_eq!(key(&[("b", "1"), ("a", "2")]).to_string(), "a=2,b=1");
         assert_eq!(key(&[]).to_string(), "default");
     }

@@ -63,11 +63,23 @@ async fn leases_by_platform_then_priority_then_fifo() {
 
     let cpu = worker("cpu", &[("OSFamily", "Linux")]);
     assert_eq!(s.lease(&cpu, NO_WAIT).await.unwrap().operation_name, urgent);
-    assert_eq!(s.lease(&cpu, NO_WAIT).await.unwrap().operation_name, linux_late);
-    assert_eq!(s.lease(&cpu, NO_WAIT).await.unwrap().operation_name, linux_later);
-    assert!(s.lease(&cpu, NO_WAIT).await.is_none(), "gpu action must not go to a cpu worker");
+    assert_eq!(
+        s.lease(&cpu, NO_WAIT).await.unwrap().operation_name,
+        linux_late
+    );
+    assert_eq!(
+        s.lease(&cpu, NO_WAIT).await.unwrap().operation_name,
+        linux_later
+    );
+    assert!(
+        s.lease(&cpu, NO_WAIT).await.is_none(),
+        "gpu action must not go to a cpu worker"
+    );
     let gpu_worker = worker("gpu", &[("gpu", "1"), ("OSFamily", "Linux")]);
-    assert_eq!(s.lease(&gpu_worker, NO_WAIT).await.unwrap().operation_name, gpu);
+    assert_eq!(
+        s.lease(&gpu_worker, NO_WAIT).await.unwrap().operation_name,
+        gpu
+    );
 }
 
 #[tokio::test]
@@ -89,10 +101,14 @@ async fn identical_in_flight_actions_merge_unless_do_not_cache() {
 async fn waiting_worker_wakes_when_work_arrives() {
     let s = std::sync::Arc::new(Scheduler::new(SchedulerConfig::default()));
     let s2 = s.clone();
-    let waiter = tokio::spawn(async move { s2.lease(&worker("w", &[]), Duration::from_secs(30)).await });
+    let waiter =
+        tokio::spawn(async move { s2.lease(&worker("w", &[]), Duration::from_secs(30)).await });
     tokio::task::yield_now().await;
     let (name, _r) = s.enqueue(action("x", &[], 0));
-    let lease = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    let lease = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(lease.unwrap().operation_name, name);
 }
 
@@ -102,8 +118,22 @@ async fn completion_reaches_watchers_and_counts_outcome() {
     let (name, mut updates) = s.enqueue(action("x", &[], 0));
     let w = worker("w", &[]);
     let lease = s.lease(&w, NO_WAIT).await.unwrap();
-    assert!(s.keep_alive(&w, &[wire::LeaseProgress { lease_id: lease.lease_id.clone(), stage: wire::Stage::Executing as i32, since: None }]).is_empty());
-    let stamp = |s: i64| Some(prost_types::Timestamp { seconds: s, nanos: 0 });
+    assert!(s
+        .keep_alive(
+            &w,
+            &[wire::LeaseProgress {
+                lease_id: lease.lease_id.clone(),
+                stage: wire::Stage::Executing as i32,
+                since: None
+            }]
+        )
+        .is_empty());
+    let stamp = |s: i64| {
+        Some(prost_types::Timestamp {
+            seconds: s,
+            nanos: 0,
+        })
+    };
     let result = reapi::ActionResult {
         execution_metadata: Some(reapi::ExecutedActionMetadata {
             input_fetch_completed_timestamp: stamp(1),
@@ -113,16 +143,47 @@ async fn completion_reaches_watchers_and_counts_outcome() {
         }),
         ..Default::default()
     };
-    assert!(s.complete("w", &lease.lease_id, &name, LeaseOutcome::Ran(result), String::new()));
+    assert!(s.complete(
+        "w",
+        &lease.lease_id,
+        &name,
+        LeaseOutcome::Ran(result),
+        String::new()
+    ));
     updates.changed().await.unwrap();
     let op = updates.borrow().clone();
     assert!(op.done);
-    let Some(operation::Result::Response(any)) = op.result else { panic!("no response") };
+    let Some(operation::Result::Response(any)) = op.result else {
+        panic!("no response")
+    };
     let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
-    assert!(response.result.unwrap().execution_metadata.unwrap().queued_timestamp.is_some());
+    assert!(response
+        .result
+        .unwrap()
+        .execution_metadata
+        .unwrap()
+        .queued_timestamp
+        .is_some());
     assert_eq!(s.stats().outcomes[&Outcome::Success], 1);
-    let events: Vec<String> = s.summary_of(&name).unwrap().timeline.into_iter().map(|e| e.event).collect();
-    assert_eq!(events, ["queued", "assigned", "executing", "inputs_fetched", "executed", "outputs_uploaded", "completed"]);
+    let events: Vec<String> = s
+        .summary_of(&name)
+        .unwrap()
+        .timeline
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "queued",
+            "assigned",
+            "executing",
+            "inputs_fetched",
+            "executed",
+            "outputs_uploaded",
+            "completed"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -141,13 +202,28 @@ async fn expired_lease_is_requeued_then_fails_after_max_attempts() {
     assert_eq!(l2.attempt, 2);
     assert_ne!(l1.lease_id, l2.lease_id);
     // The first worker is told to abandon its stale lease.
-    assert_eq!(s.keep_alive(&worker("w1", &[]), &[wire::LeaseProgress { lease_id: l1.lease_id.clone(), stage: 0, since: None }]), vec![l1.lease_id.clone()]);
+    assert_eq!(
+        s.keep_alive(
+            &worker("w1", &[]),
+            &[wire::LeaseProgress {
+                lease_id: l1.lease_id.clone(),
+                stage: 0,
+                since: None
+            }]
+        ),
+        vec![l1.lease_id.clone()]
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
     s.reap();
     let op = s.get(&name).unwrap();
     assert!(op.done);
-    let Some(operation::Result::Response(any)) = op.result else { panic!() };
-    let status = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap().status.unwrap();
+    let Some(operation::Result::Response(any)) = op.result else {
+        panic!()
+    };
+    let status = reapi::ExecuteResponse::decode(any.value.as_slice())
+        .unwrap()
+        .status
+        .unwrap();
     assert_eq!(status.code, tonic::Code::Aborted as i32);
     assert!(status.message.contains("w1, w2"), "{}", status.message);
 }
@@ -163,8 +239,14 @@ async fn late_result_of_expired_lease_is_accepted_once() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     s.reap();
     assert!(s.complete("w1", &l1.lease_id, &name, ran(0), String::new()));
-    assert!(s.lease(&worker("w2", &[]), NO_WAIT).await.is_none(), "requeued copy must be withdrawn");
-    assert!(!s.complete("w1", &l1.lease_id, &name, ran(0), String::new()), "second report is a duplicate");
+    assert!(
+        s.lease(&worker("w2", &[]), NO_WAIT).await.is_none(),
+        "requeued copy must be withdrawn"
+    );
+    assert!(
+        !s.complete("w1", &l1.lease_id, &name, ran(0), String::new()),
+        "second report is a duplicate"
+    );
     assert_eq!(s.stats().outcomes[&Outcome::Success], 1);
 }
 
@@ -180,7 +262,11 @@ async fn cancel_queued_and_running() {
     let w = worker("w", &[]);
     let lease = s.lease(&w, NO_WAIT).await.unwrap();
     assert!(s.cancel(&running, "test"));
-    let progress = [wire::LeaseProgress { lease_id: lease.lease_id.clone(), stage: 2, since: None }];
+    let progress = [wire::LeaseProgress {
+        lease_id: lease.lease_id.clone(),
+        stage: 2,
+        since: None,
+    }];
     assert_eq!(s.keep_alive(&w, &progress), vec![lease.lease_id]);
     assert!(!s.cancel("operations/unknown", "test"));
 }
@@ -209,10 +295,16 @@ async fn stats_count_queue_running_and_workers() {
     let (_b, _r2) = s.enqueue(action("b", &[], 0));
     let (_c, _r3) = s.enqueue(action("c", &[("gpu", "1")], 0));
     let _lease = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
-    assert!(s.lease(&worker("w2", &[("x", "y")]), NO_WAIT).await.is_some());
+    assert!(s
+        .lease(&worker("w2", &[("x", "y")]), NO_WAIT)
+        .await
+        .is_some());
     let stats = s.stats();
     assert_eq!(stats.queue_depth[&("main".to_string(), String::new())], 0);
-    assert_eq!(stats.queue_depth[&("main".to_string(), "gpu=1".to_string())], 1);
+    assert_eq!(
+        stats.queue_depth[&("main".to_string(), "gpu=1".to_string())],
+        1
+    );
     assert_eq!(stats.running[&("main".to_string(), String::new())], 2);
     assert_eq!((stats.workers_connected, stats.workers_busy), (2, 2));
 }
@@ -222,21 +314,52 @@ async fn error_carries_partial_result_and_drain_kill_requeues() {
     let s = Scheduler::new(SchedulerConfig::default());
     let (name, _r) = s.enqueue(action("x", &[], 0));
     let l1 = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
-    let gave_back = rpc::Status { code: tonic::Code::Unavailable as i32, message: "worker draining".into(), details: vec![] };
-    assert!(s.complete("w1", &l1.lease_id, &name, LeaseOutcome::Failed(gave_back), String::new()));
-    assert!(!s.get(&name).unwrap().done, "a drained action goes back to the queue");
+    let gave_back = rpc::Status {
+        code: tonic::Code::Unavailable as i32,
+        message: "worker draining".into(),
+        details: vec![],
+    };
+    assert!(s.complete(
+        "w1",
+        &l1.lease_id,
+        &name,
+        LeaseOutcome::Failed(gave_back),
+        String::new()
+    ));
+    assert!(
+        !s.get(&name).unwrap().done,
+        "a drained action goes back to the queue"
+    );
     let l2 = s.lease(&worker("w2", &[]), NO_WAIT).await.unwrap();
     assert_eq!(l2.operation_name, name);
 
-    let partial = reapi::ActionResult { exit_code: -1, stdout_raw: bytes::Bytes::from_static(b"so far"), ..Default::default() };
+    let partial = reapi::ActionResult {
+        exit_code: -1,
+        stdout_raw: bytes::Bytes::from_static(b"so far"),
+        ..Default::default()
+    };
     let timeout = rpc::Status {
         code: tonic::Code::DeadlineExceeded as i32,
         message: "action timed out after 2s".into(),
-        details: vec![any("build.bazel.remote.execution.v2.ActionResult", &partial)],
+        details: vec![any(
+            "build.bazel.remote.execution.v2.ActionResult",
+            &partial,
+        )],
     };
-    assert!(s.complete("w2", &l2.lease_id, &name, LeaseOutcome::Failed(timeout), String::new()));
-    let Some(operation::Result::Response(any)) = s.get(&name).unwrap().result else { panic!() };
+    assert!(s.complete(
+        "w2",
+        &l2.lease_id,
+        &name,
+        LeaseOutcome::Failed(timeout),
+        String::new()
+    ));
+    let Some(operation::Result::Response(any)) = s.get(&name).unwrap().result else {
+        panic!()
+    };
     let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
-    assert_eq!(response.status.unwrap().code, tonic::Code::DeadlineExceeded as i32);
+    assert_eq!(
+        response.status.unwrap().code,
+        tonic::Code::DeadlineExceeded as i32
+    );
     assert_eq!(response.result.unwrap().stdout_raw.as_ref(), b"so far");
 }

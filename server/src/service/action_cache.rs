@@ -23,12 +23,25 @@ impl ActionCacheService {
 /// Checks that every digest an action result carries is well formed.
 fn validate_result(result: &reapi::ActionResult) -> Result<(), Status> {
     for (i, f) in result.output_files.iter().enumerate() {
-        Digest::from_field(f.digest.as_ref()).map_err(|e| bad_digest(&format!("action_result.output_files[{i}] ({:?})", f.path), e))?;
+        Digest::from_field(f.digest.as_ref()).map_err(|e| {
+            bad_digest(
+                &format!("action_result.output_files[{i}] ({:?})", f.path),
+                e,
+            )
+        })?;
     }
     for (i, d) in result.output_directories.iter().enumerate() {
-        Digest::from_field(d.tree_digest.as_ref()).map_err(|e| bad_digest(&format!("action_result.output_directories[{i}] ({:?})", d.path), e))?;
+        Digest::from_field(d.tree_digest.as_ref()).map_err(|e| {
+            bad_digest(
+                &format!("action_result.output_directories[{i}] ({:?})", d.path),
+                e,
+            )
+        })?;
     }
-    for (field, digest) in [("stdout_digest", &result.stdout_digest), ("stderr_digest", &result.stderr_digest)] {
+    for (field, digest) in [
+        ("stdout_digest", &result.stdout_digest),
+        ("stderr_digest", &result.stderr_digest),
+    ] {
         if let Some(d) = digest {
             Digest::try_from(d).map_err(|e| bad_digest(&format!("action_result.{field}"), e))?;
         }
@@ -39,12 +52,20 @@ fn validate_result(result: &reapi::ActionResult) -> Result<(), Status> {
 #[tonic::async_trait]
 impl ActionCache for ActionCacheService {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name, action))]
-    async fn get_action_result(&self, request: Request<reapi::GetActionResultRequest>) -> Result<Response<reapi::ActionResult>, Status> {
+    async fn get_action_result(
+        &self,
+        request: Request<reapi::GetActionResultRequest>,
+    ) -> Result<Response<reapi::ActionResult>, Status> {
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
-        let digest = Digest::from_field(request.action_digest.as_ref()).map_err(|e| bad_digest("action_digest", e))?;
+        let digest = Digest::from_field(request.action_digest.as_ref())
+            .map_err(|e| bad_digest("action_digest", e))?;
         tracing::Span::current().record("action", tracing::field::display(&digest));
-        let result = self.farm.action_cache.get(&request.instance_name, &digest).await?;
+        let result = self
+            .farm
+            .action_cache
+            .get(&request.instance_name, &digest)
+            .await?;
         match result {
             Some(result) if self.farm.result_is_complete(&result).await? => {
                 Metrics::add(&self.farm.metrics.ac_hits, 1);
@@ -52,8 +73,12 @@ impl ActionCache for ActionCacheService {
             }
             Some(_) => {
                 Metrics::add(&self.farm.metrics.ac_misses, 1);
-                tracing::debug!("action result references blobs no longer in the CAS; reporting a miss");
-                Err(Status::not_found(format!("action result for {digest} references evicted outputs")))
+                tracing::debug!(
+                    "action result references blobs no longer in the CAS; reporting a miss"
+                );
+                Err(Status::not_found(format!(
+                    "action result for {digest} references evicted outputs"
+                )))
             }
             None => {
                 Metrics::add(&self.farm.metrics.ac_misses, 1);
@@ -63,13 +88,22 @@ impl ActionCache for ActionCacheService {
     }
 
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name))]
-    async fn update_action_result(&self, request: Request<reapi::UpdateActionResultRequest>) -> Result<Response<reapi::ActionResult>, Status> {
+    async fn update_action_result(
+        &self,
+        request: Request<reapi::UpdateActionResultRequest>,
+    ) -> Result<Response<reapi::ActionResult>, Status> {
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
-        let digest = Digest::from_field(request.action_digest.as_ref()).map_err(|e| bad_digest("action_digest", e))?;
-        let result = request.action_result.ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
+        let digest = Digest::from_field(request.action_digest.as_ref())
+            .map_err(|e| bad_digest("action_digest", e))?;
+        let result = request
+            .action_result
+            .ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
         validate_result(&result)?;
-        self.farm.action_cache.put(&request.instance_name, &digest, &result).await?;
+        self.farm
+            .action_cache
+            .put(&request.instance_name, &digest, &result)
+            .await?;
         tracing::debug!(action = %digest, "action result stored");
         Ok(Response::new(result))
     }

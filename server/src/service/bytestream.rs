@@ -2,7 +2,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use buildkube_proto::bytestream::{byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse};
+use buildkube_proto::bytestream::{
+    byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
+    ReadResponse, WriteRequest, WriteResponse,
+};
 use buildkube_reapi::{ReadResource, WriteResource, BYTESTREAM_CHUNK};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -56,7 +59,10 @@ impl ByteStreamService {
         Ok(upload)
     }
 
-    async fn write_inner(&self, mut stream: Streaming<WriteRequest>) -> Result<WriteResponse, Status> {
+    async fn write_inner(
+        &self,
+        mut stream: Streaming<WriteRequest>,
+    ) -> Result<WriteResponse, Status> {
         let first = stream
             .message()
             .await?
@@ -129,22 +135,39 @@ impl ByteStream for ByteStreamService {
     type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
 
     #[tracing::instrument(skip_all, fields(resource = %request.get_ref().resource_name))]
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
+    async fn read(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
         let request = request.into_inner();
         let resource = ReadResource::parse(&request.resource_name).map_err(bad_resource)?;
         self.farm.instances.check(&resource.instance)?;
         let digest = resource.digest;
         let size = digest.size() as i64;
         if request.read_offset < 0 || request.read_offset > size {
-            return Err(Status::out_of_range(format!("read_offset {} is outside blob {digest}", request.read_offset)));
+            return Err(Status::out_of_range(format!(
+                "read_offset {} is outside blob {digest}",
+                request.read_offset
+            )));
         }
         if request.read_limit < 0 {
-            return Err(Status::invalid_argument(format!("read_limit {} is negative", request.read_limit)));
+            return Err(Status::invalid_argument(format!(
+                "read_limit {} is negative",
+                request.read_limit
+            )));
         }
         let available = size - request.read_offset;
-        let mut remaining = if request.read_limit == 0 { available } else { request.read_limit.min(available) } as u64;
+        let mut remaining = if request.read_limit == 0 {
+            available
+        } else {
+            request.read_limit.min(available)
+        } as u64;
         if digest.is_empty_blob() {
-            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(ReadResponse { data: Default::default() })]))));
+            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(
+                ReadResponse {
+                    data: Default::default(),
+                },
+            )]))));
         }
         let Some(mut file) = self.farm.cas.open_read(&digest).await? else {
             Metrics::add(&self.farm.metrics.cas_misses, 1);
@@ -155,21 +178,34 @@ impl ByteStream for ByteStreamService {
             .await
             .map_err(|e| Status::internal(format!("seeking in blob {digest}: {e}")))?;
         let farm = self.farm.clone();
-        let stream = async_read_stream(move || {
-            let chunk = remaining.min(BYTESTREAM_CHUNK as u64) as usize;
-            remaining -= chunk as u64;
-            chunk
-        }, file, digest, farm);
+        let stream = async_read_stream(
+            move || {
+                let chunk = remaining.min(BYTESTREAM_CHUNK as u64) as usize;
+                remaining -= chunk as u64;
+                chunk
+            },
+            file,
+            digest,
+            farm,
+        );
         Ok(Response::new(stream))
     }
 
     #[tracing::instrument(skip_all)]
-    async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
-        self.write_inner(request.into_inner()).await.map(Response::new)
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        self.write_inner(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(resource = %request.get_ref().resource_name))]
-    async fn query_write_status(&self, request: Request<QueryWriteStatusRequest>) -> Result<Response<QueryWriteStatusResponse>, Status> {
+    async fn query_write_status(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let name = request.into_inner().resource_name;
         let resource = WriteResource::parse(&name).map_err(bad_resource)?;
         self.farm.instances.check(&resource.instance)?;
@@ -179,13 +215,20 @@ impl ByteStream for ByteStreamService {
                 complete: true,
             }));
         }
-        let upload = self.uploads.lock().unwrap().get(&name).map(|(_, upload)| upload.clone());
+        let upload = self
+            .uploads
+            .lock()
+            .unwrap()
+            .get(&name)
+            .map(|(_, upload)| upload.clone());
         match upload {
             Some(upload) => Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: upload.lock().unwrap().committed_size() as i64,
                 complete: false,
             })),
-            None => Err(Status::not_found(format!("no upload in progress for {name}"))),
+            None => Err(Status::not_found(format!(
+                "no upload in progress for {name}"
+            ))),
         }
     }
 }
@@ -209,9 +252,17 @@ fn async_read_stream(
             match file.read_exact(&mut buffer).await {
                 Ok(_) => {
                     Metrics::add(&farm.metrics.cas_bytes_read, len as u64);
-                    Some((Ok(ReadResponse { data: buffer.into() }), Some(file)))
+                    Some((
+                        Ok(ReadResponse {
+                            data: buffer.into(),
+                        }),
+                        Some(file),
+                    ))
                 }
-                Err(e) => Some((Err(Status::internal(format!("reading blob {digest}: {e}"))), None)),
+                Err(e) => Some((
+                    Err(Status::internal(format!("reading blob {digest}: {e}"))),
+                    None,
+                )),
             }
         }
     })

@@ -1,6 +1,8 @@
 use std::sync::Arc;
 
-use buildkube_proto::reapi::{self, capabilities_server::Capabilities, digest_function, symlink_absolute_path_strategy};
+use buildkube_proto::reapi::{
+    self, capabilities_server::Capabilities, digest_function, symlink_absolute_path_strategy,
+};
 use buildkube_proto::semver::SemVer;
 use tonic::{Request, Response, Status};
 
@@ -30,15 +32,23 @@ fn version(major: i32, minor: i32) -> SemVer {
 #[tonic::async_trait]
 impl Capabilities for CapabilitiesService {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name))]
-    async fn get_capabilities(&self, request: Request<reapi::GetCapabilitiesRequest>) -> Result<Response<reapi::ServerCapabilities>, Status> {
-        self.farm.instances.check(&request.get_ref().instance_name)?;
+    async fn get_capabilities(
+        &self,
+        request: Request<reapi::GetCapabilitiesRequest>,
+    ) -> Result<Response<reapi::ServerCapabilities>, Status> {
+        self.farm
+            .instances
+            .check(&request.get_ref().instance_name)?;
         Ok(Response::new(reapi::ServerCapabilities {
             cache_capabilities: Some(reapi::CacheCapabilities {
                 digest_functions: vec![digest_function::Value::Sha256 as i32],
-                action_cache_update_capabilities: Some(reapi::ActionCacheUpdateCapabilities { update_enabled: true }),
+                action_cache_update_capabilities: Some(reapi::ActionCacheUpdateCapabilities {
+                    update_enabled: true,
+                }),
                 cache_priority_capabilities: None,
                 max_batch_total_size_bytes: MAX_BATCH_TOTAL_BYTES,
-                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
+                    as i32,
                 supported_compressors: vec![],
                 supported_batch_update_compressors: vec![],
                 ..Default::default()

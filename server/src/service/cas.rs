@@ -1,6 +1,9 @@
 use std::sync::Arc;
 
-use buildkube_proto::reapi::{self, batch_read_blobs_response, batch_update_blobs_response, compressor, content_addressable_storage_server::ContentAddressableStorage};
+use buildkube_proto::reapi::{
+    self, batch_read_blobs_response, batch_update_blobs_response, compressor,
+    content_addressable_storage_server::ContentAddressableStorage,
+};
 use buildkube_proto::rpc;
 use buildkube_reapi::Digest;
 use futures::stream::BoxStream;
@@ -43,16 +46,24 @@ fn parse_digests(digests: &[reapi::Digest], field: &str) -> Result<Vec<Digest>, 
 }
 
 impl CasService {
-    async fn update_one(&self, request: reapi::batch_update_blobs_request::Request) -> batch_update_blobs_response::Response {
+    async fn update_one(
+        &self,
+        request: reapi::batch_update_blobs_request::Request,
+    ) -> batch_update_blobs_response::Response {
         let digest = Digest::from_field(request.digest.as_ref());
         let status = match digest {
             Err(e) => item_status(Code::InvalidArgument, e.to_string()),
-            Ok(_) if request.compressor != compressor::Value::Identity as i32 => {
-                item_status(Code::InvalidArgument, "compressed uploads are not supported (see GetCapabilities)")
-            }
+            Ok(_) if request.compressor != compressor::Value::Identity as i32 => item_status(
+                Code::InvalidArgument,
+                "compressed uploads are not supported (see GetCapabilities)",
+            ),
             Ok(d) if d.size() != request.data.len() as u64 => item_status(
                 Code::InvalidArgument,
-                format!("blob {d}: data is {} bytes, digest says {}", request.data.len(), d.size()),
+                format!(
+                    "blob {d}: data is {} bytes, digest says {}",
+                    request.data.len(),
+                    d.size()
+                ),
             ),
             Ok(d) => match self.farm.cas.put(d, request.data).await {
                 Ok(()) => {
@@ -75,20 +86,29 @@ impl CasService {
 #[tonic::async_trait]
 impl ContentAddressableStorage for CasService {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name, blobs = request.get_ref().blob_digests.len()))]
-    async fn find_missing_blobs(&self, request: Request<reapi::FindMissingBlobsRequest>) -> Result<Response<reapi::FindMissingBlobsResponse>, Status> {
+    async fn find_missing_blobs(
+        &self,
+        request: Request<reapi::FindMissingBlobsRequest>,
+    ) -> Result<Response<reapi::FindMissingBlobsResponse>, Status> {
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
         let digests = parse_digests(&request.blob_digests, "blob_digests")?;
         let missing = self.farm.cas.find_missing(&digests);
         Metrics::add(&self.farm.metrics.cas_misses, missing.len() as u64);
-        Metrics::add(&self.farm.metrics.cas_hits, (digests.len() - missing.len()) as u64);
+        Metrics::add(
+            &self.farm.metrics.cas_hits,
+            (digests.len() - missing.len()) as u64,
+        );
         Ok(Response::new(reapi::FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
         }))
     }
 
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name, blobs = request.get_ref().requests.len()))]
-    async fn batch_update_blobs(&self, request: Request<reapi::BatchUpdateBlobsRequest>) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
+    async fn batch_update_blobs(
+        &self,
+        request: Request<reapi::BatchUpdateBlobsRequest>,
+    ) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
         let total: i64 = request.requests.iter().map(|r| r.data.len() as i64).sum();
@@ -97,12 +117,17 @@ impl ContentAddressableStorage for CasService {
                 "batch carries {total} bytes, over max_batch_total_size_bytes {MAX_BATCH_TOTAL_BYTES}; use ByteStream.Write for large blobs"
             )));
         }
-        let responses = futures::future::join_all(request.requests.into_iter().map(|r| self.update_one(r))).await;
+        let responses =
+            futures::future::join_all(request.requests.into_iter().map(|r| self.update_one(r)))
+                .await;
         Ok(Response::new(reapi::BatchUpdateBlobsResponse { responses }))
     }
 
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name, blobs = request.get_ref().digests.len()))]
-    async fn batch_read_blobs(&self, request: Request<reapi::BatchReadBlobsRequest>) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
+    async fn batch_read_blobs(
+        &self,
+        request: Request<reapi::BatchReadBlobsRequest>,
+    ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
         let digests = parse_digests(&request.digests, "digests")?;
@@ -122,11 +147,17 @@ impl ContentAddressableStorage for CasService {
                 }
                 Ok(None) => {
                     Metrics::add(&self.farm.metrics.cas_misses, 1);
-                    (Default::default(), item_status(Code::NotFound, format!("blob {digest} not found")))
+                    (
+                        Default::default(),
+                        item_status(Code::NotFound, format!("blob {digest} not found")),
+                    )
                 }
                 Err(e) => {
                     let status = Status::from(e);
-                    (Default::default(), item_status(status.code(), status.message()))
+                    (
+                        Default::default(),
+                        item_status(status.code(), status.message()),
+                    )
                 }
             };
             responses.push(batch_read_blobs_response::Response {
@@ -142,37 +173,54 @@ impl ContentAddressableStorage for CasService {
     type GetTreeStream = BoxStream<'static, Result<reapi::GetTreeResponse, Status>>;
 
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name))]
-    async fn get_tree(&self, request: Request<reapi::GetTreeRequest>) -> Result<Response<Self::GetTreeStream>, Status> {
+    async fn get_tree(
+        &self,
+        request: Request<reapi::GetTreeRequest>,
+    ) -> Result<Response<Self::GetTreeStream>, Status> {
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
-        let root = Digest::from_field(request.root_digest.as_ref()).map_err(|e| bad_digest("root_digest", e))?;
+        let root = Digest::from_field(request.root_digest.as_ref())
+            .map_err(|e| bad_digest("root_digest", e))?;
         if request.page_size < 0 {
-            return Err(Status::invalid_argument(format!("page_size {} is negative", request.page_size)));
+            return Err(Status::invalid_argument(format!(
+                "page_size {} is negative",
+                request.page_size
+            )));
         }
         let offset: usize = if request.page_token.is_empty() {
             0
         } else {
-            request
-                .page_token
-                .parse()
-                .map_err(|_| Status::invalid_argument(format!("page_token {:?} was not issued by this server", request.page_token)))?
+            request.page_token.parse().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "page_token {:?} was not issued by this server",
+                    request.page_token
+                ))
+            })?
         };
         let mut missing = Vec::new();
         let tree = self.farm.walk_tree(root, &mut missing).await?;
         if missing.first() == Some(&root) {
-            return Err(Status::not_found(format!("root directory {root} not found")));
+            return Err(Status::not_found(format!(
+                "root directory {root} not found"
+            )));
         }
         let page_size = match request.page_size {
             0 => DEFAULT_TREE_PAGE,
             n => n as usize,
         };
         if offset > tree.len() {
-            return Err(Status::invalid_argument(format!("page_token {offset} is past the end of the tree")));
+            return Err(Status::invalid_argument(format!(
+                "page_token {offset} is past the end of the tree"
+            )));
         }
         let end = (offset + page_size).min(tree.len());
         let page = reapi::GetTreeResponse {
             directories: tree[offset..end].iter().map(|(_, d)| d.clone()).collect(),
-            next_page_token: if end < tree.len() { end.to_string() } else { String::new() },
+            next_page_token: if end < tree.len() {
+                end.to_string()
+            } else {
+                String::new()
+            },
         };
         Ok(Response::new(Box::pin(futures::stream::iter([Ok(page)]))))
     }

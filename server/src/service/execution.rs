@@ -34,7 +34,10 @@ type OperationStream = BoxStream<'static, Result<longrunning::Operation, Status>
 
 /// Streams an operation's updates until (and including) the one that is done,
 /// or until the server stops (then UNAVAILABLE, so the client retries).
-fn follow(receiver: watch::Receiver<longrunning::Operation>, stopping: watch::Receiver<bool>) -> OperationStream {
+fn follow(
+    receiver: watch::Receiver<longrunning::Operation>,
+    stopping: watch::Receiver<bool>,
+) -> OperationStream {
     enum Wake {
         Changed,
         Dropped,
@@ -71,7 +74,11 @@ fn follow(receiver: watch::Receiver<longrunning::Operation>, stopping: watch::Re
 }
 
 /// Rejects output paths that are absolute or climb out of the input root.
-pub(crate) fn validate_output_path(working_directory: &str, path: &str, field: &str) -> Result<(), Status> {
+pub(crate) fn validate_output_path(
+    working_directory: &str,
+    path: &str,
+    field: &str,
+) -> Result<(), Status> {
     let bad = |why: &str| Status::invalid_argument(format!("command.{field} {path:?}: {why}"));
     if path.is_empty() {
         return Err(bad("is empty"));
@@ -103,10 +110,17 @@ fn validate_command(command: &reapi::Command) -> Result<(), Status> {
         return Err(Status::invalid_argument("command.arguments is empty"));
     }
     if command.working_directory.starts_with('/') {
-        return Err(Status::invalid_argument(format!("command.working_directory {:?} must be relative", command.working_directory)));
+        return Err(Status::invalid_argument(format!(
+            "command.working_directory {:?} must be relative",
+            command.working_directory
+        )));
     }
     if !command.working_directory.is_empty() {
-        validate_output_path("", &format!("{}/x", command.working_directory), "working_directory")?;
+        validate_output_path(
+            "",
+            &format!("{}/x", command.working_directory),
+            "working_directory",
+        )?;
     }
     for (field, paths) in [
         ("output_files", &command.output_files),
@@ -121,11 +135,20 @@ fn validate_command(command: &reapi::Command) -> Result<(), Status> {
 }
 
 impl ExecutionService {
-    async fn load_action(&self, digest: &Digest) -> Result<(reapi::Action, reapi::Command), Status> {
+    async fn load_action(
+        &self,
+        digest: &Digest,
+    ) -> Result<(reapi::Action, reapi::Command), Status> {
         let missing = |d: Digest, what: &str| to_tonic(missing_blobs_status(what, &[d]));
-        let action: reapi::Action = self.farm.read_message(digest, "action").await?.ok_or_else(|| missing(*digest, "action"))?;
-        let command_digest = Digest::from_field(action.command_digest.as_ref()).map_err(|e| bad_digest("action.command_digest", e))?;
-        let input_root = Digest::from_field(action.input_root_digest.as_ref()).map_err(|e| bad_digest("action.input_root_digest", e))?;
+        let action: reapi::Action = self
+            .farm
+            .read_message(digest, "action")
+            .await?
+            .ok_or_else(|| missing(*digest, "action"))?;
+        let command_digest = Digest::from_field(action.command_digest.as_ref())
+            .map_err(|e| bad_digest("action.command_digest", e))?;
+        let input_root = Digest::from_field(action.input_root_digest.as_ref())
+            .map_err(|e| bad_digest("action.input_root_digest", e))?;
         if let Some(timeout) = &action.timeout {
             if timeout.seconds < 0 || timeout.nanos < 0 {
                 return Err(Status::invalid_argument("action.timeout is negative"));
@@ -147,18 +170,30 @@ impl Execution for ExecutionService {
     type ExecuteStream = OperationStream;
 
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name, action))]
-    async fn execute(&self, request: Request<reapi::ExecuteRequest>) -> Result<Response<OperationStream>, Status> {
+    async fn execute(
+        &self,
+        request: Request<reapi::ExecuteRequest>,
+    ) -> Result<Response<OperationStream>, Status> {
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
-        let digest = Digest::from_field(request.action_digest.as_ref()).map_err(|e| bad_digest("action_digest", e))?;
+        let digest = Digest::from_field(request.action_digest.as_ref())
+            .map_err(|e| bad_digest("action_digest", e))?;
         tracing::Span::current().record("action", tracing::field::display(&digest));
         let (action, command) = self.load_action(&digest).await?;
         if !request.skip_cache_lookup && !action.do_not_cache {
-            if let Some(result) = self.farm.action_cache.get(&request.instance_name, &digest).await? {
+            if let Some(result) = self
+                .farm
+                .action_cache
+                .get(&request.instance_name, &digest)
+                .await?
+            {
                 if self.farm.result_is_complete(&result).await? {
                     Metrics::add(&self.farm.metrics.ac_hits, 1);
                     tracing::debug!("answered from the action cache");
-                    let op = self.farm.scheduler.record_cached(&request.instance_name, digest, result);
+                    let op =
+                        self.farm
+                            .scheduler
+                            .record_cached(&request.instance_name, digest, result);
                     return Ok(Response::new(futures::stream::iter([Ok(op)]).boxed()));
                 }
             }
@@ -178,13 +213,16 @@ impl Execution for ExecutionService {
     type WaitExecutionStream = OperationStream;
 
     #[tracing::instrument(skip_all, fields(operation = %request.get_ref().name))]
-    async fn wait_execution(&self, request: Request<reapi::WaitExecutionRequest>) -> Result<Response<OperationStream>, Status> {
+    async fn wait_execution(
+        &self,
+        request: Request<reapi::WaitExecutionRequest>,
+    ) -> Result<Response<OperationStream>, Status> {
         let name = request.into_inner().name;
-        let receiver = self
-            .farm
-            .scheduler
-            .watch(&name)
-            .ok_or_else(|| Status::not_found(format!("operation {name:?} not found; it may predate a server restart, retry with Execute")))?;
+        let receiver = self.farm.scheduler.watch(&name).ok_or_else(|| {
+            Status::not_found(format!(
+                "operation {name:?} not found; it may predate a server restart, retry with Execute"
+            ))
+        })?;
         Ok(Response::new(follow(receiver, self.farm.stopping.clone())))
     }
 }
@@ -209,12 +247,21 @@ mod tests {
     #[test]
     fn command_checks_name_the_field() {
         let mut command = reapi::Command::default();
-        assert!(validate_command(&command).unwrap_err().message().contains("arguments"));
+        assert!(validate_command(&command)
+            .unwrap_err()
+            .message()
+            .contains("arguments"));
         command.arguments = vec!["true".into()];
         command.working_directory = "../up".into();
-        assert!(validate_command(&command).unwrap_err().message().contains("working_directory"));
+        assert!(validate_command(&command)
+            .unwrap_err()
+            .message()
+            .contains("working_directory"));
         command.working_directory = String::new();
         command.output_paths = vec!["../x".into()];
-        assert!(validate_command(&command).unwrap_err().message().contains("output_paths"));
+        assert!(validate_command(&command)
+            .unwrap_err()
+            .message()
+            .contains("output_paths"));
     }
 }

@@ -24,10 +24,16 @@ fn not_found(name: &str) -> Status {
 #[tonic::async_trait]
 impl Operations for OperationsService {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().name))]
-    async fn list_operations(&self, request: Request<longrunning::ListOperationsRequest>) -> Result<Response<longrunning::ListOperationsResponse>, Status> {
+    async fn list_operations(
+        &self,
+        request: Request<longrunning::ListOperationsRequest>,
+    ) -> Result<Response<longrunning::ListOperationsResponse>, Status> {
         let request = request.into_inner();
         // `name` is the parent collection: an instance name, optionally with "/operations".
-        let instance = request.name.strip_suffix("/operations").unwrap_or(&request.name);
+        let instance = request
+            .name
+            .strip_suffix("/operations")
+            .unwrap_or(&request.name);
         let instance = if instance.is_empty() || instance == "operations" {
             None
         } else {
@@ -35,23 +41,44 @@ impl Operations for OperationsService {
             Some(instance)
         };
         if request.page_size < 0 {
-            return Err(Status::invalid_argument(format!("page_size {} is negative", request.page_size)));
+            return Err(Status::invalid_argument(format!(
+                "page_size {} is negative",
+                request.page_size
+            )));
         }
         if !request.filter.is_empty() {
-            return Err(Status::invalid_argument("filter is not supported; list without one"));
+            return Err(Status::invalid_argument(
+                "filter is not supported; list without one",
+            ));
         }
-        let (operations, next_page_token) = self.farm.scheduler.list(instance, request.page_size as usize, &request.page_token);
-        Ok(Response::new(longrunning::ListOperationsResponse { operations, next_page_token }))
+        let (operations, next_page_token) =
+            self.farm
+                .scheduler
+                .list(instance, request.page_size as usize, &request.page_token);
+        Ok(Response::new(longrunning::ListOperationsResponse {
+            operations,
+            next_page_token,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(operation = %request.get_ref().name))]
-    async fn get_operation(&self, request: Request<longrunning::GetOperationRequest>) -> Result<Response<longrunning::Operation>, Status> {
+    async fn get_operation(
+        &self,
+        request: Request<longrunning::GetOperationRequest>,
+    ) -> Result<Response<longrunning::Operation>, Status> {
         let name = request.into_inner().name;
-        self.farm.scheduler.get(&name).map(Response::new).ok_or_else(|| not_found(&name))
+        self.farm
+            .scheduler
+            .get(&name)
+            .map(Response::new)
+            .ok_or_else(|| not_found(&name))
     }
 
     #[tracing::instrument(skip_all, fields(operation = %request.get_ref().name))]
-    async fn delete_operation(&self, request: Request<longrunning::DeleteOperationRequest>) -> Result<Response<()>, Status> {
+    async fn delete_operation(
+        &self,
+        request: Request<longrunning::DeleteOperationRequest>,
+    ) -> Result<Response<()>, Status> {
         let name = request.into_inner().name;
         Err(Status::unimplemented(format!(
             "DeleteOperation is not supported; finished operations ({name:?}) are forgotten automatically"
@@ -59,7 +86,10 @@ impl Operations for OperationsService {
     }
 
     #[tracing::instrument(skip_all, fields(operation = %request.get_ref().name))]
-    async fn cancel_operation(&self, request: Request<longrunning::CancelOperationRequest>) -> Result<Response<()>, Status> {
+    async fn cancel_operation(
+        &self,
+        request: Request<longrunning::CancelOperationRequest>,
+    ) -> Result<Response<()>, Status> {
         let name = request.into_inner().name;
         if self.farm.scheduler.cancel(&name, "CancelOperation") {
             Ok(Response::new(()))
@@ -69,9 +99,16 @@ impl Operations for OperationsService {
     }
 
     #[tracing::instrument(skip_all, fields(operation = %request.get_ref().name))]
-    async fn wait_operation(&self, request: Request<longrunning::WaitOperationRequest>) -> Result<Response<longrunning::Operation>, Status> {
+    async fn wait_operation(
+        &self,
+        request: Request<longrunning::WaitOperationRequest>,
+    ) -> Result<Response<longrunning::Operation>, Status> {
         let request = request.into_inner();
-        let mut receiver = self.farm.scheduler.watch(&request.name).ok_or_else(|| not_found(&request.name))?;
+        let mut receiver = self
+            .farm
+            .scheduler
+            .watch(&request.name)
+            .ok_or_else(|| not_found(&request.name))?;
         let timeout = request
             .timeout
             .map(|d| std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))

@@ -1,7 +1,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use buildkube_proto::worker::{self as wire, complete_request, worker_service_server::WorkerService};
+use buildkube_proto::worker::{
+    self as wire, complete_request, worker_service_server::WorkerService,
+};
 use tonic::{Request, Response, Status};
 
 use crate::farm::Farm;
@@ -34,7 +36,10 @@ impl WorkerProtocolService {
 #[tonic::async_trait]
 impl WorkerService for WorkerProtocolService {
     #[tracing::instrument(skip_all, fields(worker = request.get_ref().worker.as_ref().map(|w| w.worker_id.as_str()).unwrap_or("")))]
-    async fn lease(&self, request: Request<wire::LeaseRequest>) -> Result<Response<wire::LeaseResponse>, Status> {
+    async fn lease(
+        &self,
+        request: Request<wire::LeaseRequest>,
+    ) -> Result<Response<wire::LeaseResponse>, Status> {
         let request = request.into_inner();
         let worker = self.check_worker(request.worker.as_ref())?;
         let wait = request
@@ -51,7 +56,10 @@ impl WorkerService for WorkerProtocolService {
     }
 
     #[tracing::instrument(skip_all, fields(worker = request.get_ref().worker.as_ref().map(|w| w.worker_id.as_str()).unwrap_or("")))]
-    async fn keep_alive(&self, request: Request<wire::KeepAliveRequest>) -> Result<Response<wire::KeepAliveResponse>, Status> {
+    async fn keep_alive(
+        &self,
+        request: Request<wire::KeepAliveRequest>,
+    ) -> Result<Response<wire::KeepAliveResponse>, Status> {
         let request = request.into_inner();
         let worker = self.check_worker(request.worker.as_ref())?;
         let abandon_lease_ids = self.farm.scheduler.keep_alive(&worker, &request.leases);
@@ -59,18 +67,28 @@ impl WorkerService for WorkerProtocolService {
     }
 
     #[tracing::instrument(skip_all, fields(worker = request.get_ref().worker.as_ref().map(|w| w.worker_id.as_str()).unwrap_or(""), operation = %request.get_ref().operation_name))]
-    async fn complete(&self, request: Request<wire::CompleteRequest>) -> Result<Response<wire::CompleteResponse>, Status> {
+    async fn complete(
+        &self,
+        request: Request<wire::CompleteRequest>,
+    ) -> Result<Response<wire::CompleteResponse>, Status> {
         let request = request.into_inner();
         let worker = self.check_worker(request.worker.as_ref())?;
         let outcome = match request.outcome {
             Some(complete_request::Outcome::Result(result)) => LeaseOutcome::Ran(result),
             Some(complete_request::Outcome::Error(status)) => LeaseOutcome::Failed(status),
-            None => return Err(Status::invalid_argument("outcome is missing: set result or error")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "outcome is missing: set result or error",
+                ))
+            }
         };
-        let accepted = self
-            .farm
-            .scheduler
-            .complete(&worker.worker_id, &request.lease_id, &request.operation_name, outcome, request.message);
+        let accepted = self.farm.scheduler.complete(
+            &worker.worker_id,
+            &request.lease_id,
+            &request.operation_name,
+            outcome,
+            request.message,
+        );
         Ok(Response::new(wire::CompleteResponse { accepted }))
     }
 }

@@ -21,10 +21,14 @@ impl FsActionCache {
     pub fn open(dir: &Path) -> Result<FsActionCache, StorageError> {
         let entries_dir = dir.join("entries");
         let tmp_dir = dir.join("tmp");
-        std::fs::create_dir_all(&entries_dir).map_err(StorageError::io("creating", &entries_dir))?;
+        std::fs::create_dir_all(&entries_dir)
+            .map_err(StorageError::io("creating", &entries_dir))?;
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir).map_err(StorageError::io("creating", &tmp_dir))?;
-        Ok(FsActionCache { entries_dir, tmp_dir })
+        Ok(FsActionCache {
+            entries_dir,
+            tmp_dir,
+        })
     }
 
     fn path_of(&self, instance: &str, action: &Digest) -> PathBuf {
@@ -36,7 +40,11 @@ impl FsActionCache {
 
     /// The stored result of `action` in `instance`, if any. A damaged entry is
     /// removed and reported as absent.
-    pub async fn get(&self, instance: &str, action: &Digest) -> Result<Option<ActionResult>, StorageError> {
+    pub async fn get(
+        &self,
+        instance: &str,
+        action: &Digest,
+    ) -> Result<Option<ActionResult>, StorageError> {
         let path = self.path_of(instance, action);
         let data = match tokio::fs::read(&path).await {
             Ok(data) => data,
@@ -54,7 +62,12 @@ impl FsActionCache {
     }
 
     /// Stores the result of `action` in `instance`, replacing any previous one.
-    pub async fn put(&self, instance: &str, action: &Digest, result: &ActionResult) -> Result<(), StorageError> {
+    pub async fn put(
+        &self,
+        instance: &str,
+        action: &Digest,
+        result: &ActionResult,
+    ) -> Result<(), StorageError> {
         let path = self.path_of(instance, action);
         let tmp_dir = self.tmp_dir.clone();
         let data = result.encode_to_vec();

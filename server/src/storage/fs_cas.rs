@@ -72,7 +72,12 @@ impl LruIndex {
     fn evict(&mut self, budget: u64, keep: &Digest) -> Vec<Digest> {
         let mut evicted = Vec::new();
         while self.total_bytes > budget {
-            let Some((_, oldest)) = self.by_age.iter().find(|(_, d)| *d != keep).map(|(t, d)| (*t, *d)) else {
+            let Some((_, oldest)) = self
+                .by_age
+                .iter()
+                .find(|(_, d)| *d != keep)
+                .map(|(t, d)| (*t, *d))
+            else {
                 break;
             };
             self.remove(&oldest);
@@ -103,9 +108,15 @@ impl FsCas {
         std::fs::create_dir_all(&tmp_dir).map_err(StorageError::io("creating", &tmp_dir))?;
 
         let mut found: Vec<(std::time::SystemTime, Digest)> = Vec::new();
-        for shard in std::fs::read_dir(&blobs_dir).map_err(StorageError::io("listing", &blobs_dir))? {
-            let shard = shard.map_err(StorageError::io("listing", &blobs_dir))?.path();
-            let Ok(files) = std::fs::read_dir(&shard) else { continue };
+        for shard in
+            std::fs::read_dir(&blobs_dir).map_err(StorageError::io("listing", &blobs_dir))?
+        {
+            let shard = shard
+                .map_err(StorageError::io("listing", &blobs_dir))?
+                .path();
+            let Ok(files) = std::fs::read_dir(&shard) else {
+                continue;
+            };
             for file in files.flatten() {
                 let path = file.path();
                 let name = file.file_name();
@@ -196,7 +207,10 @@ impl FsCas {
     }
 
     /// Opens a blob for streaming reads; `None` if absent.
-    pub async fn open_read(&self, digest: &Digest) -> Result<Option<tokio::fs::File>, StorageError> {
+    pub async fn open_read(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<tokio::fs::File>, StorageError> {
         if !self.contains(digest) {
             return Ok(None);
         }
@@ -299,7 +313,9 @@ pub struct BlobWriter {
 impl BlobWriter {
     /// Bytes received so far.
     pub fn committed_size(&self) -> u64 {
-        self.hasher.as_ref().map_or(self.digest.size(), Hasher::size)
+        self.hasher
+            .as_ref()
+            .map_or(self.digest.size(), Hasher::size)
     }
 
     /// The blob being written.
@@ -328,7 +344,8 @@ impl BlobWriter {
         let (Some(file), Some(hasher)) = (self.file.as_mut(), self.hasher.as_mut()) else {
             return Ok(());
         };
-        file.write_all(data).map_err(StorageError::io("writing", &self.tmp))?;
+        file.write_all(data)
+            .map_err(StorageError::io("writing", &self.tmp))?;
         hasher.update(data);
         Ok(())
     }
@@ -346,7 +363,8 @@ impl BlobWriter {
                 actual,
             });
         }
-        file.sync_all().map_err(StorageError::io("syncing", &self.tmp))?;
+        file.sync_all()
+            .map_err(StorageError::io("syncing", &self.tmp))?;
         drop(file);
         let path = self.cas.path_of(&self.digest);
         let shard = path.parent().expect("blob path has a shard directory");
@@ -375,7 +393,10 @@ mod tests {
     use super::*;
 
     fn blob(text: &str) -> (Digest, Bytes) {
-        (Digest::of_bytes(text.as_bytes()), Bytes::copy_from_slice(text.as_bytes()))
+        (
+            Digest::of_bytes(text.as_bytes()),
+            Bytes::copy_from_slice(text.as_bytes()),
+        )
     }
 
     #[tokio::test]
@@ -408,9 +429,19 @@ mod tests {
         let (d, data) = blob("hello world");
         let mut w = cas.begin_write(d).unwrap();
         w.append(0, &data[..5]).unwrap();
-        assert!(matches!(w.append(3, b"x"), Err(StorageError::BadOffset { committed: 5, .. })));
-        assert!(matches!(w.append(5, b" world and more"), Err(StorageError::TooLong { .. })));
-        assert_eq!(cas.read(&d).await.unwrap(), None, "partial blob must not be visible");
+        assert!(matches!(
+            w.append(3, b"x"),
+            Err(StorageError::BadOffset { committed: 5, .. })
+        ));
+        assert!(matches!(
+            w.append(5, b" world and more"),
+            Err(StorageError::TooLong { .. })
+        ));
+        assert_eq!(
+            cas.read(&d).await.unwrap(),
+            None,
+            "partial blob must not be visible"
+        );
         w.append(5, &data[5..]).unwrap();
         w.commit().unwrap();
         assert_eq!(cas.read(&d).await.unwrap(), Some(data));
@@ -418,10 +449,16 @@ mod tests {
         let (d2, _) = blob("expected");
         let mut bad = cas.begin_write(d2).unwrap();
         bad.append(0, b"unexpect").unwrap();
-        assert!(matches!(bad.commit(), Err(StorageError::DigestMismatch { .. })));
+        assert!(matches!(
+            bad.commit(),
+            Err(StorageError::DigestMismatch { .. })
+        ));
         assert_eq!(cas.read(&d2).await.unwrap(), None);
         drop(bad);
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[tokio::test]
@@ -438,7 +475,10 @@ mod tests {
         assert_eq!(cas.find_missing(&[a, b, c]), vec![b]);
         assert_eq!(cas.usage(), (8, 2));
         let (big, dbig) = blob("this is more than ten bytes");
-        assert!(matches!(cas.put(big, dbig).await, Err(StorageError::TooLarge { .. })));
+        assert!(matches!(
+            cas.put(big, dbig).await,
+            Err(StorageError::TooLarge { .. })
+        ));
     }
 
     #[tokio::test]
@@ -458,6 +498,9 @@ mod tests {
         let cas = FsCas::open(dir.path(), 1 << 20).await.unwrap();
         assert_eq!(cas.read(&a).await.unwrap(), Some(da));
         assert_eq!(cas.read(&b).await.unwrap(), None);
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 }

@@ -67,9 +67,16 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub(crate) fn io(action: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> StorageError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> StorageError {
         let path = path.display().to_string();
-        move |source| StorageError::Io { action, path, source }
+        move |source| StorageError::Io {
+            action,
+            path,
+            source,
+        }
     }
 
     /// True when the disk is full.
@@ -83,12 +90,17 @@ const fn libc_enospc() -> i32 {
 }
 
 /// Writes `data` to `path` crash-safely: temp file in `tmp_dir`, fsync, rename.
-pub(crate) fn write_atomically(tmp_dir: &std::path::Path, path: &std::path::Path, data: &[u8]) -> Result<(), StorageError> {
+pub(crate) fn write_atomically(
+    tmp_dir: &std::path::Path,
+    path: &std::path::Path,
+    data: &[u8],
+) -> Result<(), StorageError> {
     use std::io::Write;
     let tmp = tmp_dir.join(uuid::Uuid::new_v4().to_string());
     let result = (|| {
         let mut file = std::fs::File::create(&tmp).map_err(StorageError::io("creating", &tmp))?;
-        file.write_all(data).map_err(StorageError::io("writing", &tmp))?;
+        file.write_all(data)
+            .map_err(StorageError::io("writing", &tmp))?;
         file.sync_all().map_err(StorageError::io("syncing", &tmp))?;
         std::fs::rename(&tmp, path).map_err(StorageError::io("renaming into", path))
     })();

@@ -32,7 +32,9 @@ struct Clients {
 fn clients(server: &Server, token: Option<&str>) -> Clients {
     let channel = connect_channel(&server.worker_endpoint(), token).unwrap();
     Clients {
-        cas: ContentAddressableStorageClient::new(channel.clone()).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20),
+        cas: ContentAddressableStorageClient::new(channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
         bytestream: ByteStreamClient::new(channel.clone()),
         ac: ActionCacheClient::new(channel.clone()),
         exec: ExecutionClient::new(channel.clone()),
@@ -50,7 +52,10 @@ fn upload_request(digest: Digest, data: &[u8]) -> batch_update_blobs_request::Re
 }
 
 async fn upload(c: &mut Clients, blobs: &[&[u8]]) {
-    let requests = blobs.iter().map(|b| upload_request(Digest::of_bytes(b), b)).collect();
+    let requests = blobs
+        .iter()
+        .map(|b| upload_request(Digest::of_bytes(b), b))
+        .collect();
     let response = c
         .cas
         .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
@@ -84,7 +89,11 @@ fn write_requests(resource: &str, chunks: &[(i64, &[u8], bool)]) -> Vec<WriteReq
         .iter()
         .enumerate()
         .map(|(i, (offset, data, finish))| WriteRequest {
-            resource_name: if i == 0 { resource.to_string() } else { String::new() },
+            resource_name: if i == 0 {
+                resource.to_string()
+            } else {
+                String::new()
+            },
             write_offset: *offset,
             finish_write: *finish,
             data: Bytes::copy_from_slice(data),
@@ -98,17 +107,30 @@ async fn capabilities_describe_what_is_supported() {
     let mut c = clients(&server, None);
     let caps = c
         .caps
-        .get_capabilities(reapi::GetCapabilitiesRequest { instance_name: INSTANCE.into() })
+        .get_capabilities(reapi::GetCapabilitiesRequest {
+            instance_name: INSTANCE.into(),
+        })
         .await
         .unwrap()
         .into_inner();
     let cache = caps.cache_capabilities.unwrap();
-    assert_eq!(cache.digest_functions, vec![reapi::digest_function::Value::Sha256 as i32]);
-    assert!(cache.action_cache_update_capabilities.unwrap().update_enabled);
+    assert_eq!(
+        cache.digest_functions,
+        vec![reapi::digest_function::Value::Sha256 as i32]
+    );
+    assert!(
+        cache
+            .action_cache_update_capabilities
+            .unwrap()
+            .update_enabled
+    );
     assert!(cache.max_batch_total_size_bytes > 0);
     let exec = caps.execution_capabilities.unwrap();
     assert!(exec.exec_enabled);
-    assert_eq!(exec.digest_function, reapi::digest_function::Value::Sha256 as i32);
+    assert_eq!(
+        exec.digest_function,
+        reapi::digest_function::Value::Sha256 as i32
+    );
     assert_eq!(caps.high_api_version.unwrap().major, 2);
 }
 
@@ -118,28 +140,52 @@ async fn unknown_instance_is_a_clear_error_everywhere() {
     let mut c = clients(&server, None);
     let d = Digest::of_bytes(b"x");
     let checks: Vec<tonic::Status> = vec![
-        c.caps.get_capabilities(reapi::GetCapabilitiesRequest { instance_name: "nope".into() }).await.unwrap_err(),
+        c.caps
+            .get_capabilities(reapi::GetCapabilitiesRequest {
+                instance_name: "nope".into(),
+            })
+            .await
+            .unwrap_err(),
         c.cas
-            .find_missing_blobs(reapi::FindMissingBlobsRequest { instance_name: "nope".into(), blob_digests: vec![d.to_proto()], ..Default::default() })
+            .find_missing_blobs(reapi::FindMissingBlobsRequest {
+                instance_name: "nope".into(),
+                blob_digests: vec![d.to_proto()],
+                ..Default::default()
+            })
             .await
             .unwrap_err(),
-        c.ac.get_action_result(reapi::GetActionResultRequest { instance_name: "nope".into(), action_digest: Some(d.to_proto()), ..Default::default() })
-            .await
-            .unwrap_err(),
+        c.ac.get_action_result(reapi::GetActionResultRequest {
+            instance_name: "nope".into(),
+            action_digest: Some(d.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
         c.exec
-            .execute(reapi::ExecuteRequest { instance_name: "nope".into(), action_digest: Some(d.to_proto()), ..Default::default() })
+            .execute(reapi::ExecuteRequest {
+                instance_name: "nope".into(),
+                action_digest: Some(d.to_proto()),
+                ..Default::default()
+            })
             .await
             .map(|_| ())
             .unwrap_err(),
         c.bytestream
-            .read(ReadRequest { resource_name: format!("nope/blobs/{}/1", d.hash_hex()), ..Default::default() })
+            .read(ReadRequest {
+                resource_name: format!("nope/blobs/{}/1", d.hash_hex()),
+                ..Default::default()
+            })
             .await
             .map(|_| ())
             .unwrap_err(),
     ];
     for status in checks {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(status.message().contains("\"nope\"") && status.message().contains("\"main\""), "{}", status.message());
+        assert!(
+            status.message().contains("\"nope\"") && status.message().contains("\"main\""),
+            "{}",
+            status.message()
+        );
     }
 }
 
@@ -150,14 +196,21 @@ async fn empty_blob_always_exists() {
     assert!(missing(&mut c, &[Digest::EMPTY]).await.is_empty());
     let read = c
         .cas
-        .batch_read_blobs(reapi::BatchReadBlobsRequest { instance_name: INSTANCE.into(), digests: vec![Digest::EMPTY.to_proto()], ..Default::default() })
+        .batch_read_blobs(reapi::BatchReadBlobsRequest {
+            instance_name: INSTANCE.into(),
+            digests: vec![Digest::EMPTY.to_proto()],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(read.responses[0].status.as_ref().unwrap().code, 0);
     let mut stream = c
         .bytestream
-        .read(ReadRequest { resource_name: format!("{INSTANCE}/blobs/{}/0", Digest::EMPTY.hash_hex()), ..Default::default() })
+        .read(ReadRequest {
+            resource_name: format!("{INSTANCE}/blobs/{}/0", Digest::EMPTY.hash_hex()),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -184,7 +237,10 @@ async fn batch_upload_with_wrong_hash_or_size_stores_nothing() {
                 upload_request(wrong_size, b"size"),
                 upload_request(good, b"good"),
                 batch_update_blobs_request::Request {
-                    digest: Some(reapi::Digest { hash: "XYZ".into(), size_bytes: 1 }),
+                    digest: Some(reapi::Digest {
+                        hash: "XYZ".into(),
+                        size_bytes: 1,
+                    }),
                     data: Bytes::from_static(b"x"),
                     ..Default::default()
                 },
@@ -194,11 +250,31 @@ async fn batch_upload_with_wrong_hash_or_size_stores_nothing() {
         .await
         .unwrap()
         .into_inner();
-    let codes: Vec<i32> = response.responses.iter().map(|r| r.status.as_ref().unwrap().code).collect();
-    assert_eq!(codes, vec![Code::InvalidArgument as i32, Code::InvalidArgument as i32, 0, Code::InvalidArgument as i32]);
-    assert!(response.responses[0].status.as_ref().unwrap().message.contains(&claimed.hash_hex()));
+    let codes: Vec<i32> = response
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().unwrap().code)
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            Code::InvalidArgument as i32,
+            Code::InvalidArgument as i32,
+            0,
+            Code::InvalidArgument as i32
+        ]
+    );
+    assert!(response.responses[0]
+        .status
+        .as_ref()
+        .unwrap()
+        .message
+        .contains(&claimed.hash_hex()));
     let still_missing = missing(&mut c, &[claimed, wrong_size, good]).await;
-    assert_eq!(still_missing, vec![claimed.to_proto(), wrong_size.to_proto()]);
+    assert_eq!(
+        still_missing,
+        vec![claimed.to_proto(), wrong_size.to_proto()]
+    );
 }
 
 #[tokio::test]
@@ -222,7 +298,11 @@ async fn oversized_batches_are_rejected_whole() {
     assert_eq!(missing(&mut c, &[d1, d2]).await.len(), 2);
     let status = c
         .cas
-        .batch_read_blobs(reapi::BatchReadBlobsRequest { instance_name: INSTANCE.into(), digests: vec![d1.to_proto(), d2.to_proto()], ..Default::default() })
+        .batch_read_blobs(reapi::BatchReadBlobsRequest {
+            instance_name: INSTANCE.into(),
+            digests: vec![d1.to_proto(), d2.to_proto()],
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -234,21 +314,41 @@ async fn bad_digests_are_invalid_arguments() {
     let mut c = clients(&server, None);
     let good = Digest::of_bytes(b"x");
     for bad in [
-        reapi::Digest { hash: good.hash_hex(), size_bytes: -1 },
-        reapi::Digest { hash: good.hash_hex().to_uppercase(), size_bytes: 1 },
-        reapi::Digest { hash: "abc".into(), size_bytes: 1 },
+        reapi::Digest {
+            hash: good.hash_hex(),
+            size_bytes: -1,
+        },
+        reapi::Digest {
+            hash: good.hash_hex().to_uppercase(),
+            size_bytes: 1,
+        },
+        reapi::Digest {
+            hash: "abc".into(),
+            size_bytes: 1,
+        },
     ] {
         let status = c
             .cas
-            .find_missing_blobs(reapi::FindMissingBlobsRequest { instance_name: INSTANCE.into(), blob_digests: vec![bad.clone()], ..Default::default() })
+            .find_missing_blobs(reapi::FindMissingBlobsRequest {
+                instance_name: INSTANCE.into(),
+                blob_digests: vec![bad.clone()],
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
-        assert!(status.message().contains("blob_digests[0]"), "{}", status.message());
+        assert!(
+            status.message().contains("blob_digests[0]"),
+            "{}",
+            status.message()
+        );
     }
-    let status = c
-        .ac
-        .get_action_result(reapi::GetActionResultRequest { instance_name: INSTANCE.into(), action_digest: None, ..Default::default() })
+    let status =
+        c.ac.get_action_result(reapi::GetActionResultRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -270,20 +370,47 @@ async fn malformed_resource_names_are_rejected() {
         format!("main/blobs/NOTAHASH/5"),
         format!("main//blobs/{hash}/5"),
     ] {
-        let status = c.bytestream.read(ReadRequest { resource_name: name.clone(), ..Default::default() }).await.map(|_| ()).unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "read {name:?}: {status:?}");
+        let status = c
+            .bytestream
+            .read(ReadRequest {
+                resource_name: name.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "read {name:?}: {status:?}"
+        );
     }
     let status = c
         .bytestream
-        .read(ReadRequest { resource_name: format!("main/compressed-blobs/zstd/{hash}/5"), ..Default::default() })
+        .read(ReadRequest {
+            resource_name: format!("main/compressed-blobs/zstd/{hash}/5"),
+            ..Default::default()
+        })
         .await
         .map(|_| ())
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
-    for name in [format!("main/blobs/{hash}/5"), format!("main/uploads/blobs/{hash}/5"), format!("main/uploads/u1/blobs/{hash}")] {
+    for name in [
+        format!("main/blobs/{hash}/5"),
+        format!("main/uploads/blobs/{hash}/5"),
+        format!("main/uploads/u1/blobs/{hash}"),
+    ] {
         let requests = write_requests(&name, &[(0, b"hello", true)]);
-        let status = c.bytestream.write(futures::stream::iter(requests)).await.unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "write {name:?}: {status:?}");
+        let status = c
+            .bytestream
+            .write(futures::stream::iter(requests))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "write {name:?}: {status:?}"
+        );
     }
     assert!(missing(&mut c, &[d]).await.len() == 1);
 }
@@ -294,45 +421,111 @@ async fn bytestream_write_read_offsets_and_resume() {
     let mut c = clients(&server, None);
     let data: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
     let d = Digest::of_bytes(&data);
-    let name = format!("{INSTANCE}/uploads/0b5e1a1e-0000-4000-8000-000000000001/blobs/{}/{}", d.hash_hex(), d.size());
+    let name = format!(
+        "{INSTANCE}/uploads/0b5e1a1e-0000-4000-8000-000000000001/blobs/{}/{}",
+        d.hash_hex(),
+        d.size()
+    );
 
     // First half, then the client goes away.
     let half = data.len() / 2;
-    let _ = c.bytestream.write(futures::stream::iter(write_requests(&name, &[(0, &data[..half], false)]))).await;
-    let status = c.bytestream.query_write_status(QueryWriteStatusRequest { resource_name: name.clone() }).await.unwrap().into_inner();
-    assert_eq!((status.committed_size, status.complete), (half as i64, false));
-    assert_eq!(missing(&mut c, &[d]).await.len(), 1, "a partial blob must not be visible");
+    let _ = c
+        .bytestream
+        .write(futures::stream::iter(write_requests(
+            &name,
+            &[(0, &data[..half], false)],
+        )))
+        .await;
+    let status = c
+        .bytestream
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (status.committed_size, status.complete),
+        (half as i64, false)
+    );
+    assert_eq!(
+        missing(&mut c, &[d]).await.len(),
+        1,
+        "a partial blob must not be visible"
+    );
 
     // A write at the wrong offset fails.
-    let err = c.bytestream.write(futures::stream::iter(write_requests(&name, &[(half as i64 + 1, &data[half + 1..], true)]))).await.unwrap_err();
+    let err = c
+        .bytestream
+        .write(futures::stream::iter(write_requests(
+            &name,
+            &[(half as i64 + 1, &data[half + 1..], true)],
+        )))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // Start over from the beginning and finish.
     let response = c
         .bytestream
-        .write(futures::stream::iter(write_requests(&name, &[(0, &data[..half], false), (half as i64, &data[half..], true)])))
+        .write(futures::stream::iter(write_requests(
+            &name,
+            &[
+                (0, &data[..half], false),
+                (half as i64, &data[half..], true),
+            ],
+        )))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(response.committed_size, d.size() as i64);
-    let status = c.bytestream.query_write_status(QueryWriteStatusRequest { resource_name: name.clone() }).await.unwrap().into_inner();
+    let status = c
+        .bytestream
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(status.complete);
 
-    let read = |offset: i64, limit: i64| ReadRequest { resource_name: format!("{INSTANCE}/blobs/{}/{}", d.hash_hex(), d.size()), read_offset: offset, read_limit: limit };
+    let read = |offset: i64, limit: i64| ReadRequest {
+        resource_name: format!("{INSTANCE}/blobs/{}/{}", d.hash_hex(), d.size()),
+        read_offset: offset,
+        read_limit: limit,
+    };
     let mut got = Vec::new();
-    let mut stream = c.bytestream.read(read(100, 1000)).await.unwrap().into_inner();
+    let mut stream = c
+        .bytestream
+        .read(read(100, 1000))
+        .await
+        .unwrap()
+        .into_inner();
     while let Some(chunk) = stream.next().await {
         got.extend_from_slice(&chunk.unwrap().data);
     }
     assert_eq!(got, &data[100..1100]);
-    let err = c.bytestream.read(read(d.size() as i64 + 1, 0)).await.map(|_| ()).unwrap_err();
+    let err = c
+        .bytestream
+        .read(read(d.size() as i64 + 1, 0))
+        .await
+        .map(|_| ())
+        .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange);
-    let err = c.bytestream.read(read(0, -1)).await.map(|_| ()).unwrap_err();
+    let err = c
+        .bytestream
+        .read(read(0, -1))
+        .await
+        .map(|_| ())
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let absent = Digest::of_bytes(b"absent");
     let err = c
         .bytestream
-        .read(ReadRequest { resource_name: format!("{INSTANCE}/blobs/{}/{}", absent.hash_hex(), absent.size()), ..Default::default() })
+        .read(ReadRequest {
+            resource_name: format!("{INSTANCE}/blobs/{}/{}", absent.hash_hex(), absent.size()),
+            ..Default::default()
+        })
         .await
         .map(|_| ())
         .unwrap_err();
@@ -345,35 +538,82 @@ async fn bytestream_write_with_wrong_content_stores_nothing() {
     let mut c = clients(&server, None);
     let d = Digest::of_bytes(b"expected content");
     let name = format!("uploads/u2/blobs/{}/{}", d.hash_hex(), d.size());
-    let err = c.bytestream.write(futures::stream::iter(write_requests(&name, &[(0, b"unexpected conte", true)]))).await.unwrap_err();
+    let err = c
+        .bytestream
+        .write(futures::stream::iter(write_requests(
+            &name,
+            &[(0, b"unexpected conte", true)],
+        )))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // The empty instance name is not served by this server (only "main").
     assert!(err.message().contains("instance"), "{}", err.message());
     let name = format!("{INSTANCE}/uploads/u2/blobs/{}/{}", d.hash_hex(), d.size());
-    let err = c.bytestream.write(futures::stream::iter(write_requests(&name, &[(0, b"unexpected conte", true)]))).await.unwrap_err();
+    let err = c
+        .bytestream
+        .write(futures::stream::iter(write_requests(
+            &name,
+            &[(0, b"unexpected conte", true)],
+        )))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("does not match"), "{}", err.message());
-    let err = c.bytestream.write(futures::stream::iter(write_requests(&name, &[(0, b"expected content and more", true)]))).await.unwrap_err();
+    assert!(
+        err.message().contains("does not match"),
+        "{}",
+        err.message()
+    );
+    let err = c
+        .bytestream
+        .write(futures::stream::iter(write_requests(
+            &name,
+            &[(0, b"expected content and more", true)],
+        )))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(missing(&mut c, &[d]).await.len(), 1);
 }
 
 fn directory(files: &[(&str, Digest)], dirs: &[(&str, Digest)]) -> reapi::Directory {
     reapi::Directory {
-        files: files.iter().map(|(n, d)| reapi::FileNode { name: n.to_string(), digest: Some(d.to_proto()), ..Default::default() }).collect(),
-        directories: dirs.iter().map(|(n, d)| reapi::DirectoryNode { name: n.to_string(), digest: Some(d.to_proto()) }).collect(),
+        files: files
+            .iter()
+            .map(|(n, d)| reapi::FileNode {
+                name: n.to_string(),
+                digest: Some(d.to_proto()),
+                ..Default::default()
+            })
+            .collect(),
+        directories: dirs
+            .iter()
+            .map(|(n, d)| reapi::DirectoryNode {
+                name: n.to_string(),
+                digest: Some(d.to_proto()),
+            })
+            .collect(),
         ..Default::default()
     }
 }
 
 /// Uploads an action whose input root references `input` (uploaded or not)
 /// and whose command declares `outputs`; returns the action digest.
-async fn action_with(c: &mut Clients, input: Option<&[u8]>, absent_input: Digest, outputs: &[&str]) -> Digest {
+async fn action_with(
+    c: &mut Clients,
+    input: Option<&[u8]>,
+    absent_input: Digest,
+    outputs: &[&str],
+) -> Digest {
     let leaf = directory(&[("absent.txt", absent_input)], &[]);
     let leaf_bytes = leaf.encode_to_vec();
     let root = directory(&[], &[("sub", Digest::of_bytes(&leaf_bytes))]);
     let root_bytes = root.encode_to_vec();
-    let command = reapi::Command { arguments: vec!["true".into()], output_paths: outputs.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    let command = reapi::Command {
+        arguments: vec!["true".into()],
+        output_paths: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
     let command_bytes = command.encode_to_vec();
     let action = reapi::Action {
         command_digest: Some(Digest::of_bytes(&command_bytes).to_proto()),
@@ -390,8 +630,13 @@ async fn action_with(c: &mut Clients, input: Option<&[u8]>, absent_input: Digest
 }
 
 fn precondition_failure(status: &tonic::Status) -> rpc::PreconditionFailure {
-    let details = rpc::Status::decode(status.details()).expect("status details carry a google.rpc.Status");
-    let any = details.details.iter().find(|a| a.type_url.ends_with("google.rpc.PreconditionFailure")).expect("a PreconditionFailure detail");
+    let details =
+        rpc::Status::decode(status.details()).expect("status details carry a google.rpc.Status");
+    let any = details
+        .details
+        .iter()
+        .find(|a| a.type_url.ends_with("google.rpc.PreconditionFailure"))
+        .expect("a PreconditionFailure detail");
     rpc::PreconditionFailure::decode(any.value.as_slice()).unwrap()
 }
 
@@ -403,7 +648,11 @@ async fn execute_with_missing_inputs_lists_them_as_precondition_failures() {
     let action = action_with(&mut c, None, absent, &["out"]).await;
     let status = c
         .exec
-        .execute(reapi::ExecuteRequest { instance_name: INSTANCE.into(), action_digest: Some(action.to_proto()), ..Default::default() })
+        .execute(reapi::ExecuteRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
         .await
         .map(|_| ())
         .unwrap_err();
@@ -411,18 +660,28 @@ async fn execute_with_missing_inputs_lists_them_as_precondition_failures() {
     let failure = precondition_failure(&status);
     assert_eq!(failure.violations.len(), 1);
     assert_eq!(failure.violations[0].r#type, "MISSING");
-    assert_eq!(failure.violations[0].subject, format!("blobs/{}/{}", absent.hash_hex(), absent.size()));
+    assert_eq!(
+        failure.violations[0].subject,
+        format!("blobs/{}/{}", absent.hash_hex(), absent.size())
+    );
 
     // The action itself missing is reported the same way.
     let ghost = Digest::of_bytes(b"no such action");
     let status = c
         .exec
-        .execute(reapi::ExecuteRequest { instance_name: INSTANCE.into(), action_digest: Some(ghost.to_proto()), ..Default::default() })
+        .execute(reapi::ExecuteRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: Some(ghost.to_proto()),
+            ..Default::default()
+        })
         .await
         .map(|_| ())
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert_eq!(precondition_failure(&status).violations[0].subject, format!("blobs/{}/{}", ghost.hash_hex(), ghost.size()));
+    assert_eq!(
+        precondition_failure(&status).violations[0].subject,
+        format!("blobs/{}/{}", ghost.hash_hex(), ghost.size())
+    );
 }
 
 #[tokio::test]
@@ -430,10 +689,20 @@ async fn execute_rejects_output_paths_that_escape() {
     let server = Server::start().unwrap();
     let mut c = clients(&server, None);
     for bad in ["../escape", "/abs/path", "a/../../b"] {
-        let action = action_with(&mut c, Some(b"present"), Digest::of_bytes(b"present"), &[bad]).await;
+        let action = action_with(
+            &mut c,
+            Some(b"present"),
+            Digest::of_bytes(b"present"),
+            &[bad],
+        )
+        .await;
         let status = c
             .exec
-            .execute(reapi::ExecuteRequest { instance_name: INSTANCE.into(), action_digest: Some(action.to_proto()), ..Default::default() })
+            .execute(reapi::ExecuteRequest {
+                instance_name: INSTANCE.into(),
+                action_digest: Some(action.to_proto()),
+                ..Default::default()
+            })
             .await
             .map(|_| ())
             .unwrap_err();
@@ -450,20 +719,72 @@ async fn action_cache_round_trip_and_missing_outputs_are_a_miss() {
     let stdout = b"hello stdout";
     upload(&mut c, &[stdout]).await;
     let gone = Digest::of_bytes(b"an output nobody uploaded");
-    let result = |files: Vec<reapi::OutputFile>| reapi::ActionResult { stdout_digest: Some(Digest::of_bytes(stdout).to_proto()), output_files: files, ..Default::default() };
-    let update = |r: reapi::ActionResult| reapi::UpdateActionResultRequest { instance_name: INSTANCE.into(), action_digest: Some(action.to_proto()), action_result: Some(r), ..Default::default() };
-    let get = reapi::GetActionResultRequest { instance_name: INSTANCE.into(), action_digest: Some(action.to_proto()), ..Default::default() };
+    let result = |files: Vec<reapi::OutputFile>| reapi::ActionResult {
+        stdout_digest: Some(Digest::of_bytes(stdout).to_proto()),
+        output_files: files,
+        ..Default::default()
+    };
+    let update = |r: reapi::ActionResult| reapi::UpdateActionResultRequest {
+        instance_name: INSTANCE.into(),
+        action_digest: Some(action.to_proto()),
+        action_result: Some(r),
+        ..Default::default()
+    };
+    let get = reapi::GetActionResultRequest {
+        instance_name: INSTANCE.into(),
+        action_digest: Some(action.to_proto()),
+        ..Default::default()
+    };
 
-    assert_eq!(c.ac.get_action_result(get.clone()).await.unwrap_err().code(), Code::NotFound);
-    c.ac.update_action_result(update(result(vec![]))).await.unwrap();
-    assert_eq!(c.ac.get_action_result(get.clone()).await.unwrap().into_inner().stdout_digest.unwrap().size_bytes, stdout.len() as i64);
+    assert_eq!(
+        c.ac.get_action_result(get.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    c.ac.update_action_result(update(result(vec![])))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.ac.get_action_result(get.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .stdout_digest
+            .unwrap()
+            .size_bytes,
+        stdout.len() as i64
+    );
 
-    let dangling = reapi::OutputFile { path: "out".into(), digest: Some(gone.to_proto()), ..Default::default() };
-    c.ac.update_action_result(update(result(vec![dangling]))).await.unwrap();
-    assert_eq!(c.ac.get_action_result(get.clone()).await.unwrap_err().code(), Code::NotFound);
+    let dangling = reapi::OutputFile {
+        path: "out".into(),
+        digest: Some(gone.to_proto()),
+        ..Default::default()
+    };
+    c.ac.update_action_result(update(result(vec![dangling])))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.ac.get_action_result(get.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
 
-    let bad = reapi::OutputFile { path: "out".into(), digest: Some(reapi::Digest { hash: "nope".into(), size_bytes: 1 }), ..Default::default() };
-    let status = c.ac.update_action_result(update(result(vec![bad]))).await.unwrap_err();
+    let bad = reapi::OutputFile {
+        path: "out".into(),
+        digest: Some(reapi::Digest {
+            hash: "nope".into(),
+            size_bytes: 1,
+        }),
+        ..Default::default()
+    };
+    let status =
+        c.ac.update_action_result(update(result(vec![bad])))
+            .await
+            .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("output_files[0]"));
 }
@@ -475,7 +796,14 @@ async fn get_tree_pages_through_every_directory() {
     let file = Digest::of_bytes(b"f");
     let leaf1 = directory(&[("a", file)], &[]).encode_to_vec();
     let leaf2 = directory(&[("b", file)], &[]).encode_to_vec();
-    let root = directory(&[], &[("x", Digest::of_bytes(&leaf1)), ("y", Digest::of_bytes(&leaf2))]).encode_to_vec();
+    let root = directory(
+        &[],
+        &[
+            ("x", Digest::of_bytes(&leaf1)),
+            ("y", Digest::of_bytes(&leaf2)),
+        ],
+    )
+    .encode_to_vec();
     upload(&mut c, &[&leaf1, &leaf2, &root, b"f"]).await;
     let mut token = String::new();
     let mut pages = 0;
@@ -483,7 +811,13 @@ async fn get_tree_pages_through_every_directory() {
     loop {
         let mut stream = c
             .cas
-            .get_tree(reapi::GetTreeRequest { instance_name: INSTANCE.into(), root_digest: Some(Digest::of_bytes(&root).to_proto()), page_size: 1, page_token: token.clone(), ..Default::default() })
+            .get_tree(reapi::GetTreeRequest {
+                instance_name: INSTANCE.into(),
+                root_digest: Some(Digest::of_bytes(&root).to_proto()),
+                page_size: 1,
+                page_token: token.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -503,7 +837,11 @@ async fn get_tree_pages_through_every_directory() {
     let absent = Digest::of_bytes(b"no tree");
     let status = c
         .cas
-        .get_tree(reapi::GetTreeRequest { instance_name: INSTANCE.into(), root_digest: Some(absent.to_proto()), ..Default::default() })
+        .get_tree(reapi::GetTreeRequest {
+            instance_name: INSTANCE.into(),
+            root_digest: Some(absent.to_proto()),
+            ..Default::default()
+        })
         .await
         .map(|_| ())
         .unwrap_err();
@@ -519,30 +857,68 @@ async fn operations_get_cancel_and_unknown_names() {
     // No worker runs here: the operation stays queued until cancelled.
     let mut stream = c
         .exec
-        .execute(reapi::ExecuteRequest { instance_name: INSTANCE.into(), action_digest: Some(action.to_proto()), ..Default::default() })
+        .execute(reapi::ExecuteRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     let first = stream.next().await.unwrap().unwrap();
     assert!(!first.done);
-    let meta = reapi::ExecuteOperationMetadata::decode(first.metadata.unwrap().value.as_slice()).unwrap();
+    let meta =
+        reapi::ExecuteOperationMetadata::decode(first.metadata.unwrap().value.as_slice()).unwrap();
     assert_eq!(meta.stage, reapi::execution_stage::Value::Queued as i32);
     assert_eq!(meta.action_digest.unwrap(), action.to_proto());
 
-    let got = c.ops.get_operation(GetOperationRequest { name: first.name.clone() }).await.unwrap().into_inner();
+    let got = c
+        .ops
+        .get_operation(GetOperationRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.name, first.name);
-    c.ops.cancel_operation(CancelOperationRequest { name: first.name.clone() }).await.unwrap();
+    c.ops
+        .cancel_operation(CancelOperationRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .unwrap();
     let last = stream.next().await.unwrap().unwrap();
     assert!(last.done);
-    let Some(longrunning::operation::Result::Response(any)) = last.result else { panic!("no response in {last:?}") };
+    let Some(longrunning::operation::Result::Response(any)) = last.result else {
+        panic!("no response in {last:?}")
+    };
     let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
     assert_eq!(response.status.unwrap().code, Code::Cancelled as i32);
-    assert!(stream.next().await.is_none(), "stream ends after the final operation");
+    assert!(
+        stream.next().await.is_none(),
+        "stream ends after the final operation"
+    );
 
     for status in [
-        c.ops.get_operation(GetOperationRequest { name: "operations/nope".into() }).await.unwrap_err(),
-        c.ops.cancel_operation(CancelOperationRequest { name: "operations/nope".into() }).await.unwrap_err(),
-        c.exec.wait_execution(reapi::WaitExecutionRequest { name: "operations/nope".into() }).await.map(|_| ()).unwrap_err(),
+        c.ops
+            .get_operation(GetOperationRequest {
+                name: "operations/nope".into(),
+            })
+            .await
+            .unwrap_err(),
+        c.ops
+            .cancel_operation(CancelOperationRequest {
+                name: "operations/nope".into(),
+            })
+            .await
+            .unwrap_err(),
+        c.exec
+            .wait_execution(reapi::WaitExecutionRequest {
+                name: "operations/nope".into(),
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err(),
     ] {
         assert_eq!(status.code(), Code::NotFound);
     }
@@ -556,11 +932,29 @@ async fn auth_token_is_required_when_configured() {
         args.auth_token_file = Some(token);
     })
     .unwrap();
-    let request = reapi::GetCapabilitiesRequest { instance_name: INSTANCE.into() };
+    let request = reapi::GetCapabilitiesRequest {
+        instance_name: INSTANCE.into(),
+    };
     let mut anonymous = clients(&server, None);
-    assert_eq!(anonymous.caps.get_capabilities(request.clone()).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        anonymous
+            .caps
+            .get_capabilities(request.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
     let mut wrong = clients(&server, Some("guess"));
-    assert_eq!(wrong.caps.get_capabilities(request.clone()).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        wrong
+            .caps
+            .get_capabilities(request.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
     let mut right = clients(&server, Some("s3cret"));
     right.caps.get_capabilities(request).await.unwrap();
 }
@@ -572,9 +966,16 @@ async fn executed_action_returns_output_and_leaves_a_timeline() {
     let mut c = clients(&server, None);
     let root = reapi::Directory::default().encode_to_vec();
     let command = reapi::Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), "echo hello from the farm; mkdir -p out; printf x > out/file".into()],
+        arguments: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo hello from the farm; mkdir -p out; printf x > out/file".into(),
+        ],
         output_paths: vec!["out/file".into()],
-        environment_variables: vec![reapi::command::EnvironmentVariable { name: "PATH".into(), value: "/usr/bin:/bin".into() }],
+        environment_variables: vec![reapi::command::EnvironmentVariable {
+            name: "PATH".into(),
+            value: "/usr/bin:/bin".into(),
+        }],
         ..Default::default()
     }
     .encode_to_vec();
@@ -587,7 +988,11 @@ async fn executed_action_returns_output_and_leaves_a_timeline() {
     upload(&mut c, &[&root, &command, &action]).await;
     let mut stream = c
         .exec
-        .execute(reapi::ExecuteRequest { instance_name: INSTANCE.into(), action_digest: Some(Digest::of_bytes(&action).to_proto()), ..Default::default() })
+        .execute(reapi::ExecuteRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: Some(Digest::of_bytes(&action).to_proto()),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -596,43 +1001,73 @@ async fn executed_action_returns_output_and_leaves_a_timeline() {
         last = Some(op.unwrap());
     }
     let last = last.unwrap();
-    let Some(longrunning::operation::Result::Response(any)) = last.result else { panic!("{last:?}") };
+    let Some(longrunning::operation::Result::Response(any)) = last.result else {
+        panic!("{last:?}")
+    };
     let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
     let result = response.result.unwrap();
     assert_eq!(result.exit_code, 0);
     assert!(!response.cached_result);
     assert_eq!(result.output_files.len(), 1);
-    assert_eq!(result.output_files[0].digest.as_ref().unwrap(), &Digest::of_bytes(b"x").to_proto());
+    assert_eq!(
+        result.output_files[0].digest.as_ref().unwrap(),
+        &Digest::of_bytes(b"x").to_proto()
+    );
     let stdout = Digest::from_field(result.stdout_digest.as_ref()).unwrap();
     let blob = c
         .cas
-        .batch_read_blobs(reapi::BatchReadBlobsRequest { instance_name: INSTANCE.into(), digests: vec![stdout.to_proto()], ..Default::default() })
+        .batch_read_blobs(reapi::BatchReadBlobsRequest {
+            instance_name: INSTANCE.into(),
+            digests: vec![stdout.to_proto()],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(blob.responses[0].data.as_ref(), b"hello from the farm\n");
     let metadata = result.execution_metadata.unwrap();
-    assert!(metadata.queued_timestamp.is_some() && metadata.execution_completed_timestamp.is_some());
+    assert!(
+        metadata.queued_timestamp.is_some() && metadata.execution_completed_timestamp.is_some()
+    );
 
     let id = last.name.strip_prefix("operations/").unwrap();
     let timeline = server.http_get(&format!("/operations/{id}")).unwrap();
     assert_eq!(timeline.status, 200, "{}", timeline.body);
     let mut at = 0;
-    for event in ["queued", "assigned", "inputs_fetched", "executed", "outputs_uploaded", "completed"] {
-        let found = timeline.body[at..].find(&format!("\"{event}\"")).unwrap_or_else(|| panic!("no {event} after offset {at} in {}", timeline.body));
+    for event in [
+        "queued",
+        "assigned",
+        "inputs_fetched",
+        "executed",
+        "outputs_uploaded",
+        "completed",
+    ] {
+        let found = timeline.body[at..]
+            .find(&format!("\"{event}\""))
+            .unwrap_or_else(|| panic!("no {event} after offset {at} in {}", timeline.body));
         at += found;
     }
 
     // The same action again is answered from the action cache.
     let mut stream = c
         .exec
-        .execute(reapi::ExecuteRequest { instance_name: INSTANCE.into(), action_digest: Some(Digest::of_bytes(&action).to_proto()), ..Default::default() })
+        .execute(reapi::ExecuteRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: Some(Digest::of_bytes(&action).to_proto()),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     let op = stream.next().await.unwrap().unwrap();
-    let Some(longrunning::operation::Result::Response(any)) = op.result else { panic!("{op:?}") };
-    assert!(reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap().cached_result);
+    let Some(longrunning::operation::Result::Response(any)) = op.result else {
+        panic!("{op:?}")
+    };
+    assert!(
+        reapi::ExecuteResponse::decode(any.value.as_slice())
+            .unwrap()
+            .cached_result
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -644,13 +1079,23 @@ async fn shutdown_ends_open_streams_with_unavailable() {
     // No worker: the operation stays queued and the stream stays open.
     let mut stream = c
         .exec
-        .execute(reapi::ExecuteRequest { instance_name: INSTANCE.into(), action_digest: Some(action.to_proto()), ..Default::default() })
+        .execute(reapi::ExecuteRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(!stream.next().await.unwrap().unwrap().done);
-    let status = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap().unwrap();
-    assert!(status.success(), "the server exits cleanly on SIGTERM with a stream open: {status:?}");
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the server exits cleanly on SIGTERM with a stream open: {status:?}"
+    );
     let end = stream.next().await.unwrap().unwrap_err();
     assert_eq!(end.code(), Code::Unavailable, "{end:?}");
 }
