@@ -34,8 +34,15 @@ fn is_miss(index: u64, ratio: f64) -> bool {
     ((index + 1) as f64 * ratio).floor() > (index as f64 * ratio).floor()
 }
 
-pub(crate) async fn get(target: &Target, plan: &LoadPlan, args: &AcGetArgs) -> anyhow::Result<Outcome> {
-    ensure!((0.0..=1.0).contains(&args.miss_ratio), "--miss-ratio must be between 0 and 1");
+pub(crate) async fn get(
+    target: &Target,
+    plan: &LoadPlan,
+    args: &AcGetArgs,
+) -> anyhow::Result<Outcome> {
+    ensure!(
+        (0.0..=1.0).contains(&args.miss_ratio),
+        "--miss-ratio must be between 0 and 1"
+    );
     ensure!(args.entries >= 1, "--entries must be at least 1");
     let nonce: u64 = rand::random();
     note(
@@ -61,7 +68,9 @@ pub(crate) async fn get(target: &Target, plan: &LoadPlan, args: &AcGetArgs) -> a
             client
                 .update_action_result(request)
                 .await
-                .map_err(rpc_error("UpdateActionResult (ac-get seeds the cache with it)"))
+                .map_err(rpc_error(
+                    "UpdateActionResult (ac-get seeds the cache with it)",
+                ))
         }
     }))
     .buffer_unordered(plan.concurrency)
@@ -148,7 +157,11 @@ mod tests {
     #[test]
     fn miss_ratio_is_exact_over_a_run() {
         for (ratio, expected) in [(0.0, 0), (0.25, 25), (0.5, 50), (1.0, 100)] {
-            assert_eq!((0..100).filter(|&i| is_miss(i, ratio)).count(), expected, "ratio {ratio}");
+            assert_eq!(
+                (0..100).filter(|&i| is_miss(i, ratio)).count(),
+                expected,
+                "ratio {ratio}"
+            );
         }
     }
 }

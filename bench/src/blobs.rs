@@ -55,6 +55,9 @@ mod tests {
         assert_eq!(maker.blob(1, 4096).0, d1);
         assert_eq!(maker.blob(3, 5).1.len(), 5);
         assert_eq!(maker.blob(3, 0).0, Digest::EMPTY);
-        assert_ne!(BlobMaker::new(64).blob(1, 64).0, BlobMaker::new(64).blob(1, 64).0);
+        assert_ne!(
+            BlobMaker::new(64).blob(1, 64).0,
+            BlobMaker::new(64).blob(1, 64).0
+        );
     }
 }

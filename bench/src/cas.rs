@@ -12,7 +12,9 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::blobs::BlobMaker;
 use crate::load::{drive, timed, LoadPlan};
-use crate::{note, rpc_error, CasApi, CasArgs, CasReadArgs, FindMissingArgs, Outcome, Target, MAX_MESSAGE};
+use crate::{
+    note, rpc_error, CasApi, CasArgs, CasReadArgs, FindMissingArgs, Outcome, Target, MAX_MESSAGE,
+};
 
 /// Size of each blob `find-missing` uploads as its present half.
 const FIND_MISSING_BLOB_SIZE: u64 = 64;
@@ -52,11 +54,18 @@ fn cas_params(args: &CasArgs) -> BTreeMap<String, serde_json::Value> {
 /// Checks every per-blob status of a batch response.
 fn check_statuses<'a>(
     call: &str,
-    statuses: impl Iterator<Item = (Option<&'a reapi::Digest>, Option<&'a buildkube_proto::rpc::Status>)>,
+    statuses: impl Iterator<
+        Item = (
+            Option<&'a reapi::Digest>,
+            Option<&'a buildkube_proto::rpc::Status>,
+        ),
+    >,
 ) -> anyhow::Result<()> {
     for (digest, status) in statuses {
         if let Some(status) = status.filter(|s| s.code != 0) {
-            let digest = digest.map(|d| format!("{}/{}", d.hash, d.size_bytes)).unwrap_or_default();
+            let digest = digest
+                .map(|d| format!("{}/{}", d.hash, d.size_bytes))
+                .unwrap_or_default();
             bail!(
                 "{call}: blob {digest}: {:?}: {}",
                 tonic::Code::from(status.code),
@@ -68,7 +77,11 @@ fn check_statuses<'a>(
 }
 
 /// `cas-write`: every operation uploads `batch_size` new blobs.
-pub(crate) async fn write(target: &Target, plan: &LoadPlan, args: &CasArgs) -> anyhow::Result<Outcome> {
+pub(crate) async fn write(
+    target: &Target,
+    plan: &LoadPlan,
+    args: &CasArgs,
+) -> anyhow::Result<Outcome> {
     let per_op = check_batch_size(args)?;
     let maker = BlobMaker::new(args.size);
     let size = args.size;
@@ -81,7 +94,9 @@ pub(crate) async fn write(target: &Target, plan: &LoadPlan, args: &CasArgs) -> a
             let target = target_for_ops.clone();
             let maker = maker.clone();
             async move {
-                let blobs: Vec<(Digest, Bytes)> = (0..per_op).map(|j| maker.blob(index * per_op + j, size)).collect();
+                let blobs: Vec<(Digest, Bytes)> = (0..per_op)
+                    .map(|j| maker.blob(index * per_op + j, size))
+                    .collect();
                 match api {
                     CasApi::Batch => {
                         let request = reapi::BatchUpdateBlobsRequest {
@@ -98,7 +113,10 @@ pub(crate) async fn write(target: &Target, plan: &LoadPlan, args: &CasArgs) -> a
                         };
                         let mut client = cas_client(target.channel(index));
                         timed(async move {
-                            let response = client.batch_update_blobs(request).await.map_err(rpc_error("BatchUpdateBlobs"))?;
+                            let response = client
+                                .batch_update_blobs(request)
+                                .await
+                                .map_err(rpc_error("BatchUpdateBlobs"))?;
                             let responses = &response.get_ref().responses;
                             ensure!(
                                 responses.len() as u64 == per_op,
@@ -107,14 +125,17 @@ pub(crate) async fn write(target: &Target, plan: &LoadPlan, args: &CasArgs) -> a
                             );
                             check_statuses(
                                 "BatchUpdateBlobs",
-                                responses.iter().map(|r| (r.digest.as_ref(), r.status.as_ref())),
+                                responses
+                                    .iter()
+                                    .map(|r| (r.digest.as_ref(), r.status.as_ref())),
                             )?;
                             Ok(per_op * size)
                         })
                         .await
                     }
                     CasApi::Bytestream => {
-                        let (digest, data) = blobs.into_iter().next().expect("one blob per operation");
+                        let (digest, data) =
+                            blobs.into_iter().next().expect("one blob per operation");
                         let cas = target.cas(index);
                         timed(async move {
                             let chunks: Vec<Bytes> = (0..data.len())
@@ -157,29 +178,45 @@ async fn upload_pool(
         let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
         let cas = target.cas(n as u64);
         async move {
-            cas.upload_blobs(blobs).await.context("uploading the blobs to read")?;
+            cas.upload_blobs(blobs)
+                .await
+                .context("uploading the blobs to read")?;
             anyhow::Ok(digests)
         }
     }))
     .buffered(concurrency.max(1))
-    .try_fold(Vec::with_capacity(count as usize), |mut all, digests| async move {
-        all.extend(digests);
-        Ok(all)
-    })
+    .try_fold(
+        Vec::with_capacity(count as usize),
+        |mut all, digests| async move {
+            all.extend(digests);
+            Ok(all)
+        },
+    )
     .await
 }
 
 /// `cas-read`: upload a pool of blobs, then read `batch_size` of them per operation.
-pub(crate) async fn read(target: &Target, plan: &LoadPlan, args: &CasReadArgs) -> anyhow::Result<Outcome> {
+pub(crate) async fn read(
+    target: &Target,
+    plan: &LoadPlan,
+    args: &CasReadArgs,
+) -> anyhow::Result<Outcome> {
     let cas_args = &args.cas;
     let per_op = check_batch_size(cas_args)?;
-    let pool_size = args.blobs.unwrap_or((plan.total() * per_op).min(1000)).max(1);
+    let pool_size = args
+        .blobs
+        .unwrap_or((plan.total() * per_op).min(1000))
+        .max(1);
     let maker = BlobMaker::new(cas_args.size);
     note(
         plan.quiet,
-        format_args!("cas-read: uploading {pool_size} blobs of {} bytes", cas_args.size),
+        format_args!(
+            "cas-read: uploading {pool_size} blobs of {} bytes",
+            cas_args.size
+        ),
     );
-    let pool = Arc::new(upload_pool(target, &maker, pool_size, cas_args.size, plan.concurrency).await?);
+    let pool =
+        Arc::new(upload_pool(target, &maker, pool_size, cas_args.size, plan.concurrency).await?);
     let size = cas_args.size;
     let api = cas_args.api;
     let target_for_ops = target.clone();
@@ -267,8 +304,20 @@ pub(crate) async fn find_missing(
     ensure!(args.digests >= 1, "--digests must be at least 1");
     let maker = BlobMaker::new(FIND_MISSING_BLOB_SIZE);
     let pool_size = args.blobs.max(1);
-    note(plan.quiet, format_args!("find-missing: uploading {pool_size} blobs"));
-    let pool = Arc::new(upload_pool(target, &maker, pool_size, FIND_MISSING_BLOB_SIZE, plan.concurrency).await?);
+    note(
+        plan.quiet,
+        format_args!("find-missing: uploading {pool_size} blobs"),
+    );
+    let pool = Arc::new(
+        upload_pool(
+            target,
+            &maker,
+            pool_size,
+            FIND_MISSING_BLOB_SIZE,
+            plan.concurrency,
+        )
+        .await?,
+    );
     let per_request = u64::from(args.digests);
     let present_per_request = per_request / 2;
     let target_for_ops = target.clone();

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use buildkube_proto::reapi::{ActionResult, ExecutedActionMetadata};
 use buildkube_proto::worker::worker_service_client::WorkerServiceClient;
-use buildkube_proto::worker::{complete_request, CompleteRequest, KeepAliveRequest, Lease, LeaseRequest, WorkerInfo};
+use buildkube_proto::worker::{
+    complete_request, CompleteRequest, KeepAliveRequest, Lease, LeaseRequest, WorkerInfo,
+};
 use buildkube_reapi::{AuthChannel, Digest};
 use bytes::Bytes;
 use futures::future::try_join_all;
@@ -104,7 +106,13 @@ struct SimulatedWorker {
 }
 
 impl SimulatedWorker {
-    fn new(channel: AuthChannel, instance: &str, id: String, slots: u32, platform: Option<buildkube_proto::reapi::Platform>) -> Self {
+    fn new(
+        channel: AuthChannel,
+        instance: &str,
+        id: String,
+        slots: u32,
+        platform: Option<buildkube_proto::reapi::Platform>,
+    ) -> Self {
         SimulatedWorker {
             client: WorkerServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
@@ -156,7 +164,11 @@ impl SimulatedWorker {
                     None => continue,
                 },
                 Err(status) => {
-                    ledger.worker_error(format!("Lease: {:?}: {}", status.code(), status.message()));
+                    ledger.worker_error(format!(
+                        "Lease: {:?}: {}",
+                        status.code(),
+                        status.message()
+                    ));
                     tokio::time::sleep(WORKER_RETRY_PAUSE).await;
                     continue;
                 }
@@ -210,7 +222,9 @@ async fn check_own_result(
     operation_name: &str,
     result: Option<&ActionResult>,
 ) -> anyhow::Result<()> {
-    let result = result.with_context(|| format!("action {action} (operation {operation_name}): no ActionResult"))?;
+    let result = result.with_context(|| {
+        format!("action {action} (operation {operation_name}): no ActionResult")
+    })?;
     ensure!(
         result.exit_code == 0,
         "action {action} (operation {operation_name}): exit code {}",
@@ -237,7 +251,11 @@ async fn check_own_result(
     Ok(())
 }
 
-pub(crate) async fn run(target: &Target, plan: &LoadPlan, args: &DispatchArgs) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(
+    target: &Target,
+    plan: &LoadPlan,
+    args: &DispatchArgs,
+) -> anyhow::Result<Outcome> {
     ensure!(args.workers >= 1, "--workers must be at least 1");
     ensure!(args.worker_slots >= 1, "--worker-slots must be at least 1");
     let exec = &args.execute;
@@ -350,13 +368,20 @@ pub(crate) async fn run(target: &Target, plan: &LoadPlan, args: &DispatchArgs) -
     let dispatch_latency = LatencyRecorder::new();
     let mut unleased = 0u64;
     for action in &actions[plan.warmup as usize..] {
-        let Some(sent_at) = sent.get(action) else { continue };
+        let Some(sent_at) = sent.get(action) else {
+            continue;
+        };
         match leased.get(action) {
-            Some(seen) => dispatch_latency.record(seen.first_at.saturating_duration_since(*sent_at)),
+            Some(seen) => {
+                dispatch_latency.record(seen.first_at.saturating_duration_since(*sent_at))
+            }
             None => unleased += 1,
         }
     }
-    let unleased_total = actions.iter().filter(|a| sent.contains_key(a) && !leased.contains_key(a)).count() as u64;
+    let unleased_total = actions
+        .iter()
+        .filter(|a| sent.contains_key(a) && !leased.contains_key(a))
+        .count() as u64;
     let leased_twice = leased.values().filter(|seen| seen.leases > 1).count() as u64;
     let completed_twice = completes.values().filter(|&&n| n > 1).count() as u64;
     let foreign = leased.keys().filter(|d| !sent.contains_key(d)).count() as u64;
@@ -365,17 +390,23 @@ pub(crate) async fn run(target: &Target, plan: &LoadPlan, args: &DispatchArgs) -
     let mut failures = Vec::new();
     let lost = count(&ledger.lost);
     if lost > 0 {
-        failures.push(format!("{lost} actions lost: their Execute ended without a result"));
+        failures.push(format!(
+            "{lost} actions lost: their Execute ended without a result"
+        ));
     }
     let mismatched = count(&ledger.mismatched);
     if mismatched > 0 {
-        failures.push(format!("{mismatched} Execute streams ended with a result that was not their action's"));
+        failures.push(format!(
+            "{mismatched} Execute streams ended with a result that was not their action's"
+        ));
     }
     if leased_twice > 0 {
         failures.push(format!("{leased_twice} actions were leased more than once"));
     }
     if completed_twice > 0 {
-        failures.push(format!("{completed_twice} operations were completed more than once"));
+        failures.push(format!(
+            "{completed_twice} operations were completed more than once"
+        ));
     }
     if unleased_total > 0 {
         failures.push(format!(
@@ -385,7 +416,9 @@ pub(crate) async fn run(target: &Target, plan: &LoadPlan, args: &DispatchArgs) -
     }
     let rejected = count(&ledger.completes_rejected);
     if rejected > 0 {
-        failures.push(format!("{rejected} Complete calls were not accepted by the server"));
+        failures.push(format!(
+            "{rejected} Complete calls were not accepted by the server"
+        ));
     }
     let worker_errors = count(&ledger.worker_errors);
     if worker_errors > 0 {
@@ -395,10 +428,15 @@ pub(crate) async fn run(target: &Target, plan: &LoadPlan, args: &DispatchArgs) -
             .into_iter()
             .map(|s| format!("x{} {}", s.count, s.message))
             .collect();
-        failures.push(format!("{worker_errors} worker protocol calls failed: {}", samples.join("; ")));
+        failures.push(format!(
+            "{worker_errors} worker protocol calls failed: {}",
+            samples.join("; ")
+        ));
     }
     if foreign > 0 {
-        failures.push(format!("simulated workers leased {foreign} actions this run never sent"));
+        failures.push(format!(
+            "simulated workers leased {foreign} actions this run never sent"
+        ));
     }
 
     let mut params = BTreeMap::new();

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use buildkube_proto::longrunning::operation;
 use buildkube_proto::reapi::execution_client::ExecutionClient;
-use buildkube_proto::reapi::{self, command::EnvironmentVariable, platform::Property, Action, Command, Platform};
+use buildkube_proto::reapi::{
+    self, command::EnvironmentVariable, platform::Property, Action, Command, Platform,
+};
 use buildkube_reapi::{AuthChannel, Digest};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -84,15 +86,23 @@ pub(crate) async fn upload_noop_actions(
     count: u64,
     quiet: bool,
 ) -> anyhow::Result<Vec<Digest>> {
-    ensure!(!args.command.is_empty(), "the command needs at least one --arg");
+    ensure!(
+        !args.command.is_empty(),
+        "the command needs at least one --arg"
+    );
     let nonce: u64 = rand::random();
     let command = noop_command(&args.command, &args.platform);
     let command_bytes = Bytes::from(command.encode_to_vec());
     let command_digest = Digest::of_bytes(&command_bytes);
-    note(quiet, format_args!("uploading {count} distinct no-op actions"));
+    note(
+        quiet,
+        format_args!("uploading {count} distinct no-op actions"),
+    );
     let actions: Vec<(Digest, Bytes)> = (0..count)
         .map(|index| {
-            let bytes = Bytes::from(noop_action(command_digest, &args.platform, nonce, index).encode_to_vec());
+            let bytes = Bytes::from(
+                noop_action(command_digest, &args.platform, nonce, index).encode_to_vec(),
+            );
             (Digest::of_bytes(&bytes), bytes)
         })
         .collect();
@@ -105,7 +115,11 @@ pub(crate) async fn upload_noop_actions(
     futures::stream::iter(actions.chunks(UPLOAD_CHUNK).enumerate().map(|(n, chunk)| {
         let cas = target.cas(n as u64);
         let chunk = chunk.to_vec();
-        async move { cas.upload_blobs(chunk).await.context("uploading the no-op Actions") }
+        async move {
+            cas.upload_blobs(chunk)
+                .await
+                .context("uploading the no-op Actions")
+        }
     }))
     .buffer_unordered(4)
     .try_for_each(|()| async { Ok(()) })
@@ -143,7 +157,8 @@ pub(crate) async fn execute(
         .into_inner();
     let mut done: Option<Executed> = None;
     while let Some(operation) = stream.next().await {
-        let operation = operation.map_err(rpc_error(format_args!("Execute stream of action {action}")))?;
+        let operation =
+            operation.map_err(rpc_error(format_args!("Execute stream of action {action}")))?;
         if !operation.done {
             continue;
         }
@@ -155,15 +170,24 @@ pub(crate) async fn execute(
             );
         }
         let response = match operation.result {
-            Some(operation::Result::Response(any)) => reapi::ExecuteResponse::decode(any.value.as_slice())
-                .with_context(|| format!("operation {} of action {action}: undecodable ExecuteResponse", operation.name))?,
+            Some(operation::Result::Response(any)) => {
+                reapi::ExecuteResponse::decode(any.value.as_slice()).with_context(|| {
+                    format!(
+                        "operation {} of action {action}: undecodable ExecuteResponse",
+                        operation.name
+                    )
+                })?
+            }
             Some(operation::Result::Error(status)) => bail!(
                 "operation {} of action {action} failed: {:?}: {}",
                 operation.name,
                 tonic::Code::from(status.code),
                 status.message
             ),
-            None => bail!("operation {} of action {action} is done without a result", operation.name),
+            None => bail!(
+                "operation {} of action {action} is done without a result",
+                operation.name
+            ),
         };
         if let Some(status) = response.status.as_ref().filter(|s| s.code != 0) {
             bail!(
@@ -178,11 +202,17 @@ pub(crate) async fn execute(
             response,
         });
     }
-    done.with_context(|| format!("Execute stream of action {action} ended before its operation was done"))
+    done.with_context(|| {
+        format!("Execute stream of action {action} ended before its operation was done")
+    })
 }
 
 /// `execute-noop`: Execute distinct no-op actions on the endpoint's own workers.
-pub(crate) async fn noop(target: &Target, plan: &LoadPlan, args: &ExecuteArgs) -> anyhow::Result<Outcome> {
+pub(crate) async fn noop(
+    target: &Target,
+    plan: &LoadPlan,
+    args: &ExecuteArgs,
+) -> anyhow::Result<Outcome> {
     let actions = Arc::new(upload_noop_actions(target, args, plan.total(), plan.quiet).await?);
     let cached = Arc::new(AtomicU64::new(0));
     let cached_op = cached.clone();
@@ -198,9 +228,14 @@ pub(crate) async fn noop(target: &Target, plan: &LoadPlan, args: &ExecuteArgs) -
             let action = actions[index as usize];
             let cached = cached_op.clone();
             timed(async move {
-                let executed = tokio::time::timeout(timeout, execute(client, &instance, action, skip_cache_lookup))
-                    .await
-                    .map_err(|_| anyhow::anyhow!("action {action}: no result within {timeout:?} (lost)"))??;
+                let executed = tokio::time::timeout(
+                    timeout,
+                    execute(client, &instance, action, skip_cache_lookup),
+                )
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("action {action}: no result within {timeout:?} (lost)")
+                })??;
                 if executed.response.cached_result {
                     cached.fetch_add(1, Ordering::Relaxed);
                 }
@@ -243,15 +278,28 @@ mod tests {
 
     #[test]
     fn actions_are_distinct_and_uncached_with_sorted_platform() {
-        let props = vec![("b".to_string(), "1".to_string()), ("a".to_string(), "2".to_string())];
+        let props = vec![
+            ("b".to_string(), "1".to_string()),
+            ("a".to_string(), "2".to_string()),
+        ];
         let command = noop_command(&["true".to_string()], &props);
         let command_digest = Digest::of_message(&command);
         let a = noop_action(command_digest, &props, 7, 1);
         let b = noop_action(command_digest, &props, 7, 2);
         assert_ne!(Digest::of_message(&a), Digest::of_message(&b));
         assert!(a.do_not_cache);
-        assert_eq!(a.input_root_digest, Some(Digest::of_message(&reapi::Directory::default()).to_proto()));
-        let names: Vec<&str> = a.platform.as_ref().unwrap().properties.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            a.input_root_digest,
+            Some(Digest::of_message(&reapi::Directory::default()).to_proto())
+        );
+        let names: Vec<&str> = a
+            .platform
+            .as_ref()
+            .unwrap()
+            .properties
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
         assert_eq!(names, ["a", "b"]);
     }
 }

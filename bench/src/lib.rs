@@ -44,7 +44,12 @@ const STREAMS_PER_CONNECTION: usize = 100;
 )]
 pub struct Cli {
     /// Endpoint to drive: grpc://HOST:PORT or http://HOST:PORT.
-    #[arg(long, global = true, env = "REAPI_BENCH_TARGET", default_value = "grpc://127.0.0.1:8980")]
+    #[arg(
+        long,
+        global = true,
+        env = "REAPI_BENCH_TARGET",
+        default_value = "grpc://127.0.0.1:8980"
+    )]
     pub target: String,
     /// REAPI instance name ("" for none).
     #[arg(long, global = true, default_value = buildkube_config::DEFAULT_INSTANCE)]
@@ -293,7 +298,8 @@ impl Target {
 
     /// A fresh connection of its own (for a simulated worker).
     pub(crate) fn dedicated_channel(&self) -> anyhow::Result<AuthChannel> {
-        connect_channel(&self.endpoint, self.token.as_deref()).with_context(|| format!("connecting to {}", self.endpoint))
+        connect_channel(&self.endpoint, self.token.as_deref())
+            .with_context(|| format!("connecting to {}", self.endpoint))
     }
 
     pub(crate) fn cas(&self, index: u64) -> CasClient {
@@ -373,7 +379,9 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
 }
 
 /// Turns a failed call's status into a short error naming the call.
-pub(crate) fn rpc_error(call: impl std::fmt::Display) -> impl FnOnce(tonic::Status) -> anyhow::Error {
+pub(crate) fn rpc_error(
+    call: impl std::fmt::Display,
+) -> impl FnOnce(tonic::Status) -> anyhow::Error {
     move |status| anyhow::anyhow!("{call}: {:?}: {}", status.code(), status.message())
 }
 
@@ -408,18 +416,41 @@ mod tests {
         .unwrap();
         assert!(cli.json);
         assert_eq!(cli.instance, "");
-        let Scenario::Dispatch(args) = &cli.scenario else { panic!("{cli:?}") };
+        let Scenario::Dispatch(args) = &cli.scenario else {
+            panic!("{cli:?}")
+        };
         assert_eq!(args.workers, 60);
-        assert_eq!(args.execute.platform, vec![("OSFamily".to_string(), "linux".to_string())]);
-        let plan = args.execute.load.plan(args.execute.load.count as usize, false);
-        assert_eq!((plan.count, plan.concurrency, plan.warmup), (2000, 2000, 100));
+        assert_eq!(
+            args.execute.platform,
+            vec![("OSFamily".to_string(), "linux".to_string())]
+        );
+        let plan = args
+            .execute
+            .load
+            .plan(args.execute.load.count as usize, false);
+        assert_eq!(
+            (plan.count, plan.concurrency, plan.warmup),
+            (2000, 2000, 100)
+        );
     }
 
     #[test]
     fn sizes_take_units_and_bad_properties_are_rejected() {
-        let cli = Cli::try_parse_from(["reapi-bench", "cas-read", "--size", "1MiB", "--api", "bytestream"]).unwrap();
-        let Scenario::CasRead(args) = &cli.scenario else { panic!("{cli:?}") };
+        let cli = Cli::try_parse_from([
+            "reapi-bench",
+            "cas-read",
+            "--size",
+            "1MiB",
+            "--api",
+            "bytestream",
+        ])
+        .unwrap();
+        let Scenario::CasRead(args) = &cli.scenario else {
+            panic!("{cli:?}")
+        };
         assert_eq!((args.cas.size, args.cas.api), (1 << 20, CasApi::Bytestream));
-        assert!(Cli::try_parse_from(["reapi-bench", "execute-noop", "--platform", "novalue"]).is_err());
+        assert!(
+            Cli::try_parse_from(["reapi-bench", "execute-noop", "--platform", "novalue"]).is_err()
+        );
     }
 }

@@ -88,13 +88,25 @@ where
         )
         .await;
         if warmup.errors > 0 && !plan.quiet {
-            eprintln!("{name}: {} of {} warm-up operations failed", warmup.errors, plan.warmup);
+            eprintln!(
+                "{name}: {} of {} warm-up operations failed",
+                warmup.errors, plan.warmup
+            );
             for sample in warmup.error_log.samples() {
                 eprintln!("  x{}: {}", sample.count, sample.message);
             }
         }
     }
-    run_phase(name, plan, plan.warmup, plan.total(), plan.duration, op, progress_extra).await
+    run_phase(
+        name,
+        plan,
+        plan.warmup,
+        plan.total(),
+        plan.duration,
+        op,
+        progress_extra,
+    )
+    .await
 }
 
 async fn run_phase<F, Fut>(
@@ -170,7 +182,9 @@ where
                         phase.errors.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(join) => {
-                        phase.error_log.record(format!("operation task failed: {join}"));
+                        phase
+                            .error_log
+                            .record(format!("operation task failed: {join}"));
                         phase.errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -240,7 +254,10 @@ mod tests {
                     if i % 25 == 0 {
                         anyhow::bail!("index {i} fails");
                     }
-                    Ok(Done { bytes: 2, latency: Duration::from_millis(1) })
+                    Ok(Done {
+                        bytes: 2,
+                        latency: Duration::from_millis(1),
+                    })
                 }
             },
             String::new,
@@ -262,7 +279,10 @@ mod tests {
             &plan(3, 0),
             |i| async move {
                 assert_ne!(i, 1, "boom");
-                Ok(Done { bytes: 0, latency: Duration::ZERO })
+                Ok(Done {
+                    bytes: 0,
+                    latency: Duration::ZERO,
+                })
             },
             String::new,
         )
@@ -279,7 +299,10 @@ mod tests {
             &plan,
             |_| async {
                 tokio::time::sleep(Duration::from_millis(5)).await;
-                Ok(Done { bytes: 0, latency: Duration::ZERO })
+                Ok(Done {
+                    bytes: 0,
+                    latency: Duration::ZERO,
+                })
             },
             String::new,
         )

@@ -22,14 +22,21 @@ async fn main() -> ExitCode {
         }
     };
     if cli.json {
-        println!("{}", serde_json::to_string(&report).expect("the report serializes"));
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("the report serializes")
+        );
     } else {
         print!("{}", report.render_text());
     }
     if report.is_clean() {
         ExitCode::SUCCESS
     } else {
-        eprintln!("reapi-bench {}: FAILED: {}", report.scenario, report.failures.join("; "));
+        eprintln!(
+            "reapi-bench {}: FAILED: {}",
+            report.scenario,
+            report.failures.join("; ")
+        );
         ExitCode::FAILURE
     }
 }

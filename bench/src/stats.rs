@@ -26,8 +26,13 @@ impl LatencyRecorder {
     }
 
     pub(crate) fn record(&self, latency: Duration) {
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
-        self.0.lock().expect("histogram lock").saturating_record(micros);
+        let micros = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.0
+            .lock()
+            .expect("histogram lock")
+            .saturating_record(micros);
     }
 
     pub(crate) fn summary(&self) -> LatencySummary {
@@ -60,7 +65,11 @@ impl ErrorLog {
                 count: *count,
             })
             .collect();
-        samples.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.message.cmp(&b.message)));
+        samples.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| a.message.cmp(&b.message))
+        });
         samples
     }
 }
@@ -165,8 +174,16 @@ impl Report {
     /// The report as human-readable lines.
     pub fn render_text(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "{} against {} (instance `{}`)", self.scenario, self.target, self.instance);
-        let params: Vec<String> = self.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(
+            out,
+            "{} against {} (instance `{}`)",
+            self.scenario, self.target, self.instance
+        );
+        let params: Vec<String> = self
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         let _ = writeln!(out, "  params:     {}", params.join(" "));
         let _ = writeln!(
             out,
@@ -183,7 +200,11 @@ impl Report {
             let _ = writeln!(out, "  dispatch:   {}", dispatch.render());
         }
         if !self.counters.is_empty() {
-            let counters: Vec<String> = self.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let counters: Vec<String> = self
+                .counters
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             let _ = writeln!(out, "  counters:   {}", counters.join(" "));
         }
         for sample in &self.error_samples {
@@ -227,7 +248,19 @@ mod tests {
         log.record("error 0".to_string());
         let samples = log.samples();
         assert_eq!(samples.len(), MAX_ERROR_SAMPLES + 1);
-        assert_eq!(samples[0], ErrorSample { message: "(other errors)".into(), count: 10 });
-        assert_eq!(samples[1], ErrorSample { message: "error 0".into(), count: 2 });
+        assert_eq!(
+            samples[0],
+            ErrorSample {
+                message: "(other errors)".into(),
+                count: 10
+            }
+        );
+        assert_eq!(
+            samples[1],
+            ErrorSample {
+                message: "error 0".into(),
+                count: 2
+            }
+        );
     }
 }

@@ -13,7 +13,10 @@ async fn bench(server: &Server, scenario: &[&str]) -> Report {
     args.extend_from_slice(scenario);
     let cli = Cli::try_parse_from(&args).expect("valid flags");
     let report = run(&cli).await.unwrap_or_else(|e| {
-        panic!("{scenario:?} failed to run: {e:#}\nserver logs:\n{}", server.logs().tail(40))
+        panic!(
+            "{scenario:?} failed to run: {e:#}\nserver logs:\n{}",
+            server.logs().tail(40)
+        )
     });
     assert!(
         report.is_clean(),
@@ -29,7 +32,15 @@ async fn dispatch_through_simulated_workers_loses_and_duplicates_nothing() {
     let server = Server::start().expect("buildkube-server starts");
     let report = bench(
         &server,
-        &["dispatch", "--count", "200", "--warmup", "20", "--workers", "10"],
+        &[
+            "dispatch",
+            "--count",
+            "200",
+            "--warmup",
+            "20",
+            "--workers",
+            "10",
+        ],
     )
     .await;
     assert_eq!((report.ops, report.errors), (200, 0));
@@ -37,22 +48,80 @@ async fn dispatch_through_simulated_workers_loses_and_duplicates_nothing() {
     assert_eq!(counter("actions_sent"), 220);
     assert_eq!(counter("leases"), 220);
     assert_eq!(counter("completes"), 220);
-    for zero in ["lost", "mismatched", "leased_twice", "completed_twice", "unleased", "worker_errors"] {
+    for zero in [
+        "lost",
+        "mismatched",
+        "leased_twice",
+        "completed_twice",
+        "unleased",
+        "worker_errors",
+    ] {
         assert_eq!(counter(zero), 0, "{zero}");
     }
-    assert_eq!(report.dispatch_latency.expect("dispatch latency").samples, 200);
+    assert_eq!(
+        report.dispatch_latency.expect("dispatch latency").samples,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_scenarios_run_clean() {
     let server = Server::start().expect("buildkube-server starts");
     for scenario in [
-        &["cas-write", "--count", "100", "--size", "1KiB", "--batch-size", "4"][..],
-        &["cas-write", "--count", "20", "--size", "200KiB", "--api", "bytestream"],
-        &["cas-read", "--count", "100", "--size", "1KiB", "--batch-size", "4"],
-        &["cas-read", "--count", "20", "--size", "200KiB", "--api", "bytestream"],
-        &["find-missing", "--count", "50", "--digests", "20", "--blobs", "100"],
-        &["ac-get", "--count", "100", "--entries", "50", "--miss-ratio", "0.5"],
+        &[
+            "cas-write",
+            "--count",
+            "100",
+            "--size",
+            "1KiB",
+            "--batch-size",
+            "4",
+        ][..],
+        &[
+            "cas-write",
+            "--count",
+            "20",
+            "--size",
+            "200KiB",
+            "--api",
+            "bytestream",
+        ],
+        &[
+            "cas-read",
+            "--count",
+            "100",
+            "--size",
+            "1KiB",
+            "--batch-size",
+            "4",
+        ],
+        &[
+            "cas-read",
+            "--count",
+            "20",
+            "--size",
+            "200KiB",
+            "--api",
+            "bytestream",
+        ],
+        &[
+            "find-missing",
+            "--count",
+            "50",
+            "--digests",
+            "20",
+            "--blobs",
+            "100",
+        ],
+        &[
+            "ac-get",
+            "--count",
+            "100",
+            "--entries",
+            "50",
+            "--miss-ratio",
+            "0.5",
+        ],
     ] {
         let report = bench(&server, scenario).await;
         assert_eq!(report.errors, 0, "{scenario:?}");

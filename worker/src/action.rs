@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use buildkube_proto::reapi::action_cache_client::ActionCacheClient;
-use buildkube_proto::reapi::{ActionResult, Command, ExecutedActionMetadata, Platform, UpdateActionResultRequest};
+use buildkube_proto::reapi::{
+    ActionResult, Command, ExecutedActionMetadata, Platform, UpdateActionResultRequest,
+};
 use buildkube_proto::worker::{Lease, Stage};
 use buildkube_reapi::{AuthChannel, CasClient, Digest};
 use prost::Message as _;
@@ -116,7 +118,10 @@ fn timestamp(time: SystemTime) -> Option<prost_types::Timestamp> {
 }
 
 /// The runner the action's platform asks for (`runner` property; plain when absent).
-pub(crate) fn select_runner(platform: &Platform, sandbox_available: bool) -> Result<Runner, ActionError> {
+pub(crate) fn select_runner(
+    platform: &Platform,
+    sandbox_available: bool,
+) -> Result<Runner, ActionError> {
     let property = |name: &str| {
         platform
             .properties
@@ -157,7 +162,11 @@ impl Signals {
 /// Runs `attempt` until it succeeds, fails for good, or the action is
 /// abandoned. Transient failures (the server restarting) are retried with
 /// backoff until the worker gives up.
-async fn with_retries<T, F, Fut>(what: &str, signals: &mut Signals, mut attempt: F) -> Result<T, Stop>
+async fn with_retries<T, F, Fut>(
+    what: &str,
+    signals: &mut Signals,
+    mut attempt: F,
+) -> Result<T, Stop>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ActionError>>,
@@ -200,13 +209,19 @@ pub(crate) async fn execute(
     let cleanup = dir.clone();
     match tokio::task::spawn_blocking(move || crate::fs_util::remove_tree(&cleanup)).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(dir = %dir.display(), error = %e, "could not remove the action directory"),
+        Ok(Err(e)) => {
+            warn!(dir = %dir.display(), error = %e, "could not remove the action directory")
+        }
         Err(e) => warn!(dir = %dir.display(), error = %e, "removing the action directory panicked"),
     }
     outcome
 }
 
-async fn command_of(ctx: &ActionContext, lease: &Lease, signals: &mut Signals) -> Result<Command, Stop> {
+async fn command_of(
+    ctx: &ActionContext,
+    lease: &Lease,
+    signals: &mut Signals,
+) -> Result<Command, Stop> {
     if let Some(command) = &lease.command {
         return Ok(command.clone());
     }
@@ -214,11 +229,15 @@ async fn command_of(ctx: &ActionContext, lease: &Lease, signals: &mut Signals) -
     let digest = Digest::from_field(action.command_digest.as_ref())
         .map_err(|e| ActionError::invalid(format!("action's command digest: {e}")))?;
     let bytes = with_retries("fetching the command", signals, || async {
-        ctx.cas.read_blob(digest).await.map_err(|e| ActionError::cas("fetching the command", &e))
+        ctx.cas
+            .read_blob(digest)
+            .await
+            .map_err(|e| ActionError::cas("fetching the command", &e))
     })
     .await?;
-    Ok(Command::decode(bytes)
-        .map_err(|e| ActionError::invalid(format!("command {digest} is not a Command message: {e}")))?)
+    Ok(Command::decode(bytes).map_err(|e| {
+        ActionError::invalid(format!("command {digest} is not a Command message: {e}"))
+    })?)
 }
 
 async fn execute_in(
@@ -241,12 +260,14 @@ async fn execute_in(
         .unwrap_or_default();
     let runner = select_runner(&platform, ctx.sandbox_available)?;
     let outputs = outputs::declared_outputs(&command)?;
-    let working_dir = outputs::validate_relative_path(&command.working_directory, "working directory")?;
+    let working_dir =
+        outputs::validate_relative_path(&command.working_directory, "working directory")?;
     let input_root_digest = Digest::from_field(action.input_root_digest.as_ref())
         .map_err(|e| ActionError::invalid(format!("action's input root digest: {e}")))?;
     let timeout = match action.timeout.as_ref() {
         Some(t) if t.seconds > 0 || t.nanos > 0 => {
-            Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32).min(ctx.limits.max_timeout)
+            Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
+                .min(ctx.limits.max_timeout)
         }
         _ => ctx.limits.max_timeout,
     };
@@ -273,7 +294,11 @@ async fn execute_in(
     })
     .await?;
     metadata.input_fetch_completed_timestamp = timestamp(SystemTime::now());
-    debug!(files = stats.files, directories = stats.directories, "inputs fetched");
+    debug!(
+        files = stats.files,
+        directories = stats.directories,
+        "inputs fetched"
+    );
     let exec_root = root.join(&working_dir);
     {
         let (exec_root, root, outputs) = (exec_root.clone(), root.clone(), outputs.clone());
@@ -282,7 +307,8 @@ async fn execute_in(
             if !working_dir.as_os_str().is_empty() {
                 // Every component of the working directory is an ancestor of `x`.
                 outputs::check_ancestors(&root, &working_dir.join("x"), &shown, true)?;
-                std::fs::create_dir_all(&exec_root).map_err(|e| ActionError::io("creating", &exec_root, &e))?;
+                std::fs::create_dir_all(&exec_root)
+                    .map_err(|e| ActionError::io("creating", &exec_root, &e))?;
             }
             outputs::create_output_parents(&exec_root, &outputs)
         })
@@ -356,7 +382,11 @@ async fn execute_in(
     let collected = {
         let (stdout, stderr) = (spec.stdout.clone(), spec.stderr.clone());
         let collect = error.is_none();
-        let (exec_root, outputs, limit) = (exec_root.clone(), outputs.clone(), ctx.limits.max_output_bytes);
+        let (exec_root, outputs, limit) = (
+            exec_root.clone(),
+            outputs.clone(),
+            ctx.limits.max_output_bytes,
+        );
         tokio::task::spawn_blocking(move || -> Result<_, ActionError> {
             let hash = |path: &Path| -> Result<Digest, ActionError> {
                 match outputs::hash_file(path) {
@@ -407,7 +437,11 @@ async fn execute_in(
     metadata.output_upload_completed_timestamp = timestamp(SystemTime::now());
     metadata.worker_completed_timestamp = timestamp(SystemTime::now());
     result.execution_metadata = Some(metadata);
-    debug!(exit_code = result.exit_code, uploaded_bytes = sent, "outputs uploaded");
+    debug!(
+        exit_code = result.exit_code,
+        uploaded_bytes = sent,
+        "outputs uploaded"
+    );
     if let Some(error) = error {
         return Err(Stop::Failed(error.with_partial(result)));
     }
@@ -425,7 +459,12 @@ async fn execute_in(
                     ..Default::default()
                 })
                 .await
-                .map_err(|status| ActionError::new(status.code(), format!("UpdateActionResult: {}", status.message())))
+                .map_err(|status| {
+                    ActionError::new(
+                        status.code(),
+                        format!("UpdateActionResult: {}", status.message()),
+                    )
+                })
         })
         .await;
         match update {
@@ -448,7 +487,10 @@ mod tests {
         Platform {
             properties: props
                 .iter()
-                .map(|(n, v)| Property { name: n.to_string(), value: v.to_string() })
+                .map(|(n, v)| Property {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
                 .collect(),
         }
     }
@@ -456,7 +498,10 @@ mod tests {
     #[test]
     fn runner_comes_from_the_platform() {
         assert_eq!(select_runner(&platform(&[]), false).unwrap(), Runner::Plain);
-        assert_eq!(select_runner(&platform(&[("runner", "plain")]), true).unwrap(), Runner::Plain);
+        assert_eq!(
+            select_runner(&platform(&[("runner", "plain")]), true).unwrap(),
+            Runner::Plain
+        );
         assert_eq!(
             select_runner(&platform(&[("runner", "sandbox")]), true).unwrap(),
             Runner::Sandbox { network: false }

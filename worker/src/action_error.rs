@@ -8,12 +8,14 @@ use prost::Message;
 use tonic::Code;
 
 /// Type URL of a `google.rpc.PreconditionFailure` packed into `Status.details`.
-pub const PRECONDITION_FAILURE_TYPE_URL: &str = "type.googleapis.com/google.rpc.PreconditionFailure";
+pub const PRECONDITION_FAILURE_TYPE_URL: &str =
+    "type.googleapis.com/google.rpc.PreconditionFailure";
 /// Type URL of the partial `ActionResult` (stdout/stderr so far, metadata)
 /// that an error status carries when the command did run: timeouts, output
 /// limits, a kill at the end of a drain. The server unpacks it into
 /// `ExecuteResponse.result`.
-pub const ACTION_RESULT_TYPE_URL: &str = "type.googleapis.com/build.bazel.remote.execution.v2.ActionResult";
+pub const ACTION_RESULT_TYPE_URL: &str =
+    "type.googleapis.com/build.bazel.remote.execution.v2.ActionResult";
 
 /// An action that ended in an error status.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -50,7 +52,11 @@ impl ActionError {
         missing.dedup();
         let list: Vec<String> = missing.iter().take(5).map(Digest::to_string).collect();
         let more = missing.len().saturating_sub(5);
-        let mut message = format!("{} input blob(s) missing from the CAS: {}", missing.len(), list.join(", "));
+        let mut message = format!(
+            "{} input blob(s) missing from the CAS: {}",
+            missing.len(),
+            list.join(", ")
+        );
         if more > 0 {
             message.push_str(&format!(" and {more} more"));
         }
@@ -80,7 +86,9 @@ impl ActionError {
             CasClientError::Io { source, .. } if is_disk_full(source) => {
                 ActionError::new(Code::ResourceExhausted, format!("{what}: {error}"))
             }
-            CasClientError::Rpc { status, .. } => ActionError::new(status.code(), format!("{what}: {error}")),
+            CasClientError::Rpc { status, .. } => {
+                ActionError::new(status.code(), format!("{what}: {error}"))
+            }
             _ => ActionError::internal(format!("{what}: {error}")),
         }
     }
@@ -126,7 +134,10 @@ impl ActionError {
 
 /// ENOSPC or EDQUOT.
 pub(crate) fn is_disk_full(error: &std::io::Error) -> bool {
-    matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT)
+    )
 }
 
 /// Whether a failed call is worth retrying: the server is restarting or the
@@ -134,7 +145,11 @@ pub(crate) fn is_disk_full(error: &std::io::Error) -> bool {
 pub(crate) fn is_transient(code: Code) -> bool {
     matches!(
         code,
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
     )
 }
 
@@ -151,11 +166,21 @@ mod tests {
         assert_eq!(status.details.len(), 1);
         assert_eq!(status.details[0].type_url, PRECONDITION_FAILURE_TYPE_URL);
         let failure = rpc::PreconditionFailure::decode(status.details[0].value.as_slice()).unwrap();
-        let subjects: Vec<_> = failure.violations.iter().map(|v| v.subject.as_str()).collect();
+        let subjects: Vec<_> = failure
+            .violations
+            .iter()
+            .map(|v| v.subject.as_str())
+            .collect();
         assert_eq!(failure.violations.len(), 2);
         assert!(failure.violations.iter().all(|v| v.r#type == "MISSING"));
-        assert!(subjects.contains(&format!("blobs/{}/1", a.hash_hex()).as_str()), "{subjects:?}");
-        assert!(subjects.contains(&format!("blobs/{}/2", b.hash_hex()).as_str()), "{subjects:?}");
+        assert!(
+            subjects.contains(&format!("blobs/{}/1", a.hash_hex()).as_str()),
+            "{subjects:?}"
+        );
+        assert!(
+            subjects.contains(&format!("blobs/{}/2", b.hash_hex()).as_str()),
+            "{subjects:?}"
+        );
         assert!(status.message.contains(&a.hash_hex()), "{}", status.message);
     }
 

@@ -65,7 +65,10 @@ pub(crate) enum FetchError {
     },
 }
 
-fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> FetchError + 'a {
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> FetchError + 'a {
     move |source| FetchError::Io {
         action,
         path: path.to_path_buf(),
@@ -113,7 +116,11 @@ pub(crate) struct FileCache {
 
 impl FileCache {
     /// Empties and recreates `dir`.
-    pub(crate) fn open(dir: PathBuf, max_size: u64, metrics: Arc<WorkerMetrics>) -> std::io::Result<FileCache> {
+    pub(crate) fn open(
+        dir: PathBuf,
+        max_size: u64,
+        metrics: Arc<WorkerMetrics>,
+    ) -> std::io::Result<FileCache> {
         if dir.exists() {
             crate::fs_util::remove_tree(&dir)?;
         }
@@ -122,7 +129,9 @@ impl FileCache {
         for shard in 0..=255u8 {
             std::fs::create_dir_all(dir.join(format!("{shard:02x}")))?;
         }
-        metrics.cache_bytes.store(0, std::sync::atomic::Ordering::Relaxed);
+        metrics
+            .cache_bytes
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         Ok(FileCache {
             dir,
             tmp,
@@ -159,9 +168,16 @@ impl FileCache {
     /// Puts every requested file in place, fetching what the cache lacks.
     /// Missing blobs are all listed (one FindMissingBlobs call) so that the
     /// client can upload them in one go.
-    pub(crate) async fn link_into(&self, cas: &CasClient, files: &[FileRequest]) -> Result<(), FetchError> {
+    pub(crate) async fn link_into(
+        &self,
+        cas: &CasClient,
+        files: &[FileRequest],
+    ) -> Result<(), FetchError> {
         let keys: HashSet<CacheKey> = files.iter().map(|f| f.key).collect();
-        let mut pins = Pins { cache: self, keys: Vec::new() };
+        let mut pins = Pins {
+            cache: self,
+            keys: Vec::new(),
+        };
         let mut misses = Vec::new();
         {
             let mut state = self.state.lock().unwrap();
@@ -180,10 +196,15 @@ impl FileCache {
         }
         // An action running as root can write through a read-only hardlink;
         // drop entries whose size no longer matches instead of spreading them.
-        let hits: Vec<(CacheKey, PathBuf)> = pins.keys.iter().map(|k| (*k, self.path_of(k))).collect();
+        let hits: Vec<(CacheKey, PathBuf)> =
+            pins.keys.iter().map(|k| (*k, self.path_of(k))).collect();
         let damaged = tokio::task::spawn_blocking(move || {
             hits.into_iter()
-                .filter(|(key, path)| std::fs::metadata(path).map(|m| m.len() != key.digest.size()).unwrap_or(true))
+                .filter(|(key, path)| {
+                    std::fs::metadata(path)
+                        .map(|m| m.len() != key.digest.size())
+                        .unwrap_or(true)
+                })
                 .map(|(key, _)| key)
                 .collect::<Vec<_>>()
         })
@@ -227,7 +248,12 @@ impl FileCache {
         Ok(())
     }
 
-    async fn fetch(&self, cas: &CasClient, misses: &[CacheKey], pins: &mut Pins<'_>) -> Result<(), FetchError> {
+    async fn fetch(
+        &self,
+        cas: &CasClient,
+        misses: &[CacheKey],
+        pins: &mut Pins<'_>,
+    ) -> Result<(), FetchError> {
         if misses.is_empty() {
             return Ok(());
         }
@@ -237,7 +263,9 @@ impl FileCache {
         let mut batch: Vec<CacheKey> = Vec::new();
         let mut batch_bytes = 0;
         for key in small {
-            if !batch.is_empty() && (batch_bytes + key.digest.size() > BATCH_BYTES || batch.len() >= BATCH_COUNT) {
+            if !batch.is_empty()
+                && (batch_bytes + key.digest.size() > BATCH_BYTES || batch.len() >= BATCH_COUNT)
+            {
                 jobs.push(std::mem::take(&mut batch));
                 batch_bytes = 0;
             }
@@ -283,17 +311,27 @@ impl FileCache {
 
     /// Fetches one batch of small blobs or one large blob; returns the keys
     /// installed (and pinned).
-    async fn fetch_job(&self, cas: &CasClient, keys: Vec<CacheKey>) -> Result<Vec<CacheKey>, FetchError> {
+    async fn fetch_job(
+        &self,
+        cas: &CasClient,
+        keys: Vec<CacheKey>,
+    ) -> Result<Vec<CacheKey>, FetchError> {
         let cas_error = |digest: Digest| {
             move |source: CasClientError| match source {
                 CasClientError::Missing(d) => FetchError::Missing(vec![d]),
-                source => FetchError::Cas { digest, source: Box::new(source) },
+                source => FetchError::Cas {
+                    digest,
+                    source: Box::new(source),
+                },
             }
         };
         if keys.len() == 1 && keys[0].digest.size() > SMALL_BLOB {
             let key = keys[0];
             let tmp = self.temp_path();
-            let result = cas.download_to_file(key.digest, &tmp).await.map_err(cas_error(key.digest));
+            let result = cas
+                .download_to_file(key.digest, &tmp)
+                .await
+                .map_err(cas_error(key.digest));
             if let Err(e) = result {
                 let _ = tokio::fs::remove_file(&tmp).await;
                 return Err(e);
@@ -329,7 +367,9 @@ impl FileCache {
                     .mode(mode)
                     .open(&write_tmp)
                     .map_err(io_error("creating", &write_tmp))?;
-                let written = file.write_all(&data).map_err(io_error("writing", &write_tmp));
+                let written = file
+                    .write_all(&data)
+                    .map_err(io_error("writing", &write_tmp));
                 if written.is_err() {
                     let _ = std::fs::remove_file(&write_tmp);
                 }
@@ -375,12 +415,21 @@ impl FileCache {
                 state.lru.remove(&old);
             }
             None => {
-                state.entries.insert(key, Entry { size: key.digest.size(), tick, pins: 1 });
+                state.entries.insert(
+                    key,
+                    Entry {
+                        size: key.digest.size(),
+                        tick,
+                        pins: 1,
+                    },
+                );
                 state.total += key.digest.size();
             }
         }
         state.lru.insert(tick, key);
-        self.metrics.cache_bytes.store(state.total, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .cache_bytes
+            .store(state.total, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -391,7 +440,9 @@ impl FileCache {
             state.total -= entry.size;
             let _ = std::fs::remove_file(self.path_of(&key));
         }
-        self.metrics.cache_bytes.store(state.total, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .cache_bytes
+            .store(state.total, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn unpin_and_evict(&self, keys: &[CacheKey]) {
@@ -425,7 +476,9 @@ impl FileCache {
                 tracing::warn!(path = %path.display(), error = %e, "could not evict cached file");
             }
         }
-        self.metrics.cache_bytes.store(state.total, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .cache_bytes
+            .store(state.total, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -466,7 +519,10 @@ mod tests {
 
     /// A CAS client whose server does not exist: any fetch fails.
     fn unreachable_cas() -> CasClient {
-        CasClient::new(buildkube_reapi::connect_channel("http://127.0.0.1:1", None).unwrap(), "main")
+        CasClient::new(
+            buildkube_reapi::connect_channel("http://127.0.0.1:1", None).unwrap(),
+            "main",
+        )
     }
 
     #[tokio::test]
@@ -478,11 +534,23 @@ mod tests {
         let out = dir.path().join("action");
         std::fs::create_dir(&out).unwrap();
         let files = vec![
-            FileRequest { key, dest: out.join("a") },
-            FileRequest { key, dest: out.join("b") },
-            FileRequest { key: exec, dest: out.join("x") },
             FileRequest {
-                key: CacheKey { digest: Digest::EMPTY, executable: false },
+                key,
+                dest: out.join("a"),
+            },
+            FileRequest {
+                key,
+                dest: out.join("b"),
+            },
+            FileRequest {
+                key: exec,
+                dest: out.join("x"),
+            },
+            FileRequest {
+                key: CacheKey {
+                    digest: Digest::EMPTY,
+                    executable: false,
+                },
                 dest: out.join("empty"),
             },
         ];
@@ -499,7 +567,13 @@ mod tests {
         assert_eq!(x.mode() & 0o777, 0o555);
         assert_eq!(std::fs::read(out.join("x")).unwrap(), b"hello");
         assert_eq!(std::fs::metadata(out.join("empty")).unwrap().len(), 0);
-        assert_eq!(cache.metrics.cache_hits.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(
+            cache
+                .metrics
+                .cache_hits
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
     }
 
     #[tokio::test]
@@ -512,7 +586,13 @@ mod tests {
         let out = dir.path().join("action");
         std::fs::create_dir(&out).unwrap();
         cache
-            .link_into(&unreachable_cas(), &[FileRequest { key: a, dest: out.join("a") }])
+            .link_into(
+                &unreachable_cas(),
+                &[FileRequest {
+                    key: a,
+                    dest: out.join("a"),
+                }],
+            )
             .await
             .unwrap();
         let c = put(&cache, b"cccc", false);
@@ -531,7 +611,10 @@ mod tests {
     async fn pinned_entries_survive_eviction() {
         let dir = tempfile::tempdir().unwrap();
         let cache = cache(dir.path(), 4);
-        let key = CacheKey { digest: Digest::of_bytes(b"aaaa"), executable: false };
+        let key = CacheKey {
+            digest: Digest::of_bytes(b"aaaa"),
+            executable: false,
+        };
         let tmp = cache.temp_path();
         std::fs::write(&tmp, b"aaaa").unwrap();
         cache.install(&tmp, key).unwrap(); // pinned
@@ -553,7 +636,13 @@ mod tests {
         std::fs::create_dir(&out).unwrap();
         // The refetch fails (no server): the damaged file must not be linked.
         let err = cache
-            .link_into(&unreachable_cas(), &[FileRequest { key, dest: out.join("a") }])
+            .link_into(
+                &unreachable_cas(),
+                &[FileRequest {
+                    key,
+                    dest: out.join("a"),
+                }],
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, FetchError::Cas { .. }), "{err:?}");

@@ -20,7 +20,9 @@ pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
 }
 
 fn make_dirs_writable(path: &Path) {
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
     if !meta.is_dir() {
         return;
     }

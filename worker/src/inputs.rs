@@ -24,7 +24,11 @@ impl From<FetchError> for ActionError {
         match error {
             FetchError::Missing(digests) => ActionError::missing_inputs(digests),
             FetchError::Cas { source, .. } => ActionError::cas("fetching input files", &source),
-            FetchError::Io { action, path, source } => ActionError::io(action, &path, &source),
+            FetchError::Io {
+                action,
+                path,
+                source,
+            } => ActionError::io(action, &path, &source),
         }
     }
 }
@@ -54,8 +58,10 @@ async fn plan(cas: &CasClient, root: Digest, dest: &Path) -> Result<Plan, Action
     })?;
     // Clients encode canonically, so re-encoding gives the digest they used;
     // a directory not found that way is read by its digest below.
-    let mut index: HashMap<Digest, Directory> =
-        directories.into_iter().map(|d| (Digest::of_message(&d), d)).collect();
+    let mut index: HashMap<Digest, Directory> = directories
+        .into_iter()
+        .map(|d| (Digest::of_message(&d), d))
+        .collect();
     let mut plan = Plan::default();
     let mut queue = VecDeque::from([(root, dest.to_path_buf())]);
     while let Some((digest, path)) = queue.pop_front() {
@@ -65,7 +71,9 @@ async fn plan(cas: &CasClient, root: Digest, dest: &Path) -> Result<Plan, Action
             None => match cas.read_blob(digest).await {
                 Ok(bytes) => {
                     let directory = Directory::decode(bytes).map_err(|e| {
-                        ActionError::invalid(format!("input directory {digest} is not a Directory message: {e}"))
+                        ActionError::invalid(format!(
+                            "input directory {digest} is not a Directory message: {e}"
+                        ))
                     })?;
                     index.insert(digest, directory.clone());
                     directory
@@ -79,8 +87,9 @@ async fn plan(cas: &CasClient, root: Digest, dest: &Path) -> Result<Plan, Action
         };
         for file in &directory.files {
             check_name(&file.name, &digest)?;
-            let file_digest = Digest::from_field(file.digest.as_ref())
-                .map_err(|e| ActionError::invalid(format!("input file `{}` in {digest}: {e}", file.name)))?;
+            let file_digest = Digest::from_field(file.digest.as_ref()).map_err(|e| {
+                ActionError::invalid(format!("input file `{}` in {digest}: {e}", file.name))
+            })?;
             plan.files.push(FileRequest {
                 key: CacheKey {
                     digest: file_digest,
@@ -91,12 +100,14 @@ async fn plan(cas: &CasClient, root: Digest, dest: &Path) -> Result<Plan, Action
         }
         for link in &directory.symlinks {
             check_name(&link.name, &digest)?;
-            plan.symlinks.push((path.join(&link.name), link.target.clone()));
+            plan.symlinks
+                .push((path.join(&link.name), link.target.clone()));
         }
         for sub in &directory.directories {
             check_name(&sub.name, &digest)?;
-            let sub_digest = Digest::from_field(sub.digest.as_ref())
-                .map_err(|e| ActionError::invalid(format!("input directory `{}` in {digest}: {e}", sub.name)))?;
+            let sub_digest = Digest::from_field(sub.digest.as_ref()).map_err(|e| {
+                ActionError::invalid(format!("input directory `{}` in {digest}: {e}", sub.name))
+            })?;
             plan.directories.push(path.join(&sub.name));
             queue.push_back((sub_digest, path.join(&sub.name)));
         }
@@ -128,7 +139,8 @@ pub(crate) async fn materialize(
     let directories = plan.directories;
     tokio::task::spawn_blocking(move || -> Result<(), ActionError> {
         for dir in directories {
-            std::fs::create_dir(&dir).map_err(|e| ActionError::io("creating input directory", &dir, &e))?;
+            std::fs::create_dir(&dir)
+                .map_err(|e| ActionError::io("creating input directory", &dir, &e))?;
         }
         Ok(())
     })

@@ -55,7 +55,9 @@ use buildkube_config::{WorkerArgs, PLATFORM_RUNNER_KEY};
 use buildkube_proto::reapi::action_cache_client::ActionCacheClient;
 use buildkube_proto::reapi::platform::Property;
 use buildkube_proto::reapi::Platform;
-use buildkube_proto::worker::{complete_request, CompleteRequest, Lease, LeaseProgress, WorkerInfo};
+use buildkube_proto::worker::{
+    complete_request, CompleteRequest, Lease, LeaseProgress, WorkerInfo,
+};
 use buildkube_reapi::{CasClient, CasClientError, Digest};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -64,8 +66,9 @@ use tracing::{debug, info, info_span, warn, Instrument as _};
 pub use action_error::{ACTION_RESULT_TYPE_URL, PRECONDITION_FAILURE_TYPE_URL};
 pub use http::ACTIONS_PATH;
 pub use metrics::{
-    METRIC_ACTIONS_COMPLETED, METRIC_ACTIONS_RUNNING, METRIC_BYTES_DOWNLOADED, METRIC_BYTES_UPLOADED,
-    METRIC_CACHE_BYTES, METRIC_CACHE_HITS, METRIC_CACHE_MISSES, METRIC_DRAINING, METRIC_SLOTS,
+    METRIC_ACTIONS_COMPLETED, METRIC_ACTIONS_RUNNING, METRIC_BYTES_DOWNLOADED,
+    METRIC_BYTES_UPLOADED, METRIC_CACHE_BYTES, METRIC_CACHE_HITS, METRIC_CACHE_MISSES,
+    METRIC_DRAINING, METRIC_SLOTS,
 };
 pub use runner::{BWRAP, NETWORK_ON, PLATFORM_NETWORK_KEY, RUNNER_PLAIN, RUNNER_SANDBOX};
 
@@ -222,7 +225,10 @@ impl Worker {
             Some(path) => Some(
                 tokio::fs::read_to_string(path)
                     .await
-                    .map_err(|source| WorkerError::AuthToken { path: path.clone(), source })?
+                    .map_err(|source| WorkerError::AuthToken {
+                        path: path.clone(),
+                        source,
+                    })?
                     .trim()
                     .to_string(),
             ),
@@ -231,12 +237,16 @@ impl Worker {
         if let Some(path) = &args.env_script {
             tokio::fs::metadata(path)
                 .await
-                .map_err(|source| WorkerError::EnvScript { path: path.clone(), source })?;
+                .map_err(|source| WorkerError::EnvScript {
+                    path: path.clone(),
+                    source,
+                })?;
         }
-        let work_dir = std::path::absolute(&args.work_dir).map_err(|source| WorkerError::WorkDir {
-            path: args.work_dir.clone(),
-            source,
-        })?;
+        let work_dir =
+            std::path::absolute(&args.work_dir).map_err(|source| WorkerError::WorkDir {
+                path: args.work_dir.clone(),
+                source,
+            })?;
         let metrics = Arc::new(WorkerMetrics::default());
         let (actions_dir, cache) = {
             let (dir, metrics, max) = (work_dir.clone(), metrics.clone(), args.cache_max_size);
@@ -250,7 +260,10 @@ impl Worker {
             })
             .await
             .expect("work dir task panicked")
-            .map_err(|source| WorkerError::WorkDir { path: work_dir.clone(), source })?
+            .map_err(|source| WorkerError::WorkDir {
+                path: work_dir.clone(),
+                source,
+            })?
         };
 
         let probe_dir = work_dir.join("sandbox-probe");
@@ -260,7 +273,11 @@ impl Worker {
         let sandbox_available = match probe {
             Ok(()) => true,
             Err(reason) => {
-                if args.platform.iter().any(|(k, v)| k == PLATFORM_RUNNER_KEY && v == RUNNER_SANDBOX) {
+                if args
+                    .platform
+                    .iter()
+                    .any(|(k, v)| k == PLATFORM_RUNNER_KEY && v == RUNNER_SANDBOX)
+                {
                     return Err(WorkerError::SandboxUnavailable(reason));
                 }
                 warn!(%reason, "bubblewrap does not work here; runner=sandbox is not offered");
@@ -269,7 +286,8 @@ impl Worker {
         };
         let platform = offered_platform(&args.platform, sandbox_available);
 
-        let channel = buildkube_reapi::connect_channel(&args.server, token.as_deref()).map_err(WorkerError::Endpoint)?;
+        let channel = buildkube_reapi::connect_channel(&args.server, token.as_deref())
+            .map_err(WorkerError::Endpoint)?;
         let info = WorkerInfo {
             worker_id: worker_id.clone(),
             instance_name: args.instance.clone(),
@@ -293,7 +311,9 @@ impl Worker {
             },
             metrics: metrics.clone(),
         };
-        metrics.slots.store(concurrency as u64, std::sync::atomic::Ordering::Relaxed);
+        metrics
+            .slots
+            .store(concurrency as u64, std::sync::atomic::Ordering::Relaxed);
         let shared = Arc::new(Shared {
             worker_id: worker_id.clone(),
             metrics,
@@ -307,15 +327,25 @@ impl Worker {
 
         let listener = tokio::net::TcpListener::bind(args.http_listen)
             .await
-            .map_err(|source| WorkerError::Bind { addr: args.http_listen, source })?;
-        let http_addr = listener.local_addr().map_err(|source| WorkerError::Bind { addr: args.http_listen, source })?;
+            .map_err(|source| WorkerError::Bind {
+                addr: args.http_listen,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| WorkerError::Bind {
+            addr: args.http_listen,
+            source,
+        })?;
         let router = http::router(shared.clone());
         let http_task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
                 warn!(error = %e, "the HTTP server stopped");
             }
         });
-        let offered: Vec<String> = platform.properties.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+        let offered: Vec<String> = platform
+            .properties
+            .iter()
+            .map(|p| format!("{}={}", p.name, p.value))
+            .collect();
         info!(
             worker_id = %worker_id,
             server = %args.server,
@@ -352,7 +382,11 @@ impl Worker {
             .info()
             .platform
             .iter()
-            .flat_map(|p| p.properties.iter().map(|p| (p.name.clone(), p.value.clone())))
+            .flat_map(|p| {
+                p.properties
+                    .iter()
+                    .map(|p| (p.name.clone(), p.value.clone()))
+            })
             .collect()
     }
 
@@ -382,13 +416,22 @@ impl Worker {
             }
             let running = shared.leases.lock().unwrap().len();
             info!(running, timeout = ?self.drain_timeout, "draining: taking no new actions");
-            shared.metrics.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .metrics
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             shared.draining.send_replace(true);
             shared.keep_alive_wake.notify_one();
-            if tokio::time::timeout(self.drain_timeout, &mut all_slots).await.is_err() {
+            if tokio::time::timeout(self.drain_timeout, &mut all_slots)
+                .await
+                .is_err()
+            {
                 {
                     let leases = shared.leases.lock().unwrap();
-                    warn!(running = leases.len(), "drain timeout: killing the running actions");
+                    warn!(
+                        running = leases.len(),
+                        "drain timeout: killing the running actions"
+                    );
                     for lease in leases.values() {
                         lease.kill.send_replace(Some(KillReason::Draining));
                     }
@@ -482,14 +525,20 @@ async fn run_lease(shared: &Arc<Shared>, lease: Lease) {
             },
         );
         shared.keep_alive_wake.notify_one();
-        shared.metrics.actions_running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared
+            .metrics
+            .actions_running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         debug!(lease_id = %lease.lease_id, attempt = lease.attempt, "leased");
         let signals = Signals {
             kill: kill_rx,
             give_up: shared.give_up.subscribe(),
         };
         let outcome = action::execute(&shared.ctx, &lease, &tracker, signals).await;
-        shared.metrics.actions_running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        shared
+            .metrics
+            .actions_running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         shared.metrics.completed(outcome.metric());
         let (result, message) = match outcome {
             ActionOutcome::Abandoned => {
@@ -503,7 +552,9 @@ async fn run_lease(shared: &Arc<Shared>, lease: Lease) {
             }
             ActionOutcome::Failed(error) => {
                 match error.code {
-                    tonic::Code::Internal | tonic::Code::ResourceExhausted | tonic::Code::Unavailable => {
+                    tonic::Code::Internal
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::Unavailable => {
                         warn!(code = ?error.code, detail = %error.message, "action failed")
                     }
                     _ => debug!(code = ?error.code, detail = %error.message, "action failed"),
@@ -521,7 +572,11 @@ async fn run_lease(shared: &Arc<Shared>, lease: Lease) {
             message,
         };
         // The lease stays registered (kept alive) until the server has the result.
-        match shared.link.complete(request, shared.give_up.subscribe()).await {
+        match shared
+            .link
+            .complete(request, shared.give_up.subscribe())
+            .await
+        {
             Some(true) => debug!("result accepted"),
             Some(false) => debug!("the server no longer knew the lease; result dropped"),
             None => {}
@@ -601,14 +656,31 @@ mod tests {
 
     #[test]
     fn offers_runners_and_network_unless_configured() {
-        let names = |p: Platform| p.properties.into_iter().map(|p| format!("{}={}", p.name, p.value)).collect::<Vec<_>>();
+        let names = |p: Platform| {
+            p.properties
+                .into_iter()
+                .map(|p| format!("{}={}", p.name, p.value))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(names(offered_platform(&[], false)), ["runner=plain"]);
         assert_eq!(
-            names(offered_platform(&[("OSFamily".into(), "Linux".into())], true)),
-            ["OSFamily=Linux", "network=off", "network=on", "runner=plain", "runner=sandbox"]
+            names(offered_platform(
+                &[("OSFamily".into(), "Linux".into())],
+                true
+            )),
+            [
+                "OSFamily=Linux",
+                "network=off",
+                "network=on",
+                "runner=plain",
+                "runner=sandbox"
+            ]
         );
         assert_eq!(
-            names(offered_platform(&[("runner".into(), "sandbox".into())], true)),
+            names(offered_platform(
+                &[("runner".into(), "sandbox".into())],
+                true
+            )),
             ["network=off", "network=on", "runner=sandbox"]
         );
     }

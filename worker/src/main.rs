@@ -8,10 +8,16 @@ use tracing_subscriber::EnvFilter;
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
     }
 }
 
@@ -30,7 +36,12 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let args = WorkerArgs::parse();
     init_tracing(args.log_format);
-    let worker = buildkube_worker::Worker::start(args).await.context("starting the worker")?;
-    worker.run(shutdown_signal()).await.context("running the worker")?;
+    let worker = buildkube_worker::Worker::start(args)
+        .await
+        .context("starting the worker")?;
+    worker
+        .run(shutdown_signal())
+        .await
+        .context("running the worker")?;
     Ok(())
 }

@@ -91,16 +91,59 @@ impl WorkerMetrics {
         let mut out = String::new();
         let worker = worker_id.replace('\\', "\\\\").replace('"', "\\\"");
         let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{worker=\"{worker}\"}} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{worker=\"{worker}\"}} {value}"
+            );
         };
-        gauge(METRIC_ACTIONS_RUNNING, "Actions running on this worker.", "gauge", self.actions_running.load(Ordering::Relaxed));
-        gauge(METRIC_SLOTS, "Actions this worker runs at once.", "gauge", self.slots.load(Ordering::Relaxed));
-        gauge(METRIC_DRAINING, "1 while the worker drains.", "gauge", self.draining.load(Ordering::Relaxed) as u64);
-        gauge(METRIC_CACHE_HITS, "Input files found in the local file cache.", "counter", self.cache_hits.load(Ordering::Relaxed));
-        gauge(METRIC_CACHE_MISSES, "Input files fetched from the CAS.", "counter", self.cache_misses.load(Ordering::Relaxed));
-        gauge(METRIC_CACHE_BYTES, "Bytes held by the local file cache.", "gauge", self.cache_bytes.load(Ordering::Relaxed));
-        gauge(METRIC_BYTES_DOWNLOADED, "Bytes downloaded from the CAS.", "counter", self.bytes_downloaded.load(Ordering::Relaxed));
-        gauge(METRIC_BYTES_UPLOADED, "Bytes uploaded to the CAS.", "counter", self.bytes_uploaded.load(Ordering::Relaxed));
+        gauge(
+            METRIC_ACTIONS_RUNNING,
+            "Actions running on this worker.",
+            "gauge",
+            self.actions_running.load(Ordering::Relaxed),
+        );
+        gauge(
+            METRIC_SLOTS,
+            "Actions this worker runs at once.",
+            "gauge",
+            self.slots.load(Ordering::Relaxed),
+        );
+        gauge(
+            METRIC_DRAINING,
+            "1 while the worker drains.",
+            "gauge",
+            self.draining.load(Ordering::Relaxed) as u64,
+        );
+        gauge(
+            METRIC_CACHE_HITS,
+            "Input files found in the local file cache.",
+            "counter",
+            self.cache_hits.load(Ordering::Relaxed),
+        );
+        gauge(
+            METRIC_CACHE_MISSES,
+            "Input files fetched from the CAS.",
+            "counter",
+            self.cache_misses.load(Ordering::Relaxed),
+        );
+        gauge(
+            METRIC_CACHE_BYTES,
+            "Bytes held by the local file cache.",
+            "gauge",
+            self.cache_bytes.load(Ordering::Relaxed),
+        );
+        gauge(
+            METRIC_BYTES_DOWNLOADED,
+            "Bytes downloaded from the CAS.",
+            "counter",
+            self.bytes_downloaded.load(Ordering::Relaxed),
+        );
+        gauge(
+            METRIC_BYTES_UPLOADED,
+            "Bytes uploaded to the CAS.",
+            "counter",
+            self.bytes_uploaded.load(Ordering::Relaxed),
+        );
         let _ = writeln!(
             out,
             "# HELP {METRIC_ACTIONS_COMPLETED} Finished actions by outcome.\n# TYPE {METRIC_ACTIONS_COMPLETED} counter"
@@ -127,8 +170,16 @@ mod tests {
         metrics.completed(Outcome::Timeout);
         WorkerMetrics::add(&metrics.cache_hits, 3);
         let text = metrics.render("w\"1");
-        assert!(text.contains(r#"buildkube_worker_actions_completed_total{worker="w\"1",outcome="timeout"} 1"#), "{text}");
-        assert!(text.contains(r#"buildkube_worker_file_cache_hits_total{worker="w\"1"} 3"#), "{text}");
+        assert!(
+            text.contains(
+                r#"buildkube_worker_actions_completed_total{worker="w\"1",outcome="timeout"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"buildkube_worker_file_cache_hits_total{worker="w\"1"} 3"#),
+            "{text}"
+        );
         assert_eq!(text.matches("outcome=").count(), 5);
     }
 }

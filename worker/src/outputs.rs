@@ -12,7 +12,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use buildkube_proto::reapi::{
-    self, ActionResult, Command, DirectoryNode, FileNode, OutputDirectory, OutputFile, OutputSymlink, SymlinkNode,
+    self, ActionResult, Command, DirectoryNode, FileNode, OutputDirectory, OutputFile,
+    OutputSymlink, SymlinkNode,
 };
 use buildkube_reapi::{CasClient, CasClientError, Digest, Hasher};
 use bytes::Bytes;
@@ -47,7 +48,9 @@ pub(crate) struct DeclaredOutput {
 pub(crate) fn validate_relative_path(path: &str, what: &str) -> Result<PathBuf, ActionError> {
     let reject = |why: &str| ActionError::invalid(format!("{what} `{path}` {why}"));
     if path.starts_with('/') {
-        return Err(reject("is absolute; it must be relative to the working directory"));
+        return Err(reject(
+            "is absolute; it must be relative to the working directory",
+        ));
     }
     if path.contains('\0') {
         return Err(reject("contains a NUL byte"));
@@ -58,11 +61,17 @@ pub(crate) fn validate_relative_path(path: &str, what: &str) -> Result<PathBuf, 
             "" if path.is_empty() => {}
             "" => return Err(reject("has an empty component (`//` or a trailing `/`)")),
             "." => {}
-            ".." => return Err(reject("contains `..` and could escape the working directory")),
+            ".." => {
+                return Err(reject(
+                    "contains `..` and could escape the working directory",
+                ))
+            }
             part => relative.push(part),
         }
     }
-    debug_assert!(relative.components().all(|c| matches!(c, Component::Normal(_))));
+    debug_assert!(relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_))));
     Ok(relative)
 }
 
@@ -70,20 +79,32 @@ pub(crate) fn validate_relative_path(path: &str, what: &str) -> Result<PathBuf, 
 /// `output_files` and `output_directories`.
 pub(crate) fn declared_outputs(command: &Command) -> Result<Vec<DeclaredOutput>, ActionError> {
     let declared: Vec<(&String, OutputKind)> = if !command.output_paths.is_empty() {
-        command.output_paths.iter().map(|p| (p, OutputKind::Path)).collect()
+        command
+            .output_paths
+            .iter()
+            .map(|p| (p, OutputKind::Path))
+            .collect()
     } else {
         command
             .output_files
             .iter()
             .map(|p| (p, OutputKind::File))
-            .chain(command.output_directories.iter().map(|p| (p, OutputKind::Directory)))
+            .chain(
+                command
+                    .output_directories
+                    .iter()
+                    .map(|p| (p, OutputKind::Directory)),
+            )
             .collect()
     };
     declared
         .into_iter()
         .map(|(path, kind)| {
             let relative = validate_relative_path(path, "output path")?;
-            if relative.as_os_str().is_empty() && kind != OutputKind::Directory && kind != OutputKind::Path {
+            if relative.as_os_str().is_empty()
+                && kind != OutputKind::Directory
+                && kind != OutputKind::Path
+            {
                 return Err(ActionError::invalid("output file path is empty"));
             }
             Ok(DeclaredOutput {
@@ -98,7 +119,12 @@ pub(crate) fn declared_outputs(command: &Command) -> Result<Vec<DeclaredOutput>,
 /// Fails if a proper ancestor of `relative` below `base` is a symlink (the
 /// output would land outside the working directory) or not a directory.
 /// With `create`, missing ancestors are created.
-pub(crate) fn check_ancestors(base: &Path, relative: &Path, output: &str, create: bool) -> Result<(), ActionError> {
+pub(crate) fn check_ancestors(
+    base: &Path,
+    relative: &Path,
+    output: &str,
+    create: bool,
+) -> Result<(), ActionError> {
     let mut current = base.to_path_buf();
     let parts: Vec<_> = relative.components().collect();
     for part in parts.iter().take(parts.len().saturating_sub(1)) {
@@ -118,7 +144,8 @@ pub(crate) fn check_ancestors(base: &Path, relative: &Path, output: &str, create
                 )));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-                std::fs::create_dir(&current).map_err(|e| ActionError::io("creating", &current, &e))?;
+                std::fs::create_dir(&current)
+                    .map_err(|e| ActionError::io("creating", &current, &e))?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(ActionError::io("inspecting", &current, &e)),
@@ -129,7 +156,10 @@ pub(crate) fn check_ancestors(base: &Path, relative: &Path, output: &str, create
 
 /// Creates the parent directories of every declared output (not the outputs
 /// themselves), refusing to go through symlinks.
-pub(crate) fn create_output_parents(exec_root: &Path, outputs: &[DeclaredOutput]) -> Result<(), ActionError> {
+pub(crate) fn create_output_parents(
+    exec_root: &Path,
+    outputs: &[DeclaredOutput],
+) -> Result<(), ActionError> {
     for output in outputs {
         check_ancestors(exec_root, &output.relative, &output.path, true)?;
     }
@@ -185,11 +215,17 @@ impl CollectedOutputs {
         Ok(())
     }
 
-    fn hash_output_file(&mut self, path: &Path, shown: &str, limit: u64) -> Result<Digest, ActionError> {
+    fn hash_output_file(
+        &mut self,
+        path: &Path,
+        shown: &str,
+        limit: u64,
+    ) -> Result<Digest, ActionError> {
         let meta = std::fs::metadata(path).map_err(|e| ActionError::io("inspecting", path, &e))?;
         self.add_file_bytes(meta.len(), shown, limit)?;
         let digest = hash_file(path).map_err(|e| ActionError::io("reading output", path, &e))?;
-        self.blobs.push((digest, BlobSource::File(path.to_path_buf())));
+        self.blobs
+            .push((digest, BlobSource::File(path.to_path_buf())));
         Ok(digest)
     }
 
@@ -207,7 +243,9 @@ impl CollectedOutputs {
         for entry in std::fs::read_dir(path).map_err(|e| ActionError::io("listing", path, &e))? {
             let entry = entry.map_err(|e| ActionError::io("listing", path, &e))?;
             let name = entry.file_name().into_string().map_err(|name| {
-                ActionError::invalid(format!("output `{shown}` contains a file name that is not UTF-8: {name:?}"))
+                ActionError::invalid(format!(
+                    "output `{shown}` contains a file name that is not UTF-8: {name:?}"
+                ))
             })?;
             entries.push((name, entry.path()));
         }
@@ -215,10 +253,12 @@ impl CollectedOutputs {
         let mut directory = reapi::Directory::default();
         for (name, child) in entries {
             let shown_child = format!("{shown}/{name}");
-            let meta = std::fs::symlink_metadata(&child).map_err(|e| ActionError::io("inspecting", &child, &e))?;
+            let meta = std::fs::symlink_metadata(&child)
+                .map_err(|e| ActionError::io("inspecting", &child, &e))?;
             let kind = meta.file_type();
             if kind.is_symlink() {
-                let target = std::fs::read_link(&child).map_err(|e| ActionError::io("reading link", &child, &e))?;
+                let target = std::fs::read_link(&child)
+                    .map_err(|e| ActionError::io("reading link", &child, &e))?;
                 directory.symlinks.push(SymlinkNode {
                     name,
                     target: target.to_string_lossy().into_owned(),
@@ -252,7 +292,12 @@ impl CollectedOutputs {
     }
 
     /// Collects one output directory as a `Tree`.
-    fn add_directory(&mut self, path: &Path, shown: &str, limit: u64) -> Result<OutputDirectory, ActionError> {
+    fn add_directory(
+        &mut self,
+        path: &Path,
+        shown: &str,
+        limit: u64,
+    ) -> Result<OutputDirectory, ActionError> {
         let mut children = Vec::new();
         let mut seen = HashSet::new();
         let root = self.build_directory(path, shown, limit, &mut children, &mut seen)?;
@@ -261,9 +306,13 @@ impl CollectedOutputs {
         let root_digest = Digest::of_message(&root);
         for directory in std::iter::once(&root).chain(children.iter()) {
             let bytes = Bytes::from(directory.encode_to_vec());
-            self.blobs.push((Digest::of_bytes(&bytes), BlobSource::Bytes(bytes)));
+            self.blobs
+                .push((Digest::of_bytes(&bytes), BlobSource::Bytes(bytes)));
         }
-        let tree = reapi::Tree { root: Some(root), children };
+        let tree = reapi::Tree {
+            root: Some(root),
+            children,
+        };
         let bytes = Bytes::from(tree.encode_to_vec());
         let tree_digest = Digest::of_bytes(&bytes);
         self.blobs.push((tree_digest, BlobSource::Bytes(bytes)));
@@ -295,7 +344,8 @@ pub(crate) fn collect_outputs(
         };
         let kind = meta.file_type();
         if kind.is_symlink() {
-            let target = std::fs::read_link(&path).map_err(|e| ActionError::io("reading link", &path, &e))?;
+            let target = std::fs::read_link(&path)
+                .map_err(|e| ActionError::io("reading link", &path, &e))?;
             let symlink = OutputSymlink {
                 path: output.path.clone(),
                 target: target.to_string_lossy().into_owned(),
@@ -304,7 +354,10 @@ pub(crate) fn collect_outputs(
             match output.kind {
                 OutputKind::Path => {}
                 OutputKind::File => collected.result.output_file_symlinks.push(symlink.clone()),
-                OutputKind::Directory => collected.result.output_directory_symlinks.push(symlink.clone()),
+                OutputKind::Directory => collected
+                    .result
+                    .output_directory_symlinks
+                    .push(symlink.clone()),
             }
             collected.result.output_symlinks.push(symlink);
         } else if kind.is_dir() {
@@ -371,7 +424,9 @@ pub(crate) async fn upload_blobs(
         cas.upload_blobs(in_memory).await?;
     }
     let results: Vec<Result<u64, CasClientError>> = futures::stream::iter(files)
-        .map(|(digest, path)| async move { cas.upload_file(digest, &path).await.map(|()| digest.size()) })
+        .map(|(digest, path)| async move {
+            cas.upload_file(digest, &path).await.map(|()| digest.size())
+        })
         .buffer_unordered(4)
         .collect()
         .await;
@@ -390,9 +445,23 @@ mod tests {
 
     #[test]
     fn output_paths_must_stay_inside() {
-        assert_eq!(validate_relative_path("a/b.o", "output path").unwrap(), PathBuf::from("a/b.o"));
-        assert_eq!(validate_relative_path("./a/./b", "output path").unwrap(), PathBuf::from("a/b"));
-        for bad in ["/etc/passwd", "../x", "a/../../x", "a/..", "a//b", "a/", "a\0b"] {
+        assert_eq!(
+            validate_relative_path("a/b.o", "output path").unwrap(),
+            PathBuf::from("a/b.o")
+        );
+        assert_eq!(
+            validate_relative_path("./a/./b", "output path").unwrap(),
+            PathBuf::from("a/b")
+        );
+        for bad in [
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/..",
+            "a//b",
+            "a/",
+            "a\0b",
+        ] {
             let e = validate_relative_path(bad, "output path").unwrap_err();
             assert_eq!(e.code, Code::InvalidArgument, "{bad}");
             assert!(e.message.contains(bad), "{bad}: {}", e.message);
@@ -407,7 +476,10 @@ mod tests {
             ..Default::default()
         };
         let legacy = declared_outputs(&command).unwrap();
-        assert_eq!(legacy.iter().map(|o| o.kind).collect::<Vec<_>>(), [OutputKind::File, OutputKind::Directory]);
+        assert_eq!(
+            legacy.iter().map(|o| o.kind).collect::<Vec<_>>(),
+            [OutputKind::File, OutputKind::Directory]
+        );
         command.output_paths = vec!["p".into()];
         let outputs = declared_outputs(&command).unwrap();
         assert_eq!(outputs.len(), 1);
@@ -432,7 +504,10 @@ mod tests {
         assert!(root.join("a/b").is_dir());
         assert!(!root.join("a/b/c.o").exists());
         assert!(root.join("d").is_dir());
-        assert!(!root.join("d/e").exists(), "the output directory itself is not created");
+        assert!(
+            !root.join("d/e").exists(),
+            "the output directory itself is not created"
+        );
 
         symlink(dir.path(), root.join("link")).unwrap();
         let outputs = declared_outputs(&Command {
@@ -442,7 +517,11 @@ mod tests {
         .unwrap();
         let e = create_output_parents(&root, &outputs).unwrap_err();
         assert_eq!(e.code, Code::InvalidArgument);
-        assert!(e.message.contains("link/escaped") && e.message.contains("symlink"), "{}", e.message);
+        assert!(
+            e.message.contains("link/escaped") && e.message.contains("symlink"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -489,7 +568,10 @@ mod tests {
         let collected = collect_outputs(root, &outputs, u64::MAX).unwrap();
         let result = &collected.result;
         assert_eq!(result.output_files.len(), 1);
-        assert_eq!(result.output_files[0].digest, Some(Digest::of_bytes(b"obj").to_proto()));
+        assert_eq!(
+            result.output_files[0].digest,
+            Some(Digest::of_bytes(b"obj").to_proto())
+        );
         assert_eq!(result.output_file_symlinks.len(), 1);
         assert_eq!(result.output_symlinks.len(), 1);
         assert_eq!(result.output_symlinks[0].target, "file.o");
@@ -507,8 +589,16 @@ mod tests {
             .expect("tree blob is uploaded");
         let tree = reapi::Tree::decode(tree_bytes).unwrap();
         let root_dir = tree.root.clone().unwrap();
-        assert_eq!(Digest::of_message(&root_dir).to_proto(), out.root_directory_digest.clone().unwrap());
-        let names = |d: &reapi::Directory| d.directories.iter().map(|n| n.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            Digest::of_message(&root_dir).to_proto(),
+            out.root_directory_digest.clone().unwrap()
+        );
+        let names = |d: &reapi::Directory| {
+            d.directories
+                .iter()
+                .map(|n| n.name.clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(names(&root_dir), ["a", "b", "empty"]);
         assert_eq!(root_dir.files.len(), 1);
         assert!(root_dir.files[0].is_executable);
@@ -517,7 +607,10 @@ mod tests {
         assert_eq!(tree.children.len(), 3, "{:#?}", tree.children);
         // Topological: every referenced directory appears after its parent.
         let position = |digest: &reapi::Digest| {
-            tree.children.iter().position(|c| Digest::of_message(c).to_proto() == *digest).unwrap()
+            tree.children
+                .iter()
+                .position(|c| Digest::of_message(c).to_proto() == *digest)
+                .unwrap()
         };
         for (i, child) in tree.children.iter().enumerate() {
             for sub in &child.directories {
@@ -538,7 +631,11 @@ mod tests {
         .unwrap();
         let e = collect_outputs(dir.path(), &outputs, 99).unwrap_err();
         assert_eq!(e.code, Code::ResourceExhausted);
-        assert!(e.message.contains("big") && e.message.contains("99"), "{}", e.message);
+        assert!(
+            e.message.contains("big") && e.message.contains("99"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -97,8 +97,17 @@ pub(crate) fn command_line(spec: &RunSpec) -> Vec<String> {
     let mut line = Vec::new();
     if let Runner::Sandbox { network } = spec.runner {
         line.push(BWRAP.to_string());
-        line.extend(sandbox_options(&spec.input_root, &spec.hidden, spec.env_script.as_deref(), network));
-        line.extend(["--chdir".into(), spec.working_dir.display().to_string(), "--".into()]);
+        line.extend(sandbox_options(
+            &spec.input_root,
+            &spec.hidden,
+            spec.env_script.as_deref(),
+            network,
+        ));
+        line.extend([
+            "--chdir".into(),
+            spec.working_dir.display().to_string(),
+            "--".into(),
+        ]);
     }
     if let Some(script) = &spec.env_script {
         line.extend([
@@ -112,10 +121,25 @@ pub(crate) fn command_line(spec: &RunSpec) -> Vec<String> {
     line
 }
 
-fn sandbox_options(writable: &Path, hidden: &[PathBuf], env_script: Option<&Path>, network: bool) -> Vec<String> {
-    let mut options: Vec<String> = ["--ro-bind", "/", "/", "--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc"]
-        .map(String::from)
-        .to_vec();
+fn sandbox_options(
+    writable: &Path,
+    hidden: &[PathBuf],
+    env_script: Option<&Path>,
+    network: bool,
+) -> Vec<String> {
+    let mut options: Vec<String> = [
+        "--ro-bind",
+        "/",
+        "/",
+        "--tmpfs",
+        "/tmp",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+    ]
+    .map(String::from)
+    .to_vec();
     for path in hidden {
         options.extend(["--tmpfs".into(), path.display().to_string()]);
     }
@@ -139,7 +163,14 @@ pub(crate) async fn probe_sandbox(scratch: &Path) -> Result<(), String> {
     let mut command = tokio::process::Command::new(BWRAP);
     command
         .args(sandbox_options(scratch, &[], None, false))
-        .args(["--chdir", &scratch.display().to_string(), "--", "/bin/sh", "-c", "echo ok > probe && cat probe"])
+        .args([
+            "--chdir",
+            &scratch.display().to_string(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo ok > probe && cat probe",
+        ])
         .env_clear()
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -162,7 +193,10 @@ pub(crate) async fn probe_sandbox(scratch: &Path) -> Result<(), String> {
 pub(crate) fn kill_group(pgid: i32) {
     if pgid > 0 {
         // ESRCH: the group is already gone.
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -231,7 +265,10 @@ async fn killed(kill: &mut watch::Receiver<Option<KillReason>>) -> KillReason {
 
 /// Runs the command to its end. Errors are for commands that could not be
 /// started; everything that happens once it runs is in [`RunEnd`].
-pub(crate) async fn run(spec: &RunSpec, kill: &mut watch::Receiver<Option<KillReason>>) -> Result<RunOutcome, ActionError> {
+pub(crate) async fn run(
+    spec: &RunSpec,
+    kill: &mut watch::Receiver<Option<KillReason>>,
+) -> Result<RunOutcome, ActionError> {
     let line = command_line(spec);
     if spec.arguments.is_empty() {
         return Err(ActionError::invalid("the command has no arguments"));
@@ -252,7 +289,10 @@ pub(crate) async fn run(spec: &RunSpec, kill: &mut watch::Receiver<Option<KillRe
         ActionError::invalid(format!(
             "cannot start `{}` in `{}`: {e}",
             line[0],
-            spec.working_dir.strip_prefix(&spec.input_root).unwrap_or(&spec.working_dir).display()
+            spec.working_dir
+                .strip_prefix(&spec.input_root)
+                .unwrap_or(&spec.working_dir)
+                .display()
         ))
     })?;
     let pgid = child.id().map_or(0, |id| id as i32);
@@ -300,7 +340,11 @@ pub(crate) async fn run(spec: &RunSpec, kill: &mut watch::Receiver<Option<KillRe
             end = RunEnd::StdioError("capturing stdout/stderr failed".into(), false);
         }
     }
-    Ok(RunOutcome { end, started, finished })
+    Ok(RunOutcome {
+        end,
+        started,
+        finished,
+    })
 }
 
 #[cfg(test)]
@@ -325,7 +369,10 @@ mod tests {
         }
     }
 
-    fn no_kill() -> (watch::Sender<Option<KillReason>>, watch::Receiver<Option<KillReason>>) {
+    fn no_kill() -> (
+        watch::Sender<Option<KillReason>>,
+        watch::Receiver<Option<KillReason>>,
+    ) {
         watch::channel(None)
     }
 
@@ -333,7 +380,12 @@ mod tests {
     fn is_gone(pid: i32) -> bool {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => true,
-            Ok(stat) => stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z'),
         }
     }
 
@@ -345,7 +397,11 @@ mod tests {
             .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
             .filter(|pid| {
                 std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(marker))
+                    .map(|c| {
+                        String::from_utf8_lossy(&c)
+                            .replace('\0', " ")
+                            .contains(marker)
+                    })
                     .unwrap_or(false)
                     && !is_gone(*pid)
             })
@@ -365,7 +421,14 @@ mod tests {
     #[tokio::test]
     async fn exit_code_stdout_stderr_and_exact_env() {
         let dir = tempfile::tempdir().unwrap();
-        let mut spec = spec(dir.path(), &["sh", "-c", "echo out $FOO ${HOME:-nohome}; echo err >&2; pwd; exit 3"]);
+        let mut spec = spec(
+            dir.path(),
+            &[
+                "sh",
+                "-c",
+                "echo out $FOO ${HOME:-nohome}; echo err >&2; pwd; exit 3",
+            ],
+        );
         spec.env.push(("FOO".into(), "bar".into()));
         std::fs::create_dir(spec.input_root.join("sub")).unwrap();
         spec.working_dir = spec.input_root.join("sub");
@@ -391,7 +454,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut spec = spec(
             dir.path(),
-            &["sh", "-c", "sleep 100 & echo $! > ../pids; sleep 100 & echo $! >> ../pids; echo started; wait"],
+            &[
+                "sh",
+                "-c",
+                "sleep 100 & echo $! > ../pids; sleep 100 & echo $! >> ../pids; echo started; wait",
+            ],
         );
         spec.timeout = Duration::from_millis(500);
         let begin = std::time::Instant::now();
@@ -405,16 +472,26 @@ mod tests {
             .map(|l| l.parse().unwrap())
             .collect();
         assert_eq!(pids.len(), 2);
-        assert!(wait_until(|| pids.iter().all(|p| is_gone(*p))).await, "survivors: {pids:?}");
+        assert!(
+            wait_until(|| pids.iter().all(|p| is_gone(*p))).await,
+            "survivors: {pids:?}"
+        );
     }
 
     #[tokio::test]
     async fn leftover_background_processes_are_killed_after_a_normal_exit() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = spec(dir.path(), &["sh", "-c", "sleep 100 >/dev/null 2>&1 & echo $! > ../pid"]);
+        let spec = spec(
+            dir.path(),
+            &["sh", "-c", "sleep 100 >/dev/null 2>&1 & echo $! > ../pid"],
+        );
         let outcome = run(&spec, &mut no_kill().1).await.unwrap();
         assert_eq!(outcome.end, RunEnd::Exited(0));
-        let pid: i32 = std::fs::read_to_string(dir.path().join("pid")).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert!(wait_until(|| is_gone(pid)).await);
     }
 
@@ -448,16 +525,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("env.sh");
         std::fs::write(&script, "export SECRET=from-script\n").unwrap();
-        let mut spec = spec(dir.path(), &["sh", "-c", "echo \"$SECRET $FOO $0 $1\"", "zero", "one two"]);
+        let mut spec = spec(
+            dir.path(),
+            &["sh", "-c", "echo \"$SECRET $FOO $0 $1\"", "zero", "one two"],
+        );
         spec.env.push(("FOO".into(), "foo".into()));
         spec.env_script = Some(script.clone());
         let outcome = run(&spec, &mut no_kill().1).await.unwrap();
         assert_eq!(outcome.end, RunEnd::Exited(0));
-        assert_eq!(std::fs::read_to_string(&spec.stdout).unwrap(), "from-script foo zero one two\n");
+        assert_eq!(
+            std::fs::read_to_string(&spec.stdout).unwrap(),
+            "from-script foo zero one two\n"
+        );
 
         std::fs::write(&script, "exit 7\n").unwrap();
         let outcome = run(&spec, &mut no_kill().1).await.unwrap();
-        assert_eq!(outcome.end, RunEnd::Exited(7), "a failing env script fails the action");
+        assert_eq!(
+            outcome.end,
+            RunEnd::Exited(7),
+            "a failing env script fails the action"
+        );
     }
 
     async fn sandbox_available() -> bool {
@@ -493,13 +580,22 @@ mod tests {
         let outcome = run(&spec, &mut no_kill().1).await.unwrap();
         let stdout = std::fs::read_to_string(&spec.stdout).unwrap();
         assert_eq!(outcome.end, RunEnd::Exited(0), "{stdout}");
-        assert_eq!(stdout, "tmp-ok\n0\n1\n", "only lo, no hidden files, no writes outside");
+        assert_eq!(
+            stdout, "tmp-ok\n0\n1\n",
+            "only lo, no hidden files, no writes outside"
+        );
         assert!(spec.input_root.join("inside").exists());
         assert!(!dir.path().join("outside").exists());
 
         spec.runner = Runner::Sandbox { network: true };
         run(&spec, &mut no_kill().1).await.unwrap();
-        let interfaces: u32 = std::fs::read_to_string(&spec.stdout).unwrap().lines().last().unwrap().parse().unwrap();
+        let interfaces: u32 = std::fs::read_to_string(&spec.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(interfaces >= 1);
     }
 
@@ -561,7 +657,11 @@ mod disk_full_tests {
         let root = dir.path().join("root");
         std::fs::create_dir(&root).unwrap();
         let spec = RunSpec {
-            arguments: vec!["sh".into(), "-c".into(), "head -c 1000000 /dev/zero; sleep 100".into()],
+            arguments: vec![
+                "sh".into(),
+                "-c".into(),
+                "head -c 1000000 /dev/zero; sleep 100".into(),
+            ],
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             input_root: root.clone(),
             working_dir: root,

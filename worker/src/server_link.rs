@@ -95,7 +95,11 @@ impl ServerLink {
     }
 
     /// Extends the running leases; returns the ids to abandon.
-    pub(crate) async fn keep_alive(&self, leases: Vec<LeaseProgress>, draining: bool) -> Result<Vec<String>, Status> {
+    pub(crate) async fn keep_alive(
+        &self,
+        leases: Vec<LeaseProgress>,
+        draining: bool,
+    ) -> Result<Vec<String>, Status> {
         let message = KeepAliveRequest {
             worker: Some(self.info.clone()),
             leases,
@@ -114,7 +118,11 @@ impl ServerLink {
     /// Reports an outcome, retrying while the server is unreachable, until
     /// `give_up` is set. Returns whether the server accepted it, or `None`
     /// when it could not be delivered.
-    pub(crate) async fn complete(&self, mut message: CompleteRequest, mut give_up: watch::Receiver<bool>) -> Option<bool> {
+    pub(crate) async fn complete(
+        &self,
+        mut message: CompleteRequest,
+        mut give_up: watch::Receiver<bool>,
+    ) -> Option<bool> {
         message.worker = Some(self.info.clone());
         let mut backoff = Backoff::default();
         loop {

@@ -15,8 +15,8 @@ use buildkube_proto::reapi::{self, batch_read_blobs_response, batch_update_blobs
 use buildkube_proto::rpc;
 use buildkube_proto::worker::worker_service_server::{WorkerService, WorkerServiceServer};
 use buildkube_proto::worker::{
-    CompleteRequest, CompleteResponse, KeepAliveRequest, KeepAliveResponse, Lease, LeaseRequest, LeaseResponse,
-    WorkerInfo,
+    CompleteRequest, CompleteResponse, KeepAliveRequest, KeepAliveResponse, Lease, LeaseRequest,
+    LeaseResponse, WorkerInfo,
 };
 use buildkube_reapi::Digest;
 use bytes::Bytes;
@@ -65,7 +65,11 @@ impl State {
     }
 
     /// Waits until `n` completions arrived.
-    pub(crate) async fn wait_completed(&self, n: usize, timeout: Duration) -> Vec<(CompleteRequest, bool)> {
+    pub(crate) async fn wait_completed(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<(CompleteRequest, bool)> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
@@ -76,7 +80,10 @@ impl State {
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("only {} of {n} completions within {timeout:?}", self.completed.lock().unwrap().len());
+                panic!(
+                    "only {} of {n} completions within {timeout:?}",
+                    self.completed.lock().unwrap().len()
+                );
             }
         }
     }
@@ -87,7 +94,10 @@ struct Services(Arc<State>);
 
 #[tonic::async_trait]
 impl WorkerService for Services {
-    async fn lease(&self, request: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
+    async fn lease(
+        &self,
+        request: Request<LeaseRequest>,
+    ) -> Result<Response<LeaseResponse>, Status> {
         if let Some(worker) = request.into_inner().worker {
             let mut workers = self.0.workers.lock().unwrap();
             if workers.is_empty() {
@@ -107,7 +117,10 @@ impl WorkerService for Services {
         }
     }
 
-    async fn keep_alive(&self, request: Request<KeepAliveRequest>) -> Result<Response<KeepAliveResponse>, Status> {
+    async fn keep_alive(
+        &self,
+        request: Request<KeepAliveRequest>,
+    ) -> Result<Response<KeepAliveResponse>, Status> {
         let request = request.into_inner();
         let abandon = self.0.abandon.lock().unwrap();
         let abandon_lease_ids = request
@@ -121,7 +134,10 @@ impl WorkerService for Services {
         Ok(Response::new(KeepAliveResponse { abandon_lease_ids }))
     }
 
-    async fn complete(&self, request: Request<CompleteRequest>) -> Result<Response<CompleteResponse>, Status> {
+    async fn complete(
+        &self,
+        request: Request<CompleteRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
         let request = request.into_inner();
         let cached = request
             .action_digest
@@ -146,7 +162,9 @@ impl ContentAddressableStorage for Services {
             .into_iter()
             .filter(|d| self.0.blob(d).is_none())
             .collect();
-        Ok(Response::new(reapi::FindMissingBlobsResponse { missing_blob_digests }))
+        Ok(Response::new(reapi::FindMissingBlobsResponse {
+            missing_blob_digests,
+        }))
     }
 
     async fn batch_update_blobs(
@@ -160,7 +178,11 @@ impl ContentAddressableStorage for Services {
             responses.push(batch_update_blobs_response::Response {
                 digest: r.digest,
                 status: Some(rpc::Status {
-                    code: if ok { 0 } else { tonic::Code::InvalidArgument as i32 },
+                    code: if ok {
+                        0
+                    } else {
+                        tonic::Code::InvalidArgument as i32
+                    },
                     ..Default::default()
                 }),
             });
@@ -180,7 +202,11 @@ impl ContentAddressableStorage for Services {
                 let data = self.0.blob(&d);
                 batch_read_blobs_response::Response {
                     status: Some(rpc::Status {
-                        code: if data.is_some() { 0 } else { tonic::Code::NotFound as i32 },
+                        code: if data.is_some() {
+                            0
+                        } else {
+                            tonic::Code::NotFound as i32
+                        },
                         ..Default::default()
                     }),
                     digest: Some(d),
@@ -192,19 +218,35 @@ impl ContentAddressableStorage for Services {
         Ok(Response::new(reapi::BatchReadBlobsResponse { responses }))
     }
 
-    type GetTreeStream = futures::stream::Iter<std::vec::IntoIter<Result<reapi::GetTreeResponse, Status>>>;
+    type GetTreeStream =
+        futures::stream::Iter<std::vec::IntoIter<Result<reapi::GetTreeResponse, Status>>>;
 
-    async fn get_tree(&self, request: Request<reapi::GetTreeRequest>) -> Result<Response<Self::GetTreeStream>, Status> {
+    async fn get_tree(
+        &self,
+        request: Request<reapi::GetTreeRequest>,
+    ) -> Result<Response<Self::GetTreeStream>, Status> {
         let root = request.into_inner().root_digest.unwrap_or_default();
         let mut directories = Vec::new();
         let mut queue = VecDeque::from([root]);
         while let Some(digest) = queue.pop_front() {
-            let data = self.0.blob(&digest).ok_or_else(|| Status::not_found(format!("{digest:?}")))?;
-            let directory = reapi::Directory::decode(data).map_err(|e| Status::internal(e.to_string()))?;
-            queue.extend(directory.directories.iter().filter_map(|d| d.digest.clone()));
+            let data = self
+                .0
+                .blob(&digest)
+                .ok_or_else(|| Status::not_found(format!("{digest:?}")))?;
+            let directory =
+                reapi::Directory::decode(data).map_err(|e| Status::internal(e.to_string()))?;
+            queue.extend(
+                directory
+                    .directories
+                    .iter()
+                    .filter_map(|d| d.digest.clone()),
+            );
             directories.push(directory);
         }
-        let page = reapi::GetTreeResponse { directories, next_page_token: String::new() };
+        let page = reapi::GetTreeResponse {
+            directories,
+            next_page_token: String::new(),
+        };
         Ok(Response::new(futures::stream::iter(vec![Ok(page)])))
     }
 }
@@ -232,10 +274,14 @@ impl ActionCache for Services {
         request: Request<reapi::UpdateActionResultRequest>,
     ) -> Result<Response<reapi::ActionResult>, Status> {
         let request = request.into_inner();
-        let digest =
-            Digest::from_field(request.action_digest.as_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let digest = Digest::from_field(request.action_digest.as_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let result = request.action_result.unwrap_or_default();
-        self.0.action_cache.lock().unwrap().insert(digest, result.clone());
+        self.0
+            .action_cache
+            .lock()
+            .unwrap()
+            .insert(digest, result.clone());
         Ok(Response::new(result))
     }
 }
@@ -263,13 +309,21 @@ impl FakeServer {
                 .add_service(WorkerServiceServer::new(services.clone()))
                 .add_service(ContentAddressableStorageServer::new(services.clone()))
                 .add_service(ActionCacheServer::new(services))
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                })
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
                 .await
                 .unwrap();
         });
-        FakeServer { addr, state, stop: Some(stop), task: Some(task) }
+        FakeServer {
+            addr,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub(crate) fn endpoint(&self) -> String {
@@ -282,7 +336,10 @@ impl FakeServer {
             let _ = stop.send(());
         }
         if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(2), &mut task)
+                .await
+                .is_err()
+            {
                 task.abort();
                 let _ = task.await;
             }

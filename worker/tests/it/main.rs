@@ -30,7 +30,10 @@ struct Running {
 impl Running {
     async fn drain(&mut self) -> Result<(), buildkube_worker::WorkerError> {
         let _ = self.drain.take().unwrap().send(());
-        tokio::time::timeout(WAIT, &mut self.task).await.expect("drained in time").unwrap()
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("drained in time")
+            .unwrap()
     }
 }
 
@@ -51,11 +54,21 @@ async fn start_worker(server: &FakeServer, extra: &[&str]) -> Running {
     let task = tokio::spawn(worker.run(async {
         let _ = drained.await;
     }));
-    Running { http, drain: Some(drain), task, _dir: dir }
+    Running {
+        http,
+        drain: Some(drain),
+        task,
+        _dir: dir,
+    }
 }
 
 fn file(name: &str, digest: Digest, executable: bool) -> reapi::FileNode {
-    reapi::FileNode { name: name.into(), digest: Some(digest.to_proto()), is_executable: executable, ..Default::default() }
+    reapi::FileNode {
+        name: name.into(),
+        digest: Some(digest.to_proto()),
+        is_executable: executable,
+        ..Default::default()
+    }
 }
 
 /// Input root: `in.txt`, executable `tool.sh`, `lib/data.txt`, symlink `link -> in.txt`.
@@ -70,8 +83,15 @@ fn input_root(state: &State) -> Digest {
             file("in.txt", state.put("input\n"), false),
             file("tool.sh", state.put("#!/bin/sh\necho tool ran\n"), true),
         ],
-        directories: vec![reapi::DirectoryNode { name: "lib".into(), digest: Some(lib_digest.to_proto()) }],
-        symlinks: vec![reapi::SymlinkNode { name: "link".into(), target: "in.txt".into(), ..Default::default() }],
+        directories: vec![reapi::DirectoryNode {
+            name: "lib".into(),
+            digest: Some(lib_digest.to_proto()),
+        }],
+        symlinks: vec![reapi::SymlinkNode {
+            name: "link".into(),
+            target: "in.txt".into(),
+            ..Default::default()
+        }],
         ..Default::default()
     })
 }
@@ -87,7 +107,14 @@ struct Spec<'a> {
 
 impl Default for Spec<'_> {
     fn default() -> Self {
-        Spec { script: "true", output_files: &[], output_directories: &[], timeout_secs: 0, do_not_cache: false, input_root: None }
+        Spec {
+            script: "true",
+            output_files: &[],
+            output_directories: &[],
+            timeout_secs: 0,
+            do_not_cache: false,
+            input_root: None,
+        }
     }
 }
 
@@ -95,15 +122,29 @@ impl Default for Spec<'_> {
 fn enqueue(state: &State, spec: Spec<'_>) -> (String, Digest) {
     let command = reapi::Command {
         arguments: vec!["sh".into(), "-c".into(), spec.script.into()],
-        environment_variables: vec![EnvironmentVariable { name: "PATH".into(), value: "/usr/bin:/bin".into() }],
+        environment_variables: vec![EnvironmentVariable {
+            name: "PATH".into(),
+            value: "/usr/bin:/bin".into(),
+        }],
         output_files: spec.output_files.iter().map(|s| s.to_string()).collect(),
-        output_directories: spec.output_directories.iter().map(|s| s.to_string()).collect(),
+        output_directories: spec
+            .output_directories
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         ..Default::default()
     };
     let action = reapi::Action {
         command_digest: Some(state.put_message(&command).to_proto()),
-        input_root_digest: Some(spec.input_root.unwrap_or_else(|| input_root(state)).to_proto()),
-        timeout: (spec.timeout_secs > 0).then_some(buildkube_proto::prost_types::Duration { seconds: spec.timeout_secs, nanos: 0 }),
+        input_root_digest: Some(
+            spec.input_root
+                .unwrap_or_else(|| input_root(state))
+                .to_proto(),
+        ),
+        timeout: (spec.timeout_secs > 0).then_some(buildkube_proto::prost_types::Duration {
+            seconds: spec.timeout_secs,
+            nanos: 0,
+        }),
         do_not_cache: spec.do_not_cache,
         ..Default::default()
     };
@@ -115,7 +156,10 @@ fn enqueue(state: &State, spec: Spec<'_>) -> (String, Digest) {
         action_digest: Some(action_digest.to_proto()),
         action: Some(action),
         command: Some(command),
-        keep_alive_interval: Some(buildkube_proto::prost_types::Duration { seconds: 0, nanos: 200_000_000 }),
+        keep_alive_interval: Some(buildkube_proto::prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
         attempt: 1,
     });
     (lease_id, action_digest)
@@ -140,20 +184,31 @@ fn error_of(complete: &CompleteRequest) -> &rpc::Status {
 }
 
 fn text(state: &State, digest: &Option<reapi::Digest>) -> String {
-    String::from_utf8(state.blob(digest.as_ref().expect("digest set")).expect("blob uploaded").to_vec()).unwrap()
+    String::from_utf8(
+        state
+            .blob(digest.as_ref().expect("digest set"))
+            .expect("blob uploaded")
+            .to_vec(),
+    )
+    .unwrap()
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -177,12 +232,20 @@ async fn runs_an_action_from_lease_to_complete() {
     assert_eq!(complete.lease_id, lease_id);
     assert_eq!(complete.worker.as_ref().unwrap().worker_id, "test-worker");
     let result = result_of(complete);
-    assert_eq!(result.exit_code, 0, "stderr: {}", text(&state, &result.stderr_digest));
+    assert_eq!(
+        result.exit_code,
+        0,
+        "stderr: {}",
+        text(&state, &result.stderr_digest)
+    );
     assert_eq!(text(&state, &result.stdout_digest), "tool ran\n");
     assert_eq!(text(&state, &result.stderr_digest), "err\n");
     assert_eq!(result.output_files.len(), 1);
     assert_eq!(result.output_files[0].path, "out/copy.txt");
-    assert_eq!(text(&state, &result.output_files[0].digest), "input\ninput\ndata\n");
+    assert_eq!(
+        text(&state, &result.output_files[0].digest),
+        "input\ninput\ndata\n"
+    );
 
     let dir = &result.output_directories[0];
     assert_eq!(dir.path, "dir");
@@ -200,24 +263,51 @@ async fn runs_an_action_from_lease_to_complete() {
     for (name, ts) in [
         ("worker_start", &metadata.worker_start_timestamp),
         ("input_fetch_start", &metadata.input_fetch_start_timestamp),
-        ("input_fetch_completed", &metadata.input_fetch_completed_timestamp),
+        (
+            "input_fetch_completed",
+            &metadata.input_fetch_completed_timestamp,
+        ),
         ("execution_start", &metadata.execution_start_timestamp),
-        ("execution_completed", &metadata.execution_completed_timestamp),
-        ("output_upload_start", &metadata.output_upload_start_timestamp),
-        ("output_upload_completed", &metadata.output_upload_completed_timestamp),
+        (
+            "execution_completed",
+            &metadata.execution_completed_timestamp,
+        ),
+        (
+            "output_upload_start",
+            &metadata.output_upload_start_timestamp,
+        ),
+        (
+            "output_upload_completed",
+            &metadata.output_upload_completed_timestamp,
+        ),
         ("worker_completed", &metadata.worker_completed_timestamp),
     ] {
         assert!(ts.is_some(), "{name} timestamp missing");
     }
-    assert!(cached_before_complete, "the action cache is written before Complete");
+    assert!(
+        cached_before_complete,
+        "the action cache is written before Complete"
+    );
     assert_eq!(state.action_cache.lock().unwrap()[&action_digest], *result);
 
     // Same inputs again: every file comes from the local cache.
-    enqueue(&state, Spec { script: "cat in.txt lib/data.txt", ..Default::default() });
+    enqueue(
+        &state,
+        Spec {
+            script: "cat in.txt lib/data.txt",
+            ..Default::default()
+        },
+    );
     let completed = state.wait_completed(2, WAIT).await;
-    assert_eq!(text(&state, &result_of(&completed[1].0).stdout_digest), "input\ndata\n");
+    assert_eq!(
+        text(&state, &result_of(&completed[1].0).stdout_digest),
+        "input\ndata\n"
+    );
     let (_, metrics) = http_get(worker.http, "/metrics").await;
-    assert!(metrics.contains(r#"buildkube_worker_file_cache_hits_total{worker="test-worker"} 3"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"buildkube_worker_file_cache_hits_total{worker="test-worker"} 3"#),
+        "{metrics}"
+    );
     assert!(metrics.contains(r#"outcome="success"} 2"#), "{metrics}");
     worker.drain().await.unwrap();
 }
@@ -229,44 +319,104 @@ async fn failures_and_bad_requests_become_clear_results() {
     let mut worker = start_worker(&server, &["--max-output-size=1000"]).await;
 
     // 1. Non-zero exit: a result, not cached.
-    let (failing, failing_digest) = enqueue(&state, Spec { script: "echo oops >&2; exit 3", ..Default::default() });
+    let (failing, failing_digest) = enqueue(
+        &state,
+        Spec {
+            script: "echo oops >&2; exit 3",
+            ..Default::default()
+        },
+    );
     // 2. An input blob the CAS lacks.
     let absent = Digest::of_bytes(b"never uploaded");
-    let root = state.put_message(&reapi::Directory { files: vec![file("gone.txt", absent, false)], ..Default::default() });
-    let (missing, _) = enqueue(&state, Spec { script: "cat gone.txt", input_root: Some(root), ..Default::default() });
+    let root = state.put_message(&reapi::Directory {
+        files: vec![file("gone.txt", absent, false)],
+        ..Default::default()
+    });
+    let (missing, _) = enqueue(
+        &state,
+        Spec {
+            script: "cat gone.txt",
+            input_root: Some(root),
+            ..Default::default()
+        },
+    );
     // 3. An output path escaping the working directory.
-    let (escaping, _) = enqueue(&state, Spec { output_files: &["../escape.txt"], ..Default::default() });
+    let (escaping, _) = enqueue(
+        &state,
+        Spec {
+            output_files: &["../escape.txt"],
+            ..Default::default()
+        },
+    );
     // 4. Outputs over the limit.
-    let (big, _) = enqueue(&state, Spec { script: "head -c 2000 /dev/zero > big", output_files: &["big"], ..Default::default() });
+    let (big, _) = enqueue(
+        &state,
+        Spec {
+            script: "head -c 2000 /dev/zero > big",
+            output_files: &["big"],
+            ..Default::default()
+        },
+    );
     // 5. do_not_cache.
-    let (uncached, uncached_digest) = enqueue(&state, Spec { script: "echo fine; :", do_not_cache: true, ..Default::default() });
+    let (uncached, uncached_digest) = enqueue(
+        &state,
+        Spec {
+            script: "echo fine; :",
+            do_not_cache: true,
+            ..Default::default()
+        },
+    );
 
     let completed = state.wait_completed(5, WAIT).await;
-    let by_id = |id: &str| completed.iter().find(|(c, _)| c.lease_id == id).map(|(c, _)| c.clone()).unwrap();
+    let by_id = |id: &str| {
+        completed
+            .iter()
+            .find(|(c, _)| c.lease_id == id)
+            .map(|(c, _)| c.clone())
+            .unwrap()
+    };
 
     let failed = by_id(&failing);
     assert_eq!(result_of(&failed).exit_code, 3);
     assert_eq!(text(&state, &result_of(&failed).stderr_digest), "oops\n");
-    assert!(!state.action_cache.lock().unwrap().contains_key(&failing_digest));
+    assert!(!state
+        .action_cache
+        .lock()
+        .unwrap()
+        .contains_key(&failing_digest));
 
     let status = error_of(&by_id(&missing)).clone();
     assert_eq!(status.code, tonic::Code::FailedPrecondition as i32);
-    assert_eq!(status.details[0].type_url, "type.googleapis.com/google.rpc.PreconditionFailure");
+    assert_eq!(
+        status.details[0].type_url,
+        "type.googleapis.com/google.rpc.PreconditionFailure"
+    );
     let failure = rpc::PreconditionFailure::decode(status.details[0].value.as_slice()).unwrap();
     assert_eq!(failure.violations.len(), 1);
     assert_eq!(failure.violations[0].r#type, "MISSING");
-    assert_eq!(failure.violations[0].subject, format!("blobs/{}/{}", absent.hash_hex(), absent.size()));
+    assert_eq!(
+        failure.violations[0].subject,
+        format!("blobs/{}/{}", absent.hash_hex(), absent.size())
+    );
 
     let status = error_of(&by_id(&escaping)).clone();
     assert_eq!(status.code, tonic::Code::InvalidArgument as i32);
-    assert!(status.message.contains("../escape.txt"), "{}", status.message);
+    assert!(
+        status.message.contains("../escape.txt"),
+        "{}",
+        status.message
+    );
 
     let status = error_of(&by_id(&big)).clone();
     assert_eq!(status.code, tonic::Code::ResourceExhausted as i32);
     assert!(status.message.contains("big"), "{}", status.message);
 
     assert_eq!(result_of(&by_id(&uncached)).exit_code, 0);
-    assert!(!state.action_cache.lock().unwrap().contains_key(&uncached_digest));
+    assert!(!state
+        .action_cache
+        .lock()
+        .unwrap()
+        .contains_key(&uncached_digest));
     worker.drain().await.unwrap();
 }
 
@@ -275,7 +425,14 @@ async fn timeout_reports_deadline_exceeded_with_partial_output() {
     let server = FakeServer::start().await;
     let state = server.state.clone();
     let mut worker = start_worker(&server, &[]).await;
-    enqueue(&state, Spec { script: "echo partial; sleep 100 & sleep 100", timeout_secs: 1, ..Default::default() });
+    enqueue(
+        &state,
+        Spec {
+            script: "echo partial; sleep 100 & sleep 100",
+            timeout_secs: 1,
+            ..Default::default()
+        },
+    );
     let completed = state.wait_completed(1, WAIT).await;
     let status = error_of(&completed[0].0);
     assert_eq!(status.code, tonic::Code::DeadlineExceeded as i32);
@@ -296,12 +453,21 @@ async fn abandoned_leases_are_killed_and_not_reported() {
     let mut worker = start_worker(&server, &[]).await;
     let marker = format!("{}", 200_000 + std::process::id());
     let script = format!("sleep {marker}");
-    let (lease_id, _) = enqueue(&state, Spec { script: &script, ..Default::default() });
+    let (lease_id, _) = enqueue(
+        &state,
+        Spec {
+            script: &script,
+            ..Default::default()
+        },
+    );
     wait_for(|| running_with(&format!("sleep {marker}"))).await;
     state.abandon.lock().unwrap().insert(lease_id);
     wait_for(|| !running_with(&format!("sleep {marker}"))).await;
     wait_for_async(|| async {
-        http_get(worker.http, "/metrics").await.1.contains(r#"outcome="abandoned"} 1"#)
+        http_get(worker.http, "/metrics")
+            .await
+            .1
+            .contains(r#"outcome="abandoned"} 1"#)
     })
     .await;
     assert!(state.completed.lock().unwrap().is_empty());
@@ -314,17 +480,36 @@ async fn drain_finishes_running_actions_and_reports_them() {
     let state = server.state.clone();
     let mut worker = start_worker(&server, &[]).await;
     assert_eq!(http_get(worker.http, "/readyz").await.0, 200);
-    let (lease_id, _) = enqueue(&state, Spec { script: "sleep 1; echo finished", ..Default::default() });
+    let (lease_id, _) = enqueue(
+        &state,
+        Spec {
+            script: "sleep 1; echo finished",
+            ..Default::default()
+        },
+    );
     wait_for(|| !state.keep_alives.lock().unwrap().is_empty()).await;
     let _ = worker.drain.take().unwrap().send(());
     wait_for_async(|| async { http_get(worker.http, "/readyz").await.0 == 503 }).await;
     // Queued work is not taken while draining.
-    enqueue(&state, Spec { script: "echo late", ..Default::default() });
-    tokio::time::timeout(WAIT, &mut worker.task).await.unwrap().unwrap().unwrap();
+    enqueue(
+        &state,
+        Spec {
+            script: "echo late",
+            ..Default::default()
+        },
+    );
+    tokio::time::timeout(WAIT, &mut worker.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let completed = state.completed.lock().unwrap().clone();
     assert_eq!(completed.len(), 1);
     assert_eq!(completed[0].0.lease_id, lease_id);
-    assert_eq!(text(&state, &result_of(&completed[0].0).stdout_digest), "finished\n");
+    assert_eq!(
+        text(&state, &result_of(&completed[0].0).stdout_digest),
+        "finished\n"
+    );
     assert_eq!(state.queue.lock().unwrap().len(), 1);
     assert!(state.keep_alives.lock().unwrap().iter().any(|k| k.draining));
 }
@@ -334,7 +519,13 @@ async fn drain_timeout_kills_and_reports_an_error() {
     let server = FakeServer::start().await;
     let state = server.state.clone();
     let mut worker = start_worker(&server, &["--drain-timeout-secs=1"]).await;
-    enqueue(&state, Spec { script: "echo started; sleep 100", ..Default::default() });
+    enqueue(
+        &state,
+        Spec {
+            script: "echo started; sleep 100",
+            ..Default::default()
+        },
+    );
     wait_for(|| !state.keep_alives.lock().unwrap().is_empty()).await;
     let begin = std::time::Instant::now();
     worker.drain().await.unwrap();
@@ -350,7 +541,13 @@ async fn results_survive_a_server_restart() {
     let mut server = FakeServer::start().await;
     let state = server.state.clone();
     let mut worker = start_worker(&server, &[]).await;
-    let (lease_id, _) = enqueue(&state, Spec { script: "sleep 2; echo survived", ..Default::default() });
+    let (lease_id, _) = enqueue(
+        &state,
+        Spec {
+            script: "sleep 2; echo survived",
+            ..Default::default()
+        },
+    );
     wait_for(|| !state.keep_alives.lock().unwrap().is_empty()).await;
     let addr = server.addr;
     server.stop().await;
@@ -359,9 +556,18 @@ async fn results_survive_a_server_restart() {
     let _server = FakeServer::start_on(addr, state.clone()).await;
     let completed = state.wait_completed(1, WAIT).await;
     assert_eq!(completed[0].0.lease_id, lease_id);
-    assert_eq!(text(&state, &result_of(&completed[0].0).stdout_digest), "survived\n");
+    assert_eq!(
+        text(&state, &result_of(&completed[0].0).stdout_digest),
+        "survived\n"
+    );
     // And new work is taken again.
-    enqueue(&state, Spec { script: "echo again", ..Default::default() });
+    enqueue(
+        &state,
+        Spec {
+            script: "echo again",
+            ..Default::default()
+        },
+    );
     state.wait_completed(2, WAIT).await;
     worker.drain().await.unwrap();
 }
@@ -390,11 +596,25 @@ async fn wait_for_async<F: std::future::Future<Output = bool>>(mut check: impl F
 fn running_with(marker: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
         let pid = entry.file_name();
-        let Some(pid) = pid.to_str().filter(|p| p.bytes().all(|b| b.is_ascii_digit())) else { return false };
+        let Some(pid) = pid
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return false;
+        };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(true);
-        !zombie && String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(marker)
+        !zombie
+            && String::from_utf8_lossy(&cmdline)
+                .replace('\0', " ")
+                .contains(marker)
     })
 }
