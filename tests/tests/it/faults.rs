@@ -214,19 +214,32 @@ fn worker_terminated_mid_build_drains() -> Result<()> {
 /// Execute and WaitExecution calls, the build succeeds.
 #[test]
 fn server_killed_and_restarted_mid_build() -> Result<()> {
+    server_restarted_mid_build(Server::kill_and_restart)
+}
+
+/// The same with a graceful stop (SIGTERM, as in a rolling update): the
+/// server must exit promptly although Bazel and the workers hold streams open.
+#[test]
+fn server_terminated_and_restarted_mid_build() -> Result<()> {
+    server_restarted_mid_build(Server::restart)
+}
+
+fn server_restarted_mid_build(restart: fn(&mut Server) -> Result<()>) -> Result<()> {
     let mut server = fault_server()?;
     let mut workers = [Worker::start(&server)?, Worker::start(&server)?];
     server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
     let bazel = Bazel::new()?;
     let args = build_args(&server);
 
-    let (run, running_at_crash) = build_during(&bazel, &args, || {
+    let (run, running_at_stop) = build_during(&bazel, &args, || {
         let running = poll_until("actions running", BUILD_START_TIMEOUT, || {
             let running = server.metric(METRIC_ACTIONS_RUNNING)?.unwrap_or(0.0);
             Ok((running >= 2.0).then_some(running))
         })?;
         let before = server.grpc_addr();
-        server.kill_and_restart()?;
+        let stopped = std::time::Instant::now();
+        restart(&mut server)?;
+        eprintln!("the server was back after {:?}", stopped.elapsed());
         ensure!(
             server.grpc_addr() == before,
             "the server came back on {} instead of {before}, where Bazel looks for it",
@@ -237,17 +250,17 @@ fn server_killed_and_restarted_mid_build() -> Result<()> {
     })?;
     ensure_good_build(&run, &bazel)?;
 
-    // The restarted server holds only what Bazel sent after the crash.
+    // The restarted server holds only what Bazel sent after the stop.
     let ops = server.operations()?;
     ensure!(
         ops.iter().any(|op| op.completed_by().is_some()),
-        "the restarted server ran no action: the build did not go on after the crash"
+        "the restarted server ran no action: the build did not go on after the stop"
     );
     for worker in &mut workers {
         ensure!(worker.is_running()?, "{} exited", worker.id());
     }
     eprintln!(
-        "{running_at_crash} action(s) were running at the crash; {} operation(s) after the restart",
+        "{running_at_stop} action(s) were running at the stop; {} operation(s) after the restart",
         ops.len()
     );
     Ok(())
