@@ -290,6 +290,7 @@ pub fn parse_platform_property(text: &str) -> Result<(String, String), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::field_reassign_with_default)] // each test states what differs from the defaults
 mod tests {
     use super::*;
 

@@ -51,7 +51,6 @@ impl Capabilities for CapabilitiesService {
                     as i32,
                 supported_compressors: vec![],
                 supported_batch_update_compressors: vec![],
-                ..Default::default()
             }),
             execution_capabilities: Some(reapi::ExecutionCapabilities {
                 digest_function: digest_function::Value::Sha256 as i32,
@@ -64,7 +63,6 @@ impl Capabilities for CapabilitiesService {
                 }),
                 supported_node_properties: vec![],
                 digest_functions: vec![digest_function::Value::Sha256 as i32],
-                ..Default::default()
             }),
             deprecated_api_version: None,
             low_api_version: Some(version(2, 0)),

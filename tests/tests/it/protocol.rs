@@ -367,7 +367,7 @@ async fn malformed_resource_names_are_rejected() {
         format!("main/blobs/{hash}"),
         format!("main/blobs/{hash}/five"),
         format!("main/blobs/{hash}/-5"),
-        format!("main/blobs/NOTAHASH/5"),
+        "main/blobs/NOTAHASH/5".to_string(),
         format!("main//blobs/{hash}/5"),
     ] {
         let status = c
