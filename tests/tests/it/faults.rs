@@ -267,8 +267,9 @@ fn server_restarted_mid_build(restart: fn(&mut Server) -> Result<()>) -> Result<
 }
 
 /// A worker's connection to the server cut (through a proxy) for longer
-/// than the lease timeout, then restored: its actions are requeued and run
-/// elsewhere, it reconnects on its own, the build succeeds.
+/// than the lease timeout, then restored: its actions are requeued (and run
+/// by whichever worker leases them next, itself included once it is back),
+/// it reconnects on its own, the build succeeds.
 #[test]
 fn worker_connection_cut_and_restored_mid_build() -> Result<()> {
     let server = fault_server()?;
