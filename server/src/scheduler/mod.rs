@@ -499,6 +499,10 @@ impl Scheduler {
     }
 
     fn summary(name: &str, op: &Operation) -> OperationSummary {
+        // Worker timestamps arrive with the result, after the server's own
+        // events: show everything in the order it happened.
+        let mut timeline = op.timeline.clone();
+        timeline.sort_by_key(|e| e.at_ms);
         OperationSummary {
             name: name.to_string(),
             instance: op.instance.clone(),
@@ -510,7 +514,7 @@ impl Scheduler {
                 Stage::Completed => "COMPLETED",
             },
             attempts: op.attempts,
-            timeline: op.timeline.clone(),
+            timeline,
         }
     }
 
