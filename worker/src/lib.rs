@@ -39,6 +39,7 @@ mod file_cache;
 mod fs_util;
 mod http;
 mod inputs;
+mod leftovers;
 mod metrics;
 mod outputs;
 mod runner;
@@ -253,6 +254,7 @@ impl Worker {
             tokio::task::spawn_blocking(move || -> std::io::Result<_> {
                 std::fs::create_dir_all(&dir)?;
                 let actions_dir = dir.join("actions");
+                leftovers::kill_leftover_actions(&actions_dir);
                 fs_util::remove_tree(&actions_dir)?;
                 std::fs::create_dir_all(&actions_dir)?;
                 let cache = FileCache::open(dir.join("cache"), max, metrics)?;
