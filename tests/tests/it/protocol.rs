@@ -1099,3 +1099,109 @@ async fn shutdown_ends_open_streams_with_unavailable() {
     let end = stream.next().await.unwrap().unwrap_err();
     assert_eq!(end.code(), Code::Unavailable, "{end:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_killed_mid_upload_keeps_stored_data_and_shows_no_partial_blob() {
+    let mut server = Server::start().unwrap();
+    let mut c = clients(&server, None);
+    let stored = b"stored before the crash";
+    upload(&mut c, &[stored]).await;
+    let action = Digest::of_bytes(b"action before the crash");
+    let result = reapi::ActionResult {
+        stdout_digest: Some(Digest::of_bytes(stored).to_proto()),
+        exit_code: 0,
+        ..Default::default()
+    };
+    c.ac.update_action_result(reapi::UpdateActionResultRequest {
+        instance_name: INSTANCE.into(),
+        action_digest: Some(action.to_proto()),
+        action_result: Some(result.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Half of a 2 MiB upload is on the server when it is SIGKILLed.
+    let big: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let big_digest = Digest::of_bytes(&big);
+    let name = format!(
+        "{INSTANCE}/uploads/crash/blobs/{}/{}",
+        big_digest.hash_hex(),
+        big_digest.size()
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut writer = c.bytestream.clone();
+    let upload_call = tokio::spawn(async move {
+        writer
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tx.send(WriteRequest {
+        resource_name: name.clone(),
+        write_offset: 0,
+        finish_write: false,
+        data: Bytes::copy_from_slice(&big[..1 << 20]),
+    })
+    .await
+    .unwrap();
+    let mut probe = c.bytestream.clone();
+    loop {
+        match probe
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            })
+            .await
+        {
+            Ok(status) if status.get_ref().committed_size == 1 << 20 => break,
+            _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+    let data_dir = server.data_dir().to_path_buf();
+    let restarted = tokio::task::spawn_blocking(move || {
+        server.kill_and_restart().unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    upload_call.abort();
+    drop(tx);
+    let tmp = data_dir.join("cas").join("tmp");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "no temp file survives a restart"
+    );
+    let mut c = clients(&restarted, None);
+    assert_eq!(
+        missing(&mut c, &[Digest::of_bytes(stored), big_digest]).await,
+        vec![big_digest.to_proto()]
+    );
+    let got =
+        c.ac.get_action_result(reapi::GetActionResultRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, result);
+    // The interrupted upload is gone; it starts over and completes.
+    let status = c
+        .bytestream
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let chunks: Vec<(i64, &[u8], bool)> = vec![
+        (0, &big[..1 << 20], false),
+        (1 << 20, &big[1 << 20..], true),
+    ];
+    c.bytestream
+        .write(futures::stream::iter(write_requests(&name, &chunks)))
+        .await
+        .unwrap();
+    assert!(missing(&mut c, &[big_digest]).await.is_empty());
+}
