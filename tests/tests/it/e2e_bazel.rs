@@ -226,3 +226,29 @@ fn one_process_farm_with_local_workers() -> Result<()> {
     test.ensure_success()?;
     fixture::check_test_outputs(&bazel)
 }
+
+/// Issue 4's sandboxed runner: with `runner=sandbox` as the actions' platform,
+/// every spawn runs under bubblewrap on the worker, and the build is the same.
+#[test]
+fn sandboxed_runner_builds_everything() -> Result<()> {
+    let (server, _worker) = farm()?;
+    let bazel = Bazel::new()?;
+    let flags = remote_execution_flags(&server);
+    let build = bazel.build(with(
+        &flags,
+        &[
+            "--remote_default_exec_properties=runner=sandbox",
+            ALL_TARGETS,
+        ],
+    ))?;
+    build.ensure_success()?;
+    ensure_all_remote(&build)?;
+    fixture::check_build_outputs(&bazel)?;
+    let operations = server.http_get("/operations?limit=1000")?;
+    ensure!(
+        operations.body.contains("runner=sandbox"),
+        "no operation ran with the sandbox platform: {}",
+        operations.body
+    );
+    Ok(())
+}
