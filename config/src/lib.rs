@@ -10,6 +10,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+pub mod storage;
+
 /// Default gRPC port of the server (REAPI and the worker protocol).
 pub const DEFAULT_GRPC_PORT: u16 = 8980;
 /// Default HTTP port of the server (`/healthz`, `/readyz`, `/metrics`, `/operations`).
@@ -108,8 +110,14 @@ pub struct ServerArgs {
     #[arg(long, env = "BUILDKUBE_LOCAL_WORKERS", default_value_t = 0)]
     pub local_workers: usize,
     /// CAS size budget; least recently used blobs are evicted beyond it.
+    /// (The default of a `filesystem` store's `max_size` in `--storage-config`.)
     #[arg(long, env = "BUILDKUBE_CAS_MAX_SIZE", default_value = "10GiB", value_parser = parse_byte_size)]
     pub cas_max_size: u64,
+    /// YAML file choosing the CAS and action cache stores (filesystem,
+    /// postgres, redis, read_cache, size_partitioned); see `storage::StorageConfig`.
+    /// Unset: both on the filesystem under --data-dir.
+    #[arg(long, env = "BUILDKUBE_STORAGE_CONFIG")]
+    pub storage_config: Option<PathBuf>,
     /// Seconds a worker may go without a keep-alive before its leases are requeued.
     #[arg(long, env = "BUILDKUBE_LEASE_TIMEOUT_SECS", default_value_t = 30)]
     pub lease_timeout_secs: u64,
@@ -154,6 +162,9 @@ impl ServerArgs {
         }
         if let Some(path) = &self.addr_file {
             args.push(format!("--addr-file={}", path.display()));
+        }
+        if let Some(path) = &self.storage_config {
+            args.push(format!("--storage-config={}", path.display()));
         }
         args
     }
@@ -300,6 +311,7 @@ mod tests {
         args.instances = vec!["main".into(), "ci".into()];
         args.auth_token_file = Some("/etc/buildkube/token".into());
         args.local_workers = 2;
+        args.storage_config = Some("/etc/buildkube/storage.yaml".into());
         let mut cmd = vec!["buildkube-server".to_string()];
         cmd.extend(args.to_args());
         assert_eq!(ServerArgs::try_parse_from(cmd).unwrap(), args);

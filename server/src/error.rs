@@ -16,8 +16,10 @@ impl From<StorageError> for Status {
             StorageError::TooLarge { .. } => Code::ResourceExhausted,
             e if e.is_disk_full() => Code::ResourceExhausted,
             StorageError::Io { .. } | StorageError::CorruptEntry { .. } => Code::Internal,
+            // The database or cache server is down or failing: clients retry.
+            StorageError::Backend { .. } => Code::Unavailable,
         };
-        if code == Code::Internal {
+        if matches!(code, Code::Internal | Code::Unavailable) {
             tracing::error!(%error, "storage failure");
         }
         Status::new(code, error.to_string())

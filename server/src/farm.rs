@@ -11,14 +11,14 @@ use crate::error::{bad_digest, missing_blobs_status, to_tonic};
 use crate::instances::Instances;
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
-use crate::storage::{FsActionCache, FsCas};
+use crate::storage::{ActionResultStore, SharedBlobStore};
 
 /// Shared state of one server.
 pub struct Farm {
     /// Blob storage (shared by all instances: content addressing makes that safe).
-    pub cas: FsCas,
+    pub cas: SharedBlobStore,
     /// Action results, per instance.
-    pub action_cache: FsActionCache,
+    pub action_cache: Arc<dyn ActionResultStore>,
     /// Operations and workers.
     pub scheduler: Arc<Scheduler>,
     /// Served instance names.
@@ -37,7 +37,7 @@ impl Farm {
         digest: &Digest,
         what: &str,
     ) -> Result<Option<M>, Status> {
-        let Some(data) = self.cas.read(digest).await? else {
+        let Some(data) = self.cas.get(digest).await? else {
             return Ok(None);
         };
         M::decode(data).map(Some).map_err(|e| {
@@ -95,7 +95,7 @@ impl Farm {
         }
         files.sort();
         files.dedup();
-        missing.extend(self.cas.find_missing(&files));
+        missing.extend(self.cas.find_missing(&files).await?);
         if missing.is_empty() {
             Ok(())
         } else {
@@ -129,6 +129,6 @@ impl Farm {
                 }
             }
         }
-        Ok(self.cas.find_missing(&wanted).is_empty())
+        Ok(self.cas.find_missing(&wanted).await?.is_empty())
     }
 }

@@ -3,7 +3,8 @@
 //! protocol and the scheduler behind it.
 //!
 //! Where things happen: bytes enter through [`service::CasService`] and
-//! [`service::ByteStreamService`] into [`storage::FsCas`]; actions are queued
+//! [`service::ByteStreamService`] into a [`storage::BlobStore`] (built by
+//! [`storage::factory`] from `--storage-config`); actions are queued
 //! by [`service::ExecutionService`] in [`scheduler::Scheduler`] and leased to
 //! workers through [`service::WorkerProtocolService`].
 
@@ -43,7 +44,6 @@ use crate::instances::Instances;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::service::MAX_GRPC_MESSAGE;
-use crate::storage::{FsActionCache, FsCas};
 
 /// Checks `authorization: Bearer TOKEN` on every gRPC call when a token is configured.
 fn auth_check(
@@ -93,11 +93,16 @@ pub async fn run(
     };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
-    let cas = FsCas::open(&args.data_dir.join("cas"), args.cas_max_size)
-        .await
-        .with_context(|| format!("opening the CAS in {}", args.data_dir.display()))?;
-    let action_cache = FsActionCache::open(&args.data_dir.join("action-cache"))
-        .with_context(|| format!("opening the action cache in {}", args.data_dir.display()))?;
+    let storage_config = match &args.storage_config {
+        Some(path) => {
+            buildkube_config::storage::StorageConfig::load(path).map_err(anyhow::Error::msg)?
+        }
+        None => buildkube_config::storage::StorageConfig::embedded(),
+    };
+    let storage::factory::Stores { cas, action_cache } =
+        storage::factory::open(&storage_config, &args.data_dir, args.cas_max_size)
+            .await
+            .context("opening storage (--storage-config)")?;
     let scheduler = Arc::new(Scheduler::new(SchedulerConfig {
         lease_timeout: Duration::from_secs(args.lease_timeout_secs.max(1)),
         max_attempts: args.max_attempts.max(1),

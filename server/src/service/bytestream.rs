@@ -9,15 +9,14 @@ use buildkube_proto::bytestream::{
 use buildkube_reapi::{ReadResource, WriteResource, BYTESTREAM_CHUNK};
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::bad_resource;
 use crate::farm::Farm;
 use crate::metrics::Metrics;
-use crate::storage::BlobWriter;
+use crate::storage::{contains, BlobSink};
 
-type Upload = Arc<Mutex<BlobWriter>>;
+type Upload = Arc<tokio::sync::Mutex<Box<dyn BlobSink>>>;
 
 /// An unfinished upload untouched this long is dropped (its temp file deleted).
 const UPLOAD_IDLE_LIMIT: Duration = Duration::from_secs(15 * 60);
@@ -39,24 +38,29 @@ impl ByteStreamService {
         }
     }
 
-    fn upload_for(&self, name: &str, resource: &WriteResource) -> Result<Upload, Status> {
-        let mut uploads = self.uploads.lock().unwrap();
+    async fn upload_for(&self, name: &str, resource: &WriteResource) -> Result<Upload, Status> {
         let now = Instant::now();
-        uploads.retain(|name, (touched, _)| {
-            let keep = now.duration_since(*touched) < UPLOAD_IDLE_LIMIT;
-            if !keep {
-                tracing::info!(resource = %name, "dropping abandoned upload");
+        {
+            let mut uploads = self.uploads.lock().unwrap();
+            uploads.retain(|name, (touched, _)| {
+                let keep = now.duration_since(*touched) < UPLOAD_IDLE_LIMIT;
+                if !keep {
+                    tracing::info!(resource = %name, "dropping abandoned upload");
+                }
+                keep
+            });
+            if let Some((touched, upload)) = uploads.get_mut(name) {
+                *touched = now;
+                return Ok(upload.clone());
             }
-            keep
-        });
-        if let Some((touched, upload)) = uploads.get_mut(name) {
-            *touched = now;
-            return Ok(upload.clone());
         }
-        let writer = self.farm.cas.begin_write(resource.digest)?;
-        let upload = Arc::new(Mutex::new(writer));
-        uploads.insert(name.to_string(), (now, upload.clone()));
-        Ok(upload)
+        let writer = self.farm.cas.begin_write(resource.digest).await?;
+        let mut uploads = self.uploads.lock().unwrap();
+        // Another stream for the same name may have started meanwhile: share its upload.
+        let (_, upload) = uploads
+            .entry(name.to_string())
+            .or_insert_with(|| (now, Arc::new(tokio::sync::Mutex::new(writer))));
+        Ok(upload.clone())
     }
 
     async fn write_inner(
@@ -71,14 +75,14 @@ impl ByteStreamService {
         let resource = WriteResource::parse(&name).map_err(bad_resource)?;
         self.farm.instances.check(&resource.instance)?;
         let digest = resource.digest;
-        if self.farm.cas.contains(&digest) {
+        if contains(&*self.farm.cas, &digest).await? {
             // Already stored: the client may stop sending.
             self.uploads.lock().unwrap().remove(&name);
             return Ok(WriteResponse {
                 committed_size: digest.size() as i64,
             });
         }
-        let upload = self.upload_for(&name, &resource)?;
+        let upload = self.upload_for(&name, &resource).await?;
         let mut request = Some(first);
         loop {
             let Some(message) = request.take() else { break };
@@ -89,10 +93,9 @@ impl ByteStreamService {
                 )));
             }
             let finish = message.finish_write;
-            let upload_for_chunk = upload.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                let mut writer = upload_for_chunk.lock().unwrap();
-                writer.append(message.write_offset, &message.data)?;
+            let outcome = async {
+                let mut writer = upload.lock().await;
+                writer.append(message.write_offset, message.data).await?;
                 if finish {
                     if writer.committed_size() != writer.digest().size() {
                         return Err(Status::invalid_argument(format!(
@@ -102,12 +105,11 @@ impl ByteStreamService {
                             writer.digest()
                         )));
                     }
-                    writer.commit()?;
+                    writer.commit().await?;
                 }
                 Ok::<_, Status>(())
-            })
-            .await
-            .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
+            }
+            .await;
             if let Err(status) = outcome {
                 // A bad chunk poisons the upload: start over from zero.
                 self.uploads.lock().unwrap().remove(&name);
@@ -123,7 +125,7 @@ impl ByteStreamService {
             request = stream.message().await?;
         }
         // The client went away without finishing: keep the upload for resumption.
-        let committed = upload.lock().unwrap().committed_size();
+        let committed = upload.lock().await.committed_size();
         Err(Status::invalid_argument(format!(
             "Write stream for {digest} ended at {committed} bytes without finish_write; resume with QueryWriteStatus"
         )))
@@ -157,7 +159,7 @@ impl ByteStream for ByteStreamService {
             )));
         }
         let available = size - request.read_offset;
-        let mut remaining = if request.read_limit == 0 {
+        let remaining = if request.read_limit == 0 {
             available
         } else {
             request.read_limit.min(available)
@@ -169,26 +171,35 @@ impl ByteStream for ByteStreamService {
                 },
             )]))));
         }
-        let Some(mut file) = self.farm.cas.open_read(&digest).await? else {
+        let Some(chunks) = self
+            .farm
+            .cas
+            .read(&digest, request.read_offset as u64, remaining)
+            .await?
+        else {
             Metrics::add(&self.farm.metrics.cas_misses, 1);
             return Err(Status::not_found(format!("blob {digest} not found")));
         };
         Metrics::add(&self.farm.metrics.cas_hits, 1);
-        file.seek(std::io::SeekFrom::Start(request.read_offset as u64))
-            .await
-            .map_err(|e| Status::internal(format!("seeking in blob {digest}: {e}")))?;
         let farm = self.farm.clone();
-        let stream = async_read_stream(
-            move || {
-                let chunk = remaining.min(BYTESTREAM_CHUNK as u64) as usize;
-                remaining -= chunk as u64;
-                chunk
-            },
-            file,
-            digest,
-            farm,
-        );
-        Ok(Response::new(stream))
+        let stream = chunks.flat_map(move |chunk| {
+            let responses: Vec<Result<ReadResponse, Status>> = match chunk {
+                Ok(chunk) => {
+                    Metrics::add(&farm.metrics.cas_bytes_read, chunk.len() as u64);
+                    (0..chunk.len())
+                        .step_by(BYTESTREAM_CHUNK)
+                        .map(|at| {
+                            Ok(ReadResponse {
+                                data: chunk.slice(at..(at + BYTESTREAM_CHUNK).min(chunk.len())),
+                            })
+                        })
+                        .collect()
+                }
+                Err(e) => vec![Err(Status::from(e))],
+            };
+            futures::stream::iter(responses)
+        });
+        Ok(Response::new(stream.boxed()))
     }
 
     #[tracing::instrument(skip_all)]
@@ -209,7 +220,7 @@ impl ByteStream for ByteStreamService {
         let name = request.into_inner().resource_name;
         let resource = WriteResource::parse(&name).map_err(bad_resource)?;
         self.farm.instances.check(&resource.instance)?;
-        if self.farm.cas.contains(&resource.digest) {
+        if contains(&*self.farm.cas, &resource.digest).await? {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: resource.digest.size() as i64,
                 complete: true,
@@ -223,7 +234,7 @@ impl ByteStream for ByteStreamService {
             .map(|(_, upload)| upload.clone());
         match upload {
             Some(upload) => Ok(Response::new(QueryWriteStatusResponse {
-                committed_size: upload.lock().unwrap().committed_size() as i64,
+                committed_size: upload.lock().await.committed_size() as i64,
                 complete: false,
             })),
             None => Err(Status::not_found(format!(
@@ -231,40 +242,4 @@ impl ByteStream for ByteStreamService {
             ))),
         }
     }
-}
-
-/// Streams chunks from `file`; `next_len` says how many bytes the next chunk has (0 = done).
-fn async_read_stream(
-    mut next_len: impl FnMut() -> usize + Send + 'static,
-    file: tokio::fs::File,
-    digest: buildkube_reapi::Digest,
-    farm: Arc<Farm>,
-) -> BoxStream<'static, Result<ReadResponse, Status>> {
-    futures::stream::unfold(Some(file), move |file| {
-        let len = next_len();
-        let farm = farm.clone();
-        async move {
-            let mut file = file?;
-            if len == 0 {
-                return None;
-            }
-            let mut buffer = vec![0u8; len];
-            match file.read_exact(&mut buffer).await {
-                Ok(_) => {
-                    Metrics::add(&farm.metrics.cas_bytes_read, len as u64);
-                    Some((
-                        Ok(ReadResponse {
-                            data: buffer.into(),
-                        }),
-                        Some(file),
-                    ))
-                }
-                Err(e) => Some((
-                    Err(Status::internal(format!("reading blob {digest}: {e}"))),
-                    None,
-                )),
-            }
-        }
-    })
-    .boxed()
 }

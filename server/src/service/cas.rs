@@ -93,7 +93,7 @@ impl ContentAddressableStorage for CasService {
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
         let digests = parse_digests(&request.blob_digests, "blob_digests")?;
-        let missing = self.farm.cas.find_missing(&digests);
+        let missing = self.farm.cas.find_missing(&digests).await?;
         Metrics::add(&self.farm.metrics.cas_misses, missing.len() as u64);
         Metrics::add(
             &self.farm.metrics.cas_hits,
@@ -139,7 +139,7 @@ impl ContentAddressableStorage for CasService {
         }
         let mut responses = Vec::with_capacity(digests.len());
         for (digest, wire) in digests.iter().zip(request.digests) {
-            let (data, status) = match self.farm.cas.read(digest).await {
+            let (data, status) = match self.farm.cas.get(digest).await {
                 Ok(Some(data)) => {
                     Metrics::add(&self.farm.metrics.cas_hits, 1);
                     Metrics::add(&self.farm.metrics.cas_bytes_read, digest.size());

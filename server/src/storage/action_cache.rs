@@ -7,7 +7,7 @@ use buildkube_proto::reapi::ActionResult;
 use buildkube_reapi::Digest;
 use prost::Message;
 
-use super::{write_atomically, StorageError};
+use super::{write_atomically, ActionResultStore, StorageError};
 
 /// Action results on the local file system, kept apart per instance name.
 #[derive(Clone)]
@@ -37,10 +37,12 @@ impl FsActionCache {
             .join(format!("i{}", hex::encode(instance)))
             .join(format!("{}-{}", action.hash_hex(), action.size()))
     }
+}
 
-    /// The stored result of `action` in `instance`, if any. A damaged entry is
-    /// removed and reported as absent.
-    pub async fn get(
+/// A damaged entry is removed and reported as absent.
+#[async_trait::async_trait]
+impl ActionResultStore for FsActionCache {
+    async fn get(
         &self,
         instance: &str,
         action: &Digest,
@@ -61,8 +63,7 @@ impl FsActionCache {
         }
     }
 
-    /// Stores the result of `action` in `instance`, replacing any previous one.
-    pub async fn put(
+    async fn put(
         &self,
         instance: &str,
         action: &Digest,
@@ -84,6 +85,15 @@ impl FsActionCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    crate::storage::conformance::action_store_conformance!(async {
+        let dir = tempfile::tempdir().unwrap();
+        let ac = FsActionCache::open(dir.path()).unwrap();
+        (
+            std::sync::Arc::new(ac) as std::sync::Arc<dyn ActionResultStore>,
+            dir,
+        )
+    });
 
     #[tokio::test]
     async fn round_trip_per_instance_and_survives_reopen() {

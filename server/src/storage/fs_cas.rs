@@ -10,13 +10,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use buildkube_reapi::{Digest, Hasher};
+use buildkube_reapi::Digest;
 use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::{write_atomically, StorageError};
-
-/// Blobs at most this large are verified inline; larger ones on a blocking thread.
-const INLINE_HASH_LIMIT: usize = 64 * 1024;
+use super::{
+    stream_slice, verify, write_atomically, BlobSink, BlobStore, BlobStream, StorageError,
+    UploadProgress, READ_CHUNK,
+};
 
 /// Content-addressable storage on the local file system.
 #[derive(Clone)]
@@ -160,29 +161,43 @@ impl FsCas {
             .join(format!("{hash}-{}", digest.size()))
     }
 
-    /// Bytes stored and blob count.
-    pub fn usage(&self) -> (u64, usize) {
-        let index = self.inner.index.lock().unwrap();
-        (index.total_bytes, index.entries.len())
-    }
-
     /// Whether the blob is present (the empty blob always is); marks it used.
-    pub fn contains(&self, digest: &Digest) -> bool {
+    fn contains(&self, digest: &Digest) -> bool {
         digest.is_empty_blob() || self.inner.index.lock().unwrap().touch(digest)
     }
 
-    /// The digests among `digests` that are not stored; marks the others used.
-    pub fn find_missing(&self, digests: &[Digest]) -> Vec<Digest> {
-        let mut index = self.inner.index.lock().unwrap();
-        digests
-            .iter()
-            .filter(|d| !d.is_empty_blob() && !index.touch(d))
-            .copied()
-            .collect()
+    fn forget(&self, digest: &Digest) {
+        self.inner.index.lock().unwrap().remove(digest);
     }
 
-    /// Reads a whole blob into memory; `None` if absent.
-    pub async fn read(&self, digest: &Digest) -> Result<Option<Bytes>, StorageError> {
+    fn check_budget(&self, digest: &Digest) -> Result<(), StorageError> {
+        if digest.size() > self.inner.budget {
+            return Err(StorageError::TooLarge {
+                digest: *digest,
+                what: "the filesystem CAS size budget",
+                limit: self.inner.budget,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a blob that is now on disk and evicts to stay within budget.
+    fn admit(&self, digest: Digest) {
+        let evicted = {
+            let mut index = self.inner.index.lock().unwrap();
+            index.insert(digest);
+            index.evict(self.inner.budget, &digest)
+        };
+        for old in evicted {
+            tracing::debug!(digest = %old, "evicting blob from CAS");
+            let _ = std::fs::remove_file(self.path_of(&old));
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobStore for FsCas {
+    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>, StorageError> {
         if digest.is_empty_blob() {
             return Ok(Some(Bytes::new()));
         }
@@ -206,46 +221,56 @@ impl FsCas {
         }
     }
 
-    /// Opens a blob for streaming reads; `None` if absent.
-    pub async fn open_read(
+    async fn read(
         &self,
         digest: &Digest,
-    ) -> Result<Option<tokio::fs::File>, StorageError> {
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<BlobStream>, StorageError> {
+        if digest.is_empty_blob() {
+            return Ok(Some(stream_slice(Bytes::new(), 0, 0)));
+        }
         if !self.contains(digest) {
             return Ok(None);
         }
         let path = self.path_of(digest);
-        match tokio::fs::File::open(&path).await {
-            Ok(file) => Ok(Some(file)),
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.forget(digest);
-                Ok(None)
+                return Ok(None);
             }
-            Err(e) => Err(StorageError::io("opening", &path)(e)),
-        }
-    }
-
-    fn forget(&self, digest: &Digest) {
-        self.inner.index.lock().unwrap().remove(digest);
-    }
-
-    /// Stores a blob after checking that `data` hashes to `digest`.
-    pub async fn put(&self, digest: Digest, data: Bytes) -> Result<(), StorageError> {
-        let actual = if data.len() <= INLINE_HASH_LIMIT {
-            Digest::of_bytes(&data)
-        } else {
-            let data = data.clone();
-            tokio::task::spawn_blocking(move || Digest::of_bytes(&data))
-                .await
-                .expect("hash task panicked")
+            Err(e) => return Err(StorageError::io("opening", &path)(e)),
         };
-        if actual != digest {
-            return Err(StorageError::DigestMismatch {
-                expected: digest,
-                actual,
-            });
-        }
-        if digest.is_empty_blob() || self.contains(&digest) {
+        let offset = offset.min(digest.size());
+        let remaining = len.min(digest.size() - offset);
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(StorageError::io("seeking in", &path))?;
+        let stream = futures::stream::unfold(
+            (Some(file), remaining, path),
+            |(file, remaining, path)| async move {
+                let mut file = file?;
+                if remaining == 0 {
+                    return None;
+                }
+                let len = remaining.min(READ_CHUNK as u64) as usize;
+                let mut buffer = vec![0u8; len];
+                match file.read_exact(&mut buffer).await {
+                    Ok(_) => Some((
+                        Ok(Bytes::from(buffer)),
+                        (Some(file), remaining - len as u64, path),
+                    )),
+                    Err(e) => Some((Err(StorageError::io("reading", &path)(e)), (None, 0, path))),
+                }
+            },
+        );
+        Ok(Some(Box::pin(stream)))
+    }
+
+    async fn put(&self, digest: Digest, data: Bytes) -> Result<(), StorageError> {
+        verify(digest, &data).await?;
+        if self.contains(&digest) {
             return Ok(());
         }
         self.check_budget(&digest)?;
@@ -262,127 +287,114 @@ impl FsCas {
         .expect("CAS write task panicked")
     }
 
-    fn check_budget(&self, digest: &Digest) -> Result<(), StorageError> {
-        if digest.size() > self.inner.budget {
-            return Err(StorageError::TooLarge {
-                digest: *digest,
-                budget: self.inner.budget,
-            });
-        }
-        Ok(())
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StorageError> {
+        let mut index = self.inner.index.lock().unwrap();
+        Ok(digests
+            .iter()
+            .filter(|d| !d.is_empty_blob() && !index.touch(d))
+            .copied()
+            .collect())
     }
 
-    /// Records a blob that is now on disk and evicts to stay within budget.
-    fn admit(&self, digest: Digest) {
-        let evicted = {
-            let mut index = self.inner.index.lock().unwrap();
-            index.insert(digest);
-            index.evict(self.inner.budget, &digest)
-        };
-        for old in evicted {
-            tracing::debug!(digest = %old, "evicting blob from CAS");
-            let _ = std::fs::remove_file(self.path_of(&old));
-        }
-    }
-
-    /// Starts a streaming write of `digest`.
-    pub fn begin_write(&self, digest: Digest) -> Result<BlobWriter, StorageError> {
+    async fn begin_write(&self, digest: Digest) -> Result<Box<dyn BlobSink>, StorageError> {
         self.check_budget(&digest)?;
         let tmp = self.inner.tmp_dir.join(uuid::Uuid::new_v4().to_string());
         let file = std::fs::File::create(&tmp).map_err(StorageError::io("creating", &tmp))?;
-        Ok(BlobWriter {
+        Ok(Box::new(FsBlobWriter {
             cas: self.clone(),
-            digest,
+            progress: UploadProgress::new(digest),
             tmp,
             file: Some(file),
-            hasher: Some(Hasher::new()),
-        })
+            published: false,
+        }))
+    }
+
+    fn usage(&self) -> Option<(u64, usize)> {
+        let index = self.inner.index.lock().unwrap();
+        Some((index.total_bytes, index.entries.len()))
     }
 }
 
 /// An upload in progress: bytes go to a temp file and become a blob only
-/// when [`BlobWriter::commit`] verifies them. Dropping it discards the upload.
-pub struct BlobWriter {
+/// when [`BlobSink::commit`] verifies them. Dropping it discards the upload.
+pub struct FsBlobWriter {
     cas: FsCas,
-    digest: Digest,
+    progress: UploadProgress,
     tmp: PathBuf,
+    /// `None` while a blocking write holds it, or after commit.
     file: Option<std::fs::File>,
-    hasher: Option<Hasher>,
+    published: bool,
 }
 
-impl BlobWriter {
-    /// Bytes received so far.
-    pub fn committed_size(&self) -> u64 {
-        self.hasher
-            .as_ref()
-            .map_or(self.digest.size(), Hasher::size)
+impl FsBlobWriter {
+    fn take_file(&mut self) -> Result<std::fs::File, StorageError> {
+        self.file.take().ok_or_else(|| StorageError::Io {
+            action: "writing (an earlier write was interrupted)",
+            path: self.tmp.display().to_string(),
+            source: std::io::Error::other("upload abandoned"),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobSink for FsBlobWriter {
+    fn digest(&self) -> Digest {
+        self.progress.digest()
     }
 
-    /// The blob being written.
-    pub fn digest(&self) -> Digest {
-        self.digest
+    fn committed_size(&self) -> u64 {
+        self.progress.committed_size()
     }
 
-    /// Appends `data`, which must start at `offset`. Blocking I/O: call from a blocking context
-    /// or with small chunks.
-    pub fn append(&mut self, offset: i64, data: &[u8]) -> Result<(), StorageError> {
-        let committed = self.committed_size();
-        if offset < 0 || offset as u64 != committed {
-            return Err(StorageError::BadOffset {
-                digest: self.digest,
-                offset,
-                committed,
-            });
-        }
-        let received = committed + data.len() as u64;
-        if received > self.digest.size() {
-            return Err(StorageError::TooLong {
-                digest: self.digest,
-                received,
-            });
-        }
-        let (Some(file), Some(hasher)) = (self.file.as_mut(), self.hasher.as_mut()) else {
-            return Ok(());
-        };
-        file.write_all(data)
-            .map_err(StorageError::io("writing", &self.tmp))?;
-        hasher.update(data);
+    async fn append(&mut self, offset: i64, data: Bytes) -> Result<(), StorageError> {
+        self.progress.check(offset, data.len())?;
+        let mut file = self.take_file()?;
+        let tmp = self.tmp.clone();
+        let (file, result) = tokio::task::spawn_blocking(move || {
+            let result = file.write_all(&data).map(|()| data);
+            (file, result)
+        })
+        .await
+        .expect("CAS write task panicked");
+        let data = result.map_err(StorageError::io("writing", &tmp))?;
+        self.file = Some(file);
+        self.progress.update(&data);
         Ok(())
     }
 
-    /// Verifies the digest, fsyncs and publishes the blob.
-    pub fn commit(&mut self) -> Result<(), StorageError> {
-        let (Some(file), Some(hasher)) = (self.file.take(), self.hasher.take()) else {
+    async fn commit(&mut self) -> Result<(), StorageError> {
+        if self.published {
             return Ok(());
-        };
-        let actual = hasher.finish();
-        if actual != self.digest {
+        }
+        if let Err(e) = self.progress.finish() {
+            self.file = None;
             let _ = std::fs::remove_file(&self.tmp);
-            return Err(StorageError::DigestMismatch {
-                expected: self.digest,
-                actual,
-            });
+            return Err(e);
         }
-        file.sync_all()
-            .map_err(StorageError::io("syncing", &self.tmp))?;
-        drop(file);
-        let path = self.cas.path_of(&self.digest);
-        let shard = path.parent().expect("blob path has a shard directory");
-        std::fs::create_dir_all(shard).map_err(StorageError::io("creating", shard))?;
-        std::fs::rename(&self.tmp, &path).map_err(StorageError::io("renaming into", &path))?;
-        self.cas.admit(self.digest);
+        let file = self.take_file()?;
+        let tmp = self.tmp.clone();
+        let cas = self.cas.clone();
+        let digest = self.progress.digest();
+        tokio::task::spawn_blocking(move || {
+            file.sync_all().map_err(StorageError::io("syncing", &tmp))?;
+            drop(file);
+            let path = cas.path_of(&digest);
+            let shard = path.parent().expect("blob path has a shard directory");
+            std::fs::create_dir_all(shard).map_err(StorageError::io("creating", shard))?;
+            std::fs::rename(&tmp, &path).map_err(StorageError::io("renaming into", &path))?;
+            cas.admit(digest);
+            Ok::<_, StorageError>(())
+        })
+        .await
+        .expect("CAS commit task panicked")?;
+        self.published = true;
         Ok(())
-    }
-
-    /// Whether the blob has been committed.
-    pub fn is_committed(&self) -> bool {
-        self.hasher.is_none()
     }
 }
 
-impl Drop for BlobWriter {
+impl Drop for FsBlobWriter {
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if !self.published {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
@@ -399,62 +411,30 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn put_read_and_find_missing() {
+    crate::storage::conformance::blob_store_conformance!(async {
         let dir = tempfile::tempdir().unwrap();
-        let cas = FsCas::open(dir.path(), 1 << 20).await.unwrap();
-        let (d, data) = blob("hello");
-        assert_eq!(cas.find_missing(&[d, Digest::EMPTY]), vec![d]);
-        cas.put(d, data.clone()).await.unwrap();
-        assert_eq!(cas.read(&d).await.unwrap(), Some(data));
-        assert!(cas.find_missing(&[d]).is_empty());
-        assert_eq!(cas.read(&Digest::EMPTY).await.unwrap(), Some(Bytes::new()));
-    }
+        let cas = FsCas::open(dir.path(), 1 << 30).await.unwrap();
+        (
+            std::sync::Arc::new(cas) as crate::storage::SharedBlobStore,
+            dir,
+        )
+    });
 
     #[tokio::test]
-    async fn mismatched_upload_is_rejected_and_not_stored() {
+    async fn failed_streaming_writes_leave_no_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         let cas = FsCas::open(dir.path(), 1 << 20).await.unwrap();
-        let (d, _) = blob("hello");
-        let err = cas.put(d, Bytes::from_static(b"hellp")).await.unwrap_err();
-        assert!(matches!(err, StorageError::DigestMismatch { .. }));
-        assert_eq!(cas.read(&d).await.unwrap(), None);
-        assert_eq!(cas.usage(), (0, 0));
-    }
-
-    #[tokio::test]
-    async fn streaming_write_checks_offsets_length_and_digest() {
-        let dir = tempfile::tempdir().unwrap();
-        let cas = FsCas::open(dir.path(), 1 << 20).await.unwrap();
-        let (d, data) = blob("hello world");
-        let mut w = cas.begin_write(d).unwrap();
-        w.append(0, &data[..5]).unwrap();
+        let (d, _) = blob("expected");
+        let mut bad = cas.begin_write(d).await.unwrap();
+        bad.append(0, Bytes::from_static(b"unexpect"))
+            .await
+            .unwrap();
         assert!(matches!(
-            w.append(3, b"x"),
-            Err(StorageError::BadOffset { committed: 5, .. })
-        ));
-        assert!(matches!(
-            w.append(5, b" world and more"),
-            Err(StorageError::TooLong { .. })
-        ));
-        assert_eq!(
-            cas.read(&d).await.unwrap(),
-            None,
-            "partial blob must not be visible"
-        );
-        w.append(5, &data[5..]).unwrap();
-        w.commit().unwrap();
-        assert_eq!(cas.read(&d).await.unwrap(), Some(data));
-
-        let (d2, _) = blob("expected");
-        let mut bad = cas.begin_write(d2).unwrap();
-        bad.append(0, b"unexpect").unwrap();
-        assert!(matches!(
-            bad.commit(),
+            bad.commit().await,
             Err(StorageError::DigestMismatch { .. })
         ));
-        assert_eq!(cas.read(&d2).await.unwrap(), None);
-        drop(bad);
+        let abandoned = cas.begin_write(blob("abandoned").0).await.unwrap();
+        drop((bad, abandoned));
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
@@ -472,8 +452,8 @@ mod tests {
         cas.put(b, db).await.unwrap();
         assert!(cas.contains(&a)); // a is now more recent than b
         cas.put(c, dc).await.unwrap();
-        assert_eq!(cas.find_missing(&[a, b, c]), vec![b]);
-        assert_eq!(cas.usage(), (8, 2));
+        assert_eq!(cas.find_missing(&[a, b, c]).await.unwrap(), vec![b]);
+        assert_eq!(cas.usage(), Some((8, 2)));
         let (big, dbig) = blob("this is more than ten bytes");
         assert!(matches!(
             cas.put(big, dbig).await,
@@ -496,8 +476,8 @@ mod tests {
             std::fs::write(path, b"dam").unwrap();
         }
         let cas = FsCas::open(dir.path(), 1 << 20).await.unwrap();
-        assert_eq!(cas.read(&a).await.unwrap(), Some(da));
-        assert_eq!(cas.read(&b).await.unwrap(), None);
+        assert_eq!(cas.get(&a).await.unwrap(), Some(da));
+        assert_eq!(cas.get(&b).await.unwrap(), None);
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0

@@ -1,13 +1,111 @@
-//! Where bytes live: the content-addressable store and the action cache,
-//! both on local disk under the server's data directory.
+//! Where bytes live. Two narrow traits — [`BlobStore`] for the CAS and
+//! [`ActionResultStore`] for the action cache — with backends (filesystem,
+//! PostgreSQL, Redis) and decorators that wrap other stores (read cache,
+//! size partitioning). [`factory::open`] builds the tree from the typed
+//! `--storage-config`; every implementation passes the same conformance
+//! suite (`conformance.rs`).
 
 mod action_cache;
+pub mod factory;
 mod fs_cas;
+mod postgres;
+mod read_cache;
+mod redis_store;
+mod size_partitioned;
+
+#[cfg(test)]
+mod conformance;
+
+use std::sync::Arc;
 
 pub use action_cache::FsActionCache;
-pub use fs_cas::{BlobWriter, FsCas};
+pub use fs_cas::{FsBlobWriter, FsCas};
+pub use postgres::{PostgresActionCache, PostgresCas, PostgresPool};
+pub use read_cache::ReadCache;
+pub use redis_store::RedisActionCache;
+pub use size_partitioned::SizePartitioned;
 
-use buildkube_reapi::Digest;
+use buildkube_proto::reapi::ActionResult;
+use buildkube_reapi::{Digest, Hasher};
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+
+/// Blobs at most this large are verified inline; larger ones on a blocking thread.
+const INLINE_HASH_LIMIT: usize = 64 * 1024;
+
+/// Largest chunk a [`BlobStore::read`] stream yields.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Chunks of a blob read through [`BlobStore::read`].
+pub type BlobStream = BoxStream<'static, Result<Bytes, StorageError>>;
+
+/// Content-addressable blob storage. The empty blob is always present;
+/// a blob is visible only once fully written and verified.
+#[async_trait::async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// The whole blob; `None` if absent.
+    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>, StorageError>;
+
+    /// Bytes `offset..offset + len` of the blob (clipped to its size) as
+    /// chunks of at most [`READ_CHUNK`]; `None` if absent.
+    async fn read(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<BlobStream>, StorageError>;
+
+    /// Stores a blob after checking that `data` hashes to `digest`.
+    async fn put(&self, digest: Digest, data: Bytes) -> Result<(), StorageError>;
+
+    /// The digests among `digests` that are not stored, in their order.
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StorageError>;
+
+    /// Starts a streaming write of `digest`; nothing is visible until
+    /// [`BlobSink::commit`] has verified every byte.
+    async fn begin_write(&self, digest: Digest) -> Result<Box<dyn BlobSink>, StorageError>;
+
+    /// Bytes and blobs stored, when the store knows them cheaply.
+    fn usage(&self) -> Option<(u64, usize)> {
+        None
+    }
+}
+
+/// An upload in progress. Dropping it without a successful commit discards it.
+#[async_trait::async_trait]
+pub trait BlobSink: Send + Sync {
+    /// The blob being written.
+    fn digest(&self) -> Digest;
+    /// Bytes received so far.
+    fn committed_size(&self) -> u64;
+    /// Appends `data`, which must start at `offset` (= [`Self::committed_size`]).
+    async fn append(&mut self, offset: i64, data: Bytes) -> Result<(), StorageError>;
+    /// Verifies the digest and publishes the blob atomically.
+    async fn commit(&mut self) -> Result<(), StorageError>;
+}
+
+/// Action results, kept apart per instance name.
+#[async_trait::async_trait]
+pub trait ActionResultStore: Send + Sync + 'static {
+    /// The stored result of `action` in `instance`, if any.
+    async fn get(
+        &self,
+        instance: &str,
+        action: &Digest,
+    ) -> Result<Option<ActionResult>, StorageError>;
+    /// Stores the result of `action` in `instance`, replacing any previous one.
+    async fn put(
+        &self,
+        instance: &str,
+        action: &Digest,
+        result: &ActionResult,
+    ) -> Result<(), StorageError>;
+}
+
+/// Convenience over [`BlobStore::find_missing`] for one blob.
+pub async fn contains(store: &dyn BlobStore, digest: &Digest) -> Result<bool, StorageError> {
+    Ok(digest.is_empty_blob() || store.find_missing(&[*digest]).await?.is_empty())
+}
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +136,15 @@ pub enum StorageError {
         /// Bytes received so far.
         received: u64,
     },
-    /// The blob is larger than the whole CAS budget.
-    #[error("blob {digest} is larger than the CAS size budget of {budget} bytes")]
+    /// The blob is larger than a store accepts.
+    #[error("blob {digest} is larger than {what} of {limit} bytes")]
     TooLarge {
         /// Blob being written.
         digest: Digest,
-        /// Configured budget.
-        budget: u64,
+        /// The limit, e.g. "the CAS size budget" or "the postgres store's max_blob_size".
+        what: &'static str,
+        /// Configured limit.
+        limit: u64,
     },
     /// Disk I/O failed.
     #[error("{action} {path}: {source}")]
@@ -59,10 +159,20 @@ pub enum StorageError {
     /// A stored action result cannot be decoded.
     #[error("stored action result {path} is corrupt: {source}")]
     CorruptEntry {
-        /// The file.
+        /// The file or key.
         path: String,
         /// Decoder's complaint.
         source: prost::DecodeError,
+    },
+    /// An external store (database, cache server) failed or is unreachable.
+    #[error("{store}: {action}: {message}")]
+    Backend {
+        /// Which kind of store ("postgres", "redis").
+        store: &'static str,
+        /// What we were doing, naming the blob or entry.
+        action: String,
+        /// The client library's error.
+        message: String,
     },
 }
 
@@ -79,6 +189,18 @@ impl StorageError {
         }
     }
 
+    pub(crate) fn backend<E: std::fmt::Display>(
+        store: &'static str,
+        action: impl Into<String>,
+    ) -> impl FnOnce(E) -> StorageError {
+        let action = action.into();
+        move |e| StorageError::Backend {
+            store,
+            action,
+            message: e.to_string(),
+        }
+    }
+
     /// True when the disk is full.
     pub fn is_disk_full(&self) -> bool {
         matches!(self, StorageError::Io { source, .. } if source.raw_os_error() == Some(libc_enospc()))
@@ -87,6 +209,161 @@ impl StorageError {
 
 const fn libc_enospc() -> i32 {
     28
+}
+
+/// Checks that `data` hashes to `digest` (on a blocking thread when large).
+pub(crate) async fn verify(digest: Digest, data: &Bytes) -> Result<(), StorageError> {
+    let actual = if data.len() <= INLINE_HASH_LIMIT {
+        Digest::of_bytes(data)
+    } else {
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || Digest::of_bytes(&data))
+            .await
+            .expect("hash task panicked")
+    };
+    if actual != digest {
+        return Err(StorageError::DigestMismatch {
+            expected: digest,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// The bookkeeping every streaming write shares: offsets, length, hash.
+pub(crate) struct UploadProgress {
+    digest: Digest,
+    hasher: Option<Hasher>,
+}
+
+impl UploadProgress {
+    pub(crate) fn new(digest: Digest) -> UploadProgress {
+        UploadProgress {
+            digest,
+            hasher: Some(Hasher::new()),
+        }
+    }
+
+    pub(crate) fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// Bytes accepted so far (the full size once committed).
+    pub(crate) fn committed_size(&self) -> u64 {
+        self.hasher
+            .as_ref()
+            .map_or(self.digest.size(), Hasher::size)
+    }
+
+    pub(crate) fn is_committed(&self) -> bool {
+        self.hasher.is_none()
+    }
+
+    /// Checks that `len` bytes at `offset` continue the upload within its size.
+    pub(crate) fn check(&self, offset: i64, len: usize) -> Result<(), StorageError> {
+        let committed = self.committed_size();
+        if self.is_committed() || offset < 0 || offset as u64 != committed {
+            return Err(StorageError::BadOffset {
+                digest: self.digest,
+                offset,
+                committed,
+            });
+        }
+        let received = committed + len as u64;
+        if received > self.digest.size() {
+            return Err(StorageError::TooLong {
+                digest: self.digest,
+                received,
+            });
+        }
+        Ok(())
+    }
+
+    /// Hashes bytes that [`Self::check`] accepted and were stored.
+    pub(crate) fn update(&mut self, data: &[u8]) {
+        if let Some(hasher) = self.hasher.as_mut() {
+            hasher.update(data);
+        }
+    }
+
+    /// Ends hashing: Ok if everything received hashes to the digest.
+    pub(crate) fn finish(&mut self) -> Result<(), StorageError> {
+        let Some(hasher) = self.hasher.take() else {
+            return Ok(());
+        };
+        let actual = hasher.finish();
+        if actual != self.digest {
+            return Err(StorageError::DigestMismatch {
+                expected: self.digest,
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A store that can publish bytes already verified against their digest.
+#[async_trait::async_trait]
+pub(crate) trait PutVerified: Send + Sync + 'static {
+    async fn put_verified(&self, digest: Digest, data: Bytes) -> Result<(), StorageError>;
+}
+
+/// A streaming write for stores without a native one: bytes are held in
+/// memory (the store caps the size) and published in one put at commit.
+pub(crate) struct BufferedSink<S> {
+    store: S,
+    progress: UploadProgress,
+    buffer: BytesMut,
+}
+
+impl<S: PutVerified> BufferedSink<S> {
+    pub(crate) fn new(store: S, digest: Digest) -> BufferedSink<S> {
+        BufferedSink {
+            store,
+            progress: UploadProgress::new(digest),
+            buffer: BytesMut::new(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: PutVerified> BlobSink for BufferedSink<S> {
+    fn digest(&self) -> Digest {
+        self.progress.digest()
+    }
+
+    fn committed_size(&self) -> u64 {
+        self.progress.committed_size()
+    }
+
+    async fn append(&mut self, offset: i64, data: Bytes) -> Result<(), StorageError> {
+        self.progress.check(offset, data.len())?;
+        self.progress.update(&data);
+        self.buffer.extend_from_slice(&data);
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), StorageError> {
+        if self.progress.is_committed() {
+            return Ok(());
+        }
+        let result = self.progress.finish();
+        let data = std::mem::take(&mut self.buffer).freeze();
+        result?;
+        self.store.put_verified(self.progress.digest(), data).await
+    }
+}
+
+/// Slices a whole blob into a [`BlobStream`] of `offset..offset + len`.
+pub(crate) fn stream_slice(data: Bytes, offset: u64, len: u64) -> BlobStream {
+    let start = (offset as usize).min(data.len());
+    let end = start.saturating_add(len as usize).min(data.len());
+    let data = data.slice(start..end);
+    let chunks: Vec<Result<Bytes, StorageError>> = (0..data.len())
+        .step_by(READ_CHUNK)
+        .map(|at| Ok(data.slice(at..(at + READ_CHUNK).min(data.len()))))
+        .collect();
+    Box::pin(futures::stream::iter(chunks))
 }
 
 /// Writes `data` to `path` crash-safely: temp file in `tmp_dir`, fsync, rename.
@@ -109,3 +386,6 @@ pub(crate) fn write_atomically(
     }
     result
 }
+
+/// A shared handle is a store too, so decorators can hold `Arc<dyn BlobStore>`.
+pub type SharedBlobStore = Arc<dyn BlobStore>;
