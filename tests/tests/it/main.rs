@@ -5,5 +5,6 @@
 
 mod cancel;
 mod e2e_bazel;
+mod external_stores;
 mod faults;
 mod protocol;
