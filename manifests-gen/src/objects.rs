@@ -7,6 +7,10 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
+use buildkube_config::storage::{
+    FilesystemStore, PostgresStore, ReadCacheStore, RedisStore, SizePartitionedStore,
+    StorageConfig, StoreConfig,
+};
 use buildkube_config::{
     LogFormat, ServerArgs, WorkerArgs, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT,
     DEFAULT_WORKER_HTTP_PORT, HEALTHZ_PATH, READYZ_PATH,
@@ -79,6 +83,19 @@ pub const POSTGRES_PASSWORD_KEY: &str = "password";
 pub const POSTGRES_NAME: &str = "buildkube-postgres";
 /// Redis Deployment and Service.
 pub const REDIS_NAME: &str = "buildkube-redis";
+/// PostgreSQL role and database of the external stores.
+pub const POSTGRES_USER: &str = "buildkube";
+/// ConfigMap holding the server's `--storage-config` (key [`STORAGE_CONFIG_KEY`]).
+pub const STORAGE_CONFIGMAP: &str = "buildkube-storage";
+/// Key of the storage config in [`STORAGE_CONFIGMAP`].
+pub const STORAGE_CONFIG_KEY: &str = "storage.yaml";
+/// Where [`STORAGE_CONFIGMAP`] is mounted in the server.
+pub const STORAGE_MOUNT_DIR: &str = "/etc/buildkube/storage";
+/// Where [`POSTGRES_SECRET`] is mounted in the server.
+pub const POSTGRES_MOUNT_DIR: &str = "/etc/buildkube/postgres";
+/// Blobs up to this size go to PostgreSQL (behind the server's read cache);
+/// larger ones stay on the server's volume. Also PostgreSQL's `max_blob_size`.
+pub const POSTGRES_BLOB_LIMIT: u64 = 64 << 20;
 /// TLS Secret that cert-manager fills for the Ingress.
 pub const TLS_SECRET: &str = "buildkube-tls";
 /// Annotation that makes cert-manager issue [`TLS_SECRET`].
@@ -184,11 +201,12 @@ fn any_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
 }
 
-/// The server's flags; `auth` adds the token file.
+/// The server's flags; `auth` adds the token file, `external_stores` the
+/// storage config of [`external_storage_config`].
 // `..Default` keeps flags added to the binary later at their defaults until
 // the spec models them, even when every current field is set here.
 #[allow(clippy::needless_update)]
-pub fn server_args(spec: &StackSpec, auth: bool) -> ServerArgs {
+pub fn server_args(spec: &StackSpec, auth: bool, external_stores: bool) -> ServerArgs {
     ServerArgs {
         listen: any_addr(DEFAULT_GRPC_PORT),
         http_listen: any_addr(DEFAULT_HTTP_PORT),
@@ -202,6 +220,7 @@ pub fn server_args(spec: &StackSpec, auth: bool) -> ServerArgs {
         auth_token_file: auth.then(|| PathBuf::from(format!("{AUTH_MOUNT_DIR}/{AUTH_TOKEN_KEY}"))),
         log_format: log_format(spec),
         addr_file: None,
+        storage_config: external_stores.then(storage_config_path),
         // Flags added later keep the binary's defaults until the spec models them.
         ..ServerArgs::default()
     }
@@ -417,7 +436,7 @@ pub fn server_deployment(spec: &StackSpec) -> Deployment {
         name: SERVER_CONTAINER.into(),
         image: Some(SERVER_IMAGE.into()),
         image_pull_policy: Some("IfNotPresent".into()),
-        args: Some(server_args(spec, false).to_args()),
+        args: Some(server_args(spec, false, false).to_args()),
         ports: Some(vec![
             port(GRPC_PORT_NAME, DEFAULT_GRPC_PORT),
             port(HTTP_PORT_NAME, DEFAULT_HTTP_PORT),
@@ -828,6 +847,93 @@ fn exec_probe(command: &[&str], period: i32) -> Probe {
     }
 }
 
+/// Path of the server's `--storage-config` with external stores.
+pub fn storage_config_path() -> PathBuf {
+    PathBuf::from(format!("{STORAGE_MOUNT_DIR}/{STORAGE_CONFIG_KEY}"))
+}
+
+/// The server's stores with the `external-stores` component: blobs up to
+/// [`POSTGRES_BLOB_LIMIT`] in PostgreSQL behind a read cache on the server's
+/// volume, larger ones on that volume (half the CAS budget each); action
+/// results in Redis (entries expire after 7 days).
+pub fn external_storage_config(spec: &StackSpec) -> StorageConfig {
+    let budget = buildkube_config::parse_byte_size(&spec.server.cas_max_size)
+        .expect("validated: server.cas_max_size");
+    StorageConfig {
+        cas: StoreConfig::SizePartitioned(Box::new(SizePartitionedStore {
+            threshold: POSTGRES_BLOB_LIMIT,
+            small: StoreConfig::ReadCache(Box::new(ReadCacheStore {
+                cache: StoreConfig::Filesystem(FilesystemStore {
+                    path: "cas".into(),
+                    max_size: Some(budget / 2),
+                }),
+                backing: StoreConfig::Postgres(PostgresStore {
+                    url: format!(
+                        "postgres://{POSTGRES_USER}@{POSTGRES_NAME}:{POSTGRES_PORT}/{POSTGRES_USER}"
+                    ),
+                    password_file: Some(
+                        format!("{POSTGRES_MOUNT_DIR}/{POSTGRES_PASSWORD_KEY}").into(),
+                    ),
+                    pool_size: 8,
+                    max_blob_size: POSTGRES_BLOB_LIMIT,
+                }),
+            })),
+            large: StoreConfig::Filesystem(FilesystemStore {
+                path: "cas-large".into(),
+                max_size: Some(budget / 2),
+            }),
+        })),
+        action_cache: StoreConfig::Redis(RedisStore {
+            url: format!("redis://{REDIS_NAME}:{REDIS_PORT}/0"),
+            password_file: None,
+            key_prefix: "buildkube:".into(),
+            expire_after_secs: 7 * 24 * 3600,
+        }),
+    }
+}
+
+/// The ConfigMap with the server's storage config.
+pub fn storage_configmap(spec: &StackSpec) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(STORAGE_CONFIGMAP, server_selector()),
+        data: Some(BTreeMap::from([(
+            STORAGE_CONFIG_KEY.into(),
+            external_storage_config(spec).to_yaml(),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// Volumes and mounts the server needs for the external stores: the
+/// storage config and the PostgreSQL password.
+pub fn storage_volumes() -> Vec<(Volume, VolumeMount)> {
+    vec![
+        (
+            Volume {
+                name: "storage-config".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: STORAGE_CONFIGMAP.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            mount("storage-config", STORAGE_MOUNT_DIR, true),
+        ),
+        (
+            Volume {
+                name: "postgres-password".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(POSTGRES_SECRET.into()),
+                    default_mode: Some(0o440),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            mount("postgres-password", POSTGRES_MOUNT_DIR, true),
+        ),
+    ]
+}
+
 /// The postgres and redis images run as uid 999.
 const STORE_UID: i64 = 999;
 
@@ -840,8 +946,8 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
         image: Some(spec.external_stores.postgres_image.clone()),
         image_pull_policy: Some("IfNotPresent".into()),
         env: Some(vec![
-            env("POSTGRES_USER", "buildkube"),
-            env("POSTGRES_DB", "buildkube"),
+            env("POSTGRES_USER", POSTGRES_USER),
+            env("POSTGRES_DB", POSTGRES_USER),
             env("PGDATA", "/var/lib/postgresql/data/pgdata"),
             EnvVar {
                 name: "POSTGRES_PASSWORD".into(),
@@ -862,8 +968,8 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
-        readiness_probe: Some(exec_probe(&["pg_isready", "-U", "buildkube"], 10)),
-        liveness_probe: Some(exec_probe(&["pg_isready", "-U", "buildkube"], 30)),
+        readiness_probe: Some(exec_probe(&["pg_isready", "-U", POSTGRES_USER], 10)),
+        liveness_probe: Some(exec_probe(&["pg_isready", "-U", POSTGRES_USER], 30)),
         resources: Some(resources(&ResourcesSpec::default())),
         security_context: Some(container_security(false)),
         volume_mounts: Some(vec![

@@ -430,6 +430,24 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
     );
     let (pg, pg_service, pg_policy) = postgres(spec);
     let (redis, redis_service, redis_policy) = objects::redis(spec);
+    // The server reads its stores from the ConfigMap. The flag is appended
+    // here for overlays that keep the base's arguments; an overlay that
+    // replaces them (auth) renders it itself, from the same server_args.
+    let mut server_ops = vec![PatchOp::add(
+        "/spec/template/spec/containers/0/args/-",
+        format!(
+            "--storage-config={}",
+            objects::storage_config_path().display()
+        ),
+    )];
+    for (volume, mount) in objects::storage_volumes() {
+        server_ops.push(PatchOp::add("/spec/template/spec/volumes/-", volume));
+        server_ops.push(PatchOp::add(
+            "/spec/template/spec/containers/0/volumeMounts/-",
+            mount,
+        ));
+    }
+    let server_patch = "patches/server.yaml".to_string();
     component(
         tree,
         COMPONENT_EXTERNAL_STORES,
@@ -440,8 +458,18 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
             ("redis-deployment.yaml".into(), yaml(&redis)),
             ("redis-service.yaml".into(), yaml(&redis_service)),
             ("redis-networkpolicy.yaml".into(), yaml(&redis_policy)),
+            (
+                "storage-configmap.yaml".into(),
+                yaml(&objects::storage_configmap(spec)),
+            ),
         ],
-        (vec![], vec![]),
+        (
+            vec![PatchRef {
+                path: server_patch.clone(),
+                target: deployment_target(SERVER_NAME),
+            }],
+            vec![(server_patch, yaml(&server_ops))],
+        ),
     );
     let readme = render(
         env,
@@ -459,6 +487,8 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
             tls_secret => TLS_SECRET,
             postgres_secret => POSTGRES_SECRET,
             postgres_key => POSTGRES_PASSWORD_KEY,
+            storage_configmap => objects::STORAGE_CONFIGMAP,
+            postgres_blob_limit => objects::POSTGRES_BLOB_LIMIT,
         },
     );
     tree.insert("components/README.md", GeneratedFile::text(readme));
@@ -586,7 +616,7 @@ fn overlay_dir(
         let ops = vec![
             PatchOp::replace(
                 "/spec/template/spec/containers/0/args",
-                server_args(spec, true).to_args(),
+                server_args(spec, true, overlay.external_stores).to_args(),
             ),
             PatchOp::add("/spec/template/spec/volumes/-", volume),
             PatchOp::add("/spec/template/spec/containers/0/volumeMounts/-", mount),

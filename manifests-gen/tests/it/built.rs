@@ -295,6 +295,100 @@ fn file_source(
     Err(format!("{} is not on any mounted volume", path.display()))
 }
 
+/// With external stores, the server reads a storage config from a ConfigMap
+/// that parses, names the PostgreSQL and Redis Services, and takes the
+/// PostgreSQL password from its Secret; without them, the embedded default.
+fn storage_invariants(
+    built: &Built,
+    external_stores: bool,
+    server: &ServerArgs,
+    pod: &Value,
+    container: &Value,
+) -> Vec<String> {
+    use buildkube_config::storage::{StorageConfig, StoreConfig};
+    use manifests_gen::objects::{POSTGRES_NAME, POSTGRES_SECRET, REDIS_NAME};
+    let Some(path) = &server.storage_config else {
+        return if external_stores {
+            vec!["external stores, but the server has no --storage-config".into()]
+        } else {
+            vec![]
+        };
+    };
+    if !external_stores {
+        return vec![format!(
+            "--storage-config {} without external stores",
+            path.display()
+        )];
+    }
+    let (kind, name) = match file_source(built, pod, container, path) {
+        Ok(source) => source,
+        Err(e) => return vec![format!("server --storage-config: {e}")],
+    };
+    if kind != "ConfigMap" {
+        return vec![format!(
+            "--storage-config comes from {kind} {name}, not a ConfigMap"
+        )];
+    }
+    let key = path.file_name().unwrap().to_string_lossy();
+    let text = built.find(&kind, &name).unwrap()["data"][key.as_ref()]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let config = match StorageConfig::from_yaml(&text) {
+        Ok(config) => config,
+        Err(e) => return vec![format!("ConfigMap {name} {key} does not parse: {e}")],
+    };
+    let mut bad = Vec::new();
+    let (mut postgres, mut redis) = (0, 0);
+    let mut stack = vec![&config.cas, &config.action_cache];
+    while let Some(store) = stack.pop() {
+        match store {
+            StoreConfig::Filesystem(_) => {}
+            StoreConfig::Postgres(pg) => {
+                postgres += 1;
+                if !pg.url.contains(&format!("@{POSTGRES_NAME}:")) || pg.url.contains(":@") {
+                    bad.push(format!(
+                        "postgres url {} is not the {POSTGRES_NAME} Service, or carries a password",
+                        pg.url
+                    ));
+                }
+                // The same (hash-suffixed) Secret PostgreSQL takes its password from.
+                let db_secret = built.find("StatefulSet", POSTGRES_NAME).and_then(|db| {
+                    db["spec"]["template"]["spec"]["containers"][0]["env"]
+                        .as_array()?
+                        .iter()
+                        .find(|e| e["name"] == "POSTGRES_PASSWORD")
+                        .map(|e| str_of(&e["valueFrom"]["secretKeyRef"]["name"]).to_string())
+                });
+                match pg.password_file.as_ref().map(|p| file_source(built, pod, container, p)) {
+                    Some(Ok((kind, name)))
+                        if kind == "Secret" && Some(&name) == db_secret.as_ref() => {}
+                    other => bad.push(format!(
+                        "postgres password_file: {other:?}, want PostgreSQL's Secret {db_secret:?} ({POSTGRES_SECRET})"
+                    )),
+                }
+            }
+            StoreConfig::Redis(r) => {
+                redis += 1;
+                if !r.url.contains(&format!("//{REDIS_NAME}:")) {
+                    bad.push(format!(
+                        "redis url {} is not the {REDIS_NAME} Service",
+                        r.url
+                    ));
+                }
+            }
+            StoreConfig::ReadCache(rc) => stack.extend([&rc.cache, &rc.backing]),
+            StoreConfig::SizePartitioned(sp) => stack.extend([&sp.small, &sp.large]),
+        }
+    }
+    if postgres == 0 || redis == 0 {
+        bad.push(format!(
+            "storage config uses postgres {postgres}x, redis {redis}x: both stores should be used"
+        ));
+    }
+    bad
+}
+
 /// Every invariant over one built overlay; returns the violations.
 fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
     let mut bad = Vec::new();
@@ -518,6 +612,13 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
             Err(e) => bad.push(format!("server --auth-token-file: {e}")),
         }
     }
+    bad.extend(storage_invariants(
+        built,
+        overlay.is_some_and(|o| o.external_stores),
+        &server,
+        server_pod,
+        server_container,
+    ));
     let workers = built.containers(manifests_gen::objects::WORKER_IMAGE);
     assert_eq!(
         workers.len(),
