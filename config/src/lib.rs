@@ -124,6 +124,11 @@ pub struct ServerArgs {
     /// How many times an action is handed to a worker before it fails with an error.
     #[arg(long, env = "BUILDKUBE_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
+    /// Seconds an unfinished operation may go without any client watching it
+    /// (Execute or WaitExecution stream) before it is cancelled and its action
+    /// killed; clients that reconnect within it keep their action.
+    #[arg(long, env = "BUILDKUBE_ORPHAN_TIMEOUT_SECS", default_value_t = 60)]
+    pub orphan_timeout_secs: u64,
     /// File holding the bearer token clients and workers must send; no auth if unset.
     #[arg(long, env = "BUILDKUBE_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
@@ -155,6 +160,7 @@ impl ServerArgs {
             format!("--cas-max-size={}", self.cas_max_size),
             format!("--lease-timeout-secs={}", self.lease_timeout_secs),
             format!("--max-attempts={}", self.max_attempts),
+            format!("--orphan-timeout-secs={}", self.orphan_timeout_secs),
             format!("--log-format={}", self.log_format.as_arg()),
         ];
         if let Some(path) = &self.auth_token_file {

@@ -106,6 +106,7 @@ pub async fn run(
     let scheduler = Arc::new(Scheduler::new(SchedulerConfig {
         lease_timeout: Duration::from_secs(args.lease_timeout_secs.max(1)),
         max_attempts: args.max_attempts.max(1),
+        orphan_timeout: Duration::from_secs(args.orphan_timeout_secs.max(1)),
         ..Default::default()
     }));
     let (stop_tx, stop_rx) = watch::channel(false);

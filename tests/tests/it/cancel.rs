@@ -216,3 +216,53 @@ async fn cancel_operation_kills_the_process_group() {
         .await
         .unwrap();
 }
+
+/// A client that goes away (its Execute stream dropped, no WaitExecution)
+/// gets its action cancelled after --orphan-timeout-secs, and the worker
+/// kills the whole process group.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_going_away_stops_the_action() {
+    let server = Server::start_with(|args| {
+        args.lease_timeout_secs = 3;
+        args.orphan_timeout_secs = 2;
+    })
+    .unwrap();
+    let _worker = Worker::start(&server).unwrap();
+    server.wait_for_workers(1, PROCESS_TIMEOUT).unwrap();
+    let sleep = unique_sleep();
+    let action = upload_sleeping_action(&server, &sleep, None).await;
+    let channel = connect_channel(&server.worker_endpoint(), None).unwrap();
+    let mut stream = ExecutionClient::new(channel.clone())
+        .execute(reapi::ExecuteRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    tokio::task::spawn_blocking({
+        let sleep = sleep.clone();
+        move || wait_for_processes(&sleep, 2)
+    })
+    .await
+    .unwrap();
+    drop(stream);
+    drop(channel);
+    tokio::task::spawn_blocking(move || wait_for_processes(&sleep, 0))
+        .await
+        .unwrap();
+    let channel = connect_channel(&server.worker_endpoint(), None).unwrap();
+    let op = OperationsClient::new(channel)
+        .get_operation(longrunning::GetOperationRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(op.done, "{op:?}");
+    let status = response_of(&op).status.unwrap_or_default();
+    assert_eq!(status.code, Code::Cancelled as i32, "{status:?}");
+    assert!(status.message.contains("no client"), "{status:?}");
+}
