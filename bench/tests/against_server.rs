@@ -33,21 +33,23 @@ async fn dispatch_through_simulated_workers_loses_and_duplicates_nothing() {
     let report = bench(
         &server,
         &[
+            // Issue 4's load shape: 1,000 actions in flight at once
+            // through 50 worker connections (plus a warm-up).
             "dispatch",
             "--count",
-            "200",
+            "1000",
             "--warmup",
             "20",
             "--workers",
-            "10",
+            "50",
         ],
     )
     .await;
-    assert_eq!((report.ops, report.errors), (200, 0));
+    assert_eq!((report.ops, report.errors), (1000, 0));
     let counter = |name: &str| report.counters[name];
-    assert_eq!(counter("actions_sent"), 220);
-    assert_eq!(counter("leases"), 220);
-    assert_eq!(counter("completes"), 220);
+    assert_eq!(counter("actions_sent"), 1020);
+    assert_eq!(counter("leases"), 1020);
+    assert_eq!(counter("completes"), 1020);
     for zero in [
         "lost",
         "mismatched",
@@ -60,7 +62,7 @@ async fn dispatch_through_simulated_workers_loses_and_duplicates_nothing() {
     }
     assert_eq!(
         report.dispatch_latency.expect("dispatch latency").samples,
-        200
+        1000
     );
 }
 
