@@ -1205,3 +1205,76 @@ async fn server_killed_mid_upload_keeps_stored_data_and_shows_no_partial_blob() 
         .unwrap();
     assert!(missing(&mut c, &[big_digest]).await.is_empty());
 }
+
+/// A 1 MiB tmpfs for a server's data dir: a disk that fills up. Needs mount
+/// rights (root with CAP_SYS_ADMIN, as on CI); skipped loudly otherwise.
+struct TinyDisk(std::path::PathBuf);
+
+impl TinyDisk {
+    fn mount(path: &std::path::Path) -> Option<TinyDisk> {
+        std::fs::create_dir_all(path).ok()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| TinyDisk(path.to_path_buf()))
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_disk_is_resource_exhausted_and_stores_nothing_partial() {
+    let scratch = tempfile::tempdir().unwrap();
+    let Some(disk) = TinyDisk::mount(&scratch.path().join("disk")) else {
+        eprintln!(
+            "SKIPPED full_disk test: cannot mount a tmpfs here (needs root with mount rights)"
+        );
+        return;
+    };
+    let data_dir = disk.0.join("data");
+    let server = Server::start_with(|args| args.data_dir = data_dir.clone()).unwrap();
+    let mut c = clients(&server, None);
+    let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let d = Digest::of_bytes(&big);
+    let name = format!(
+        "{INSTANCE}/uploads/full/blobs/{}/{}",
+        d.hash_hex(),
+        d.size()
+    );
+    let chunks: Vec<(i64, &[u8], bool)> = big
+        .chunks(64 * 1024)
+        .enumerate()
+        .map(|(i, chunk)| {
+            (
+                (i * 64 * 1024) as i64,
+                chunk,
+                (i + 1) * 64 * 1024 >= big.len(),
+            )
+        })
+        .collect();
+    let status = c
+        .bytestream
+        .write(futures::stream::iter(write_requests(&name, &chunks)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("No space left"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(missing(&mut c, &[d]).await, vec![d.to_proto()]);
+    // The failed upload's temp file is gone, so small blobs still fit.
+    upload(&mut c, &[b"still room for this"]).await;
+    drop(server);
+}
