@@ -296,6 +296,44 @@ pub fn platform_label<'a>(properties: impl IntoIterator<Item = (&'a str, &'a str
         .join(",")
 }
 
+/// Path segments the REAPI reserves inside resource names, so an instance
+/// name must not contain them.
+pub const RESERVED_INSTANCE_SEGMENTS: &[&str] = &[
+    "blobs",
+    "uploads",
+    "actions",
+    "actionResults",
+    "operations",
+    "capabilities",
+    "compressed-blobs",
+];
+
+/// Checks a non-empty instance name: `/`-separated segments of ASCII letters,
+/// digits and `_.-`, none of them reserved by the REAPI. The server and
+/// manifests-gen both apply it, so a name the manifests accept is one the
+/// server serves.
+pub fn check_instance_name(name: &str) -> Result<(), String> {
+    let segment_ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    };
+    if !name.split('/').all(segment_ok) {
+        return Err(format!(
+            "`{name}` is not an instance name (segments of letters, digits, `_.-` separated by `/`)"
+        ));
+    }
+    if let Some(segment) = name
+        .split('/')
+        .find(|s| RESERVED_INSTANCE_SEGMENTS.contains(s))
+    {
+        return Err(format!(
+            "`{name}` contains `{segment}`, which REAPI reserves in resource names"
+        ));
+    }
+    Ok(())
+}
+
 /// Parses one `key=value` platform property.
 pub fn parse_platform_property(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
@@ -347,6 +385,16 @@ mod tests {
             "OSFamily=Linux,runner=sandbox"
         );
         assert_eq!(platform_label([]), "");
+    }
+
+    #[test]
+    fn instance_names() {
+        for good in ["main", "team/ci", "a.b-c_d"] {
+            assert!(check_instance_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "/main", "main/", "a//b", "x/blobs", "sp ace", "uploads"] {
+            assert!(check_instance_name(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

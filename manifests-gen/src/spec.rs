@@ -16,18 +16,6 @@ const RESERVED_OVERLAY_NAMES: &[&str] = &["base", "components"];
 /// subset of them (2^n platform labels).
 pub const MAX_POOL_PROPERTIES: usize = 8;
 
-/// Path segments that REAPI reserves inside resource names, so an instance
-/// name must not contain them.
-const RESERVED_INSTANCE_SEGMENTS: &[&str] = &[
-    "blobs",
-    "uploads",
-    "actions",
-    "actionResults",
-    "operations",
-    "capabilities",
-    "compressed-blobs",
-];
-
 /// A whole buildkube deployment: server, worker pools, add-ons, and the
 /// overlays generated from them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -913,22 +901,8 @@ impl Validator {
     }
 
     fn instance_name(&mut self, field: &str, name: &str) {
-        let re = Regex::new(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$").unwrap();
-        if !re.is_match(name) {
-            self.error(
-                field,
-                format!("`{name}` is not an instance name (segments of letters, digits, `_.-` separated by `/`)"),
-            );
-            return;
-        }
-        if let Some(segment) = name
-            .split('/')
-            .find(|s| RESERVED_INSTANCE_SEGMENTS.contains(s))
-        {
-            self.error(
-                field,
-                format!("`{name}` contains `{segment}`, which REAPI reserves in resource names"),
-            );
+        if let Err(message) = buildkube_config::check_instance_name(name) {
+            self.error(field, message);
         }
     }
 

@@ -13,49 +13,29 @@ pub struct Instances(BTreeSet<String>);
 #[error("--instance `{name}`: {reason}")]
 pub struct InstanceNameError {
     name: String,
-    reason: &'static str,
+    reason: String,
 }
-
-/// Path segments the REAPI reserves; an instance name may not contain them.
-const RESERVED: &[&str] = &[
-    "blobs",
-    "uploads",
-    "actions",
-    "actionResults",
-    "operations",
-    "capabilities",
-    "compressed-blobs",
-];
 
 impl Instances {
     /// Validates and collects instance names.
     pub fn new(names: &[String]) -> Result<Instances, InstanceNameError> {
         let mut set = BTreeSet::new();
         for name in names {
-            let error = |reason| InstanceNameError {
-                name: name.clone(),
-                reason,
-            };
-            if name.starts_with('/') || name.ends_with('/') || name.contains("//") {
-                return Err(error("must not start or end with '/' or contain '//'"));
-            }
-            if name.split('/').any(|s| RESERVED.contains(&s)) && !name.is_empty() {
-                return Err(error("contains a path segment the REAPI reserves (blobs, uploads, actions, operations, ...)"));
-            }
-            if !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-            {
-                return Err(error(
-                    "may contain only ASCII letters, digits, '-', '_', '.' and '/'",
-                ));
+            // The empty instance name is valid in the REAPI (no prefix).
+            if !name.is_empty() {
+                buildkube_config::check_instance_name(name).map_err(|reason| {
+                    InstanceNameError {
+                        name: name.clone(),
+                        reason,
+                    }
+                })?;
             }
             set.insert(name.clone());
         }
         if set.is_empty() {
             return Err(InstanceNameError {
                 name: String::new(),
-                reason: "at least one instance name is required",
+                reason: "at least one instance name is required".into(),
             });
         }
         Ok(Instances(set))
