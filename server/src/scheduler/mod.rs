@@ -340,7 +340,7 @@ impl Scheduler {
             &new.action_digest,
             execution_stage::Value::Queued,
         ));
-        tracing::info!(operation = %name, action = %new.action_digest, instance = %new.instance, %platform, "action queued");
+        tracing::debug!(operation = %name, action = %new.action_digest, instance = %new.instance, %platform, "action queued");
         let key = QueueKey {
             instance: new.instance.clone(),
             platform: platform.clone(),
@@ -672,7 +672,7 @@ impl Scheduler {
             keep_alive_interval: Some(duration_proto(keep_alive)),
             attempt: op.attempts,
         };
-        tracing::info!(operation = %name, action = %op.action_digest, worker = %worker.worker_id, attempt = op.attempts, "action assigned");
+        tracing::debug!(operation = %name, action = %op.action_digest, worker = %worker.worker_id, attempt = op.attempts, "action assigned");
         state.leases.insert(
             lease_id.clone(),
             LeaseRecord {
@@ -792,7 +792,7 @@ impl Scheduler {
                 if let Some(op) = state.operations.get_mut(&name) {
                     op.timeline.extend(worker_times);
                 }
-                tracing::info!(operation = %name, action = %digest, worker = worker_id, exit_code = result.exit_code, "action completed");
+                tracing::debug!(operation = %name, action = %digest, worker = worker_id, exit_code = result.exit_code, "action completed");
                 (
                     reapi::ExecuteResponse {
                         result: Some(result),
