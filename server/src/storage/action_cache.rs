@@ -7,7 +7,7 @@ use buildkube_proto::reapi::ActionResult;
 use buildkube_reapi::Digest;
 use prost::Message;
 
-use super::{write_atomically, ActionResultStore, StorageError};
+use super::{decode_stored_result, write_atomically, ActionResultStore, StorageError};
 
 /// Action results on the local file system, kept apart per instance name.
 #[derive(Clone)]
@@ -53,14 +53,11 @@ impl ActionResultStore for FsActionCache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StorageError::io("reading", &path)(e)),
         };
-        match ActionResult::decode(data.as_slice()) {
-            Ok(result) => Ok(Some(result)),
-            Err(source) => {
-                tracing::error!(%action, path = %path.display(), %source, "dropping corrupt action cache entry");
-                let _ = tokio::fs::remove_file(&path).await;
-                Ok(None)
-            }
+        let result = decode_stored_result(&data, action, &path.display().to_string());
+        if result.is_none() {
+            let _ = tokio::fs::remove_file(&path).await;
         }
+        Ok(result)
     }
 
     async fn put(

@@ -102,6 +102,23 @@ pub trait ActionResultStore: Send + Sync + 'static {
     ) -> Result<(), StorageError>;
 }
 
+/// Decodes a stored action result; a corrupt entry is logged and read as a
+/// miss (the action simply runs again), never as an error.
+pub(crate) fn decode_stored_result(
+    data: &[u8],
+    action: &Digest,
+    location: &str,
+) -> Option<ActionResult> {
+    use prost::Message as _;
+    match ActionResult::decode(data) {
+        Ok(result) => Some(result),
+        Err(source) => {
+            tracing::error!(%action, location, %source, "corrupt action result; reporting a miss");
+            None
+        }
+    }
+}
+
 /// Convenience over [`BlobStore::find_missing`] for one blob.
 pub async fn contains(store: &dyn BlobStore, digest: &Digest) -> Result<bool, StorageError> {
     Ok(digest.is_empty_blob() || store.find_missing(&[*digest]).await?.is_empty())

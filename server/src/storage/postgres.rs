@@ -24,8 +24,8 @@ use prost::Message;
 use tokio_postgres::{Client, NoTls};
 
 use super::{
-    stream_slice, verify, ActionResultStore, BlobSink, BlobStore, BlobStream, BufferedSink,
-    PutVerified, StorageError, READ_CHUNK,
+    decode_stored_result, stream_slice, verify, ActionResultStore, BlobSink, BlobStore, BlobStream,
+    BufferedSink, PutVerified, StorageError, READ_CHUNK,
 };
 
 /// Bytes per stored chunk. Part of the table layout: changing it makes
@@ -423,13 +423,11 @@ impl ActionResultStore for PostgresActionCache {
                 format!("reading the action result of {action} in {instance:?}"),
             ))?;
         let Some(row) = row else { return Ok(None) };
-        match ActionResult::decode(row.get::<_, &[u8]>(0)) {
-            Ok(result) => Ok(Some(result)),
-            Err(source) => {
-                tracing::error!(%action, instance, %source, "corrupt action result in PostgreSQL; reporting a miss");
-                Ok(None)
-            }
-        }
+        Ok(decode_stored_result(
+            row.get::<_, &[u8]>(0),
+            action,
+            &format!("PostgreSQL action cache, instance {instance:?}"),
+        ))
     }
 
     async fn put(

@@ -11,7 +11,7 @@ use prost::Message;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
-use super::{ActionResultStore, StorageError};
+use super::{decode_stored_result, ActionResultStore, StorageError};
 
 const STORE: &str = "redis";
 
@@ -80,13 +80,11 @@ impl ActionResultStore for RedisActionCache {
             .await
             .map_err(StorageError::backend(STORE, format!("GET {key}")))?;
         let Some(data) = data else { return Ok(None) };
-        match ActionResult::decode(data.as_slice()) {
-            Ok(result) => Ok(Some(result)),
-            Err(source) => {
-                tracing::error!(%action, key, %source, "corrupt action result in Redis; reporting a miss");
-                Ok(None)
-            }
-        }
+        Ok(decode_stored_result(
+            &data,
+            action,
+            &format!("Redis key {key}"),
+        ))
     }
 
     async fn put(
