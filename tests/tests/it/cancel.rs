@@ -6,18 +6,15 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use buildkube_proto::longrunning::operations_client::OperationsClient;
-use buildkube_proto::longrunning::{self, CancelOperationRequest};
+use buildkube_config::ServerArgs;
+use buildkube_proto::longrunning::{self, CancelOperationRequest, Operation};
 use buildkube_proto::reapi;
-use buildkube_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use buildkube_proto::reapi::execution_client::ExecutionClient;
-use buildkube_reapi::{connect_channel, Digest};
 use buildkube_tests::{poll_until, Server, Worker};
 use futures::StreamExt;
-use prost::Message;
-use tonic::Code;
+use tonic::{Code, Streaming};
 
-const INSTANCE: &str = "main";
+use crate::reapi_client::{execute, last_operation, response_of, upload_shell_action, Clients};
+
 /// How long the processes may take to show up, and to be gone.
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -62,78 +59,60 @@ fn processes_running(command: &str) -> usize {
         .count()
 }
 
-fn wait_for_processes(command: &str, count: usize) {
-    poll_until(
-        &format!("{count} `{command}` process(es)"),
-        PROCESS_TIMEOUT,
-        || Ok((processes_running(command) == count).then_some(())),
-    )
+/// Waits (on a blocking thread) until `count` `command` processes run.
+async fn wait_for_processes(command: &str, count: usize) {
+    let command = command.to_string();
+    tokio::task::spawn_blocking(move || {
+        poll_until(
+            &format!("{count} `{command}` process(es)"),
+            PROCESS_TIMEOUT,
+            || Ok((processes_running(&command) == count).then_some(())),
+        )
+        .unwrap()
+    })
+    .await
     .unwrap();
 }
 
-/// Uploads an action running `sh -c '<sleep> & <sleep>'` with `timeout`;
-/// returns its digest.
-async fn upload_sleeping_action(server: &Server, sleep: &str, timeout: Option<Duration>) -> Digest {
-    let root = reapi::Directory::default().encode_to_vec();
-    let command = reapi::Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), format!("{sleep} & {sleep}")],
-        environment_variables: vec![reapi::command::EnvironmentVariable {
-            name: "PATH".into(),
-            value: "/usr/bin:/bin".into(),
-        }],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action = reapi::Action {
-        command_digest: Some(Digest::of_bytes(&command).to_proto()),
-        input_root_digest: Some(Digest::of_bytes(&root).to_proto()),
-        timeout: timeout.map(|t| prost_types::Duration {
-            seconds: t.as_secs() as i64,
-            nanos: 0,
-        }),
-        do_not_cache: true,
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let channel = connect_channel(&server.worker_endpoint(), None).unwrap();
-    let mut cas = ContentAddressableStorageClient::new(channel);
-    let requests = [&root, &command, &action]
-        .into_iter()
-        .map(|blob| reapi::batch_update_blobs_request::Request {
-            digest: Some(Digest::of_bytes(blob).to_proto()),
-            data: bytes::Bytes::copy_from_slice(blob),
+/// Uploads and executes an action running `sh -c '<sleep> & <sleep>'` with
+/// `timeout`; returns its Execute stream.
+async fn execute_sleeping_action(
+    c: &mut Clients,
+    sleep: &str,
+    timeout: Option<Duration>,
+) -> Streaming<Operation> {
+    let action = upload_shell_action(
+        c,
+        &format!("{sleep} & {sleep}"),
+        &[],
+        reapi::Action {
+            timeout: timeout.map(|t| prost_types::Duration {
+                seconds: t.as_secs() as i64,
+                nanos: 0,
+            }),
+            do_not_cache: true,
             ..Default::default()
-        })
-        .collect();
-    let response = cas
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            instance_name: INSTANCE.into(),
-            requests,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    for answer in response.responses {
-        assert_eq!(answer.status.unwrap_or_default().code, 0);
-    }
-    Digest::of_bytes(&action)
+        },
+    )
+    .await;
+    execute(c, action).await
 }
 
-/// The `ExecuteResponse` of a finished operation.
-fn response_of(op: &longrunning::Operation) -> reapi::ExecuteResponse {
-    let Some(longrunning::operation::Result::Response(any)) = &op.result else {
-        panic!("no response in {op:?}");
-    };
-    reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap()
+/// A server (lease timeout 3 s, then `configure`) and one worker, connected.
+fn farm_with(configure: impl FnOnce(&mut ServerArgs)) -> (Server, Worker) {
+    let server = Server::start_with(|args| {
+        args.lease_timeout_secs = 3;
+        configure(args);
+    })
+    .unwrap();
+    let worker = Worker::start(&server).unwrap();
+    server.wait_for_workers(1, PROCESS_TIMEOUT).unwrap();
+    (server, worker)
 }
 
 /// A server and one worker, connected.
 fn farm() -> (Server, Worker) {
-    let server = Server::start_with(|args| args.lease_timeout_secs = 3).unwrap();
-    let worker = Worker::start(&server).unwrap();
-    server.wait_for_workers(1, PROCESS_TIMEOUT).unwrap();
-    (server, worker)
+    farm_with(|_| ())
 }
 
 /// An action past its `Action.timeout` ends DEADLINE_EXCEEDED with its
@@ -141,37 +120,17 @@ fn farm() -> (Server, Worker) {
 #[tokio::test(flavor = "multi_thread")]
 async fn action_timeout_kills_the_process_group() {
     let (server, _worker) = farm();
+    let mut c = Clients::connect(&server, None);
     let sleep = unique_sleep();
-    let action = upload_sleeping_action(&server, &sleep, Some(Duration::from_secs(2))).await;
-    let channel = connect_channel(&server.worker_endpoint(), None).unwrap();
-    let mut stream = ExecutionClient::new(channel)
-        .execute(reapi::ExecuteRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(action.to_proto()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stream = execute_sleeping_action(&mut c, &sleep, Some(Duration::from_secs(2))).await;
     // Both sleeps run before the deadline...
-    tokio::task::spawn_blocking({
-        let sleep = sleep.clone();
-        move || wait_for_processes(&sleep, 2)
-    })
-    .await
-    .unwrap();
-    let mut last = None;
-    while let Some(op) = stream.next().await {
-        last = Some(op.unwrap());
-    }
-    let last = last.expect("the stream ends with the operation");
+    wait_for_processes(&sleep, 2).await;
+    let last = last_operation(stream).await;
     assert!(last.done, "{last:?}");
     let status = response_of(&last).status.unwrap_or_default();
     assert_eq!(status.code, Code::DeadlineExceeded as i32, "{status:?}");
     // ...and neither survives it.
-    tokio::task::spawn_blocking(move || wait_for_processes(&sleep, 0))
-        .await
-        .unwrap();
+    wait_for_processes(&sleep, 0).await;
 }
 
 /// CancelOperation on a running action ends it CANCELLED and kills its
@@ -179,42 +138,22 @@ async fn action_timeout_kills_the_process_group() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_operation_kills_the_process_group() {
     let (server, _worker) = farm();
+    let mut c = Clients::connect(&server, None);
     let sleep = unique_sleep();
-    let action = upload_sleeping_action(&server, &sleep, None).await;
-    let channel = connect_channel(&server.worker_endpoint(), None).unwrap();
-    let mut stream = ExecutionClient::new(channel.clone())
-        .execute(reapi::ExecuteRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(action.to_proto()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = execute_sleeping_action(&mut c, &sleep, None).await;
     let first = stream.next().await.unwrap().unwrap();
-    tokio::task::spawn_blocking({
-        let sleep = sleep.clone();
-        move || wait_for_processes(&sleep, 2)
-    })
-    .await
-    .unwrap();
+    wait_for_processes(&sleep, 2).await;
 
-    OperationsClient::new(channel)
+    c.ops
         .cancel_operation(CancelOperationRequest {
             name: first.name.clone(),
         })
         .await
         .unwrap();
-    let mut last = None;
-    while let Some(op) = stream.next().await {
-        last = Some(op.unwrap());
-    }
-    let last = last.expect("the stream ends with the operation");
+    let last = last_operation(stream).await;
     let status = response_of(&last).status.unwrap_or_default();
     assert_eq!(status.code, Code::Cancelled as i32, "{status:?}");
-    tokio::task::spawn_blocking(move || wait_for_processes(&sleep, 0))
-        .await
-        .unwrap();
+    wait_for_processes(&sleep, 0).await;
 }
 
 /// A client that goes away (its Execute stream dropped, no WaitExecution)
@@ -222,39 +161,18 @@ async fn cancel_operation_kills_the_process_group() {
 /// kills the whole process group.
 #[tokio::test(flavor = "multi_thread")]
 async fn client_going_away_stops_the_action() {
-    let server = Server::start_with(|args| {
-        args.lease_timeout_secs = 3;
-        args.orphan_timeout_secs = 2;
-    })
-    .unwrap();
-    let _worker = Worker::start(&server).unwrap();
-    server.wait_for_workers(1, PROCESS_TIMEOUT).unwrap();
+    let (server, _worker) = farm_with(|args| args.orphan_timeout_secs = 2);
+    let mut c = Clients::connect(&server, None);
     let sleep = unique_sleep();
-    let action = upload_sleeping_action(&server, &sleep, None).await;
-    let channel = connect_channel(&server.worker_endpoint(), None).unwrap();
-    let mut stream = ExecutionClient::new(channel.clone())
-        .execute(reapi::ExecuteRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(action.to_proto()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = execute_sleeping_action(&mut c, &sleep, None).await;
     let first = stream.next().await.unwrap().unwrap();
-    tokio::task::spawn_blocking({
-        let sleep = sleep.clone();
-        move || wait_for_processes(&sleep, 2)
-    })
-    .await
-    .unwrap();
+    wait_for_processes(&sleep, 2).await;
     drop(stream);
-    drop(channel);
-    tokio::task::spawn_blocking(move || wait_for_processes(&sleep, 0))
-        .await
-        .unwrap();
-    let channel = connect_channel(&server.worker_endpoint(), None).unwrap();
-    let op = OperationsClient::new(channel)
+    drop(c);
+    wait_for_processes(&sleep, 0).await;
+    let mut c = Clients::connect(&server, None);
+    let op = c
+        .ops
         .get_operation(longrunning::GetOperationRequest {
             name: first.name.clone(),
         })

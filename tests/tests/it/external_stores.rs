@@ -8,14 +8,13 @@ use std::path::Path;
 use buildkube_config::storage::{
     FilesystemStore, PostgresStore, ReadCacheStore, RedisStore, StorageConfig, StoreConfig,
 };
-use buildkube_proto::reapi::action_cache_client::ActionCacheClient;
-use buildkube_proto::reapi::{self, GetActionResultRequest, UpdateActionResultRequest};
-use buildkube_reapi::{connect_channel, CasClient, Digest};
+use buildkube_proto::reapi;
+use buildkube_reapi::Digest;
 use buildkube_tests::Server;
 use bytes::Bytes;
 use futures::StreamExt;
 
-const INSTANCE: &str = "main";
+use crate::reapi_client::{get_action_result, update_action_result, Clients};
 
 fn env_url(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -83,8 +82,8 @@ async fn state_survives_a_fresh_data_dir(action_cache: StoreConfig) {
 
     let first = start(&config);
     {
-        let channel = connect_channel(&first.worker_endpoint(), None).unwrap();
-        let cas = CasClient::new(channel.clone(), INSTANCE);
+        let mut c = Clients::connect(&first, None);
+        let cas = c.cas_client();
         cas.upload_blobs(vec![small.clone()]).await.unwrap();
         let chunks: Vec<Result<Bytes, _>> = large
             .1
@@ -94,13 +93,7 @@ async fn state_survives_a_fresh_data_dir(action_cache: StoreConfig) {
         cas.write_bytestream(large.0, futures::stream::iter(chunks))
             .await
             .unwrap();
-        ActionCacheClient::new(channel)
-            .update_action_result(UpdateActionResultRequest {
-                instance_name: INSTANCE.into(),
-                action_digest: Some(action.to_proto()),
-                action_result: Some(result.clone()),
-                ..Default::default()
-            })
+        update_action_result(&mut c, action, result.clone())
             .await
             .unwrap();
     }
@@ -109,8 +102,8 @@ async fn state_survives_a_fresh_data_dir(action_cache: StoreConfig) {
 
     let second = start(&config);
     assert_ne!(second.data_dir(), first_data_dir);
-    let channel = connect_channel(&second.worker_endpoint(), None).unwrap();
-    let cas = CasClient::new(channel.clone(), INSTANCE);
+    let mut c = Clients::connect(&second, None);
+    let cas = c.cas_client();
     assert_eq!(
         cas.find_missing(&[small.0, large.0]).await.unwrap(),
         vec![],
@@ -125,15 +118,7 @@ async fn state_survives_a_fresh_data_dir(action_cache: StoreConfig) {
         tail.extend_from_slice(&chunk.unwrap());
     }
     assert_eq!(tail, large.1[offset as usize..offset as usize + 100]);
-    let got = ActionCacheClient::new(channel)
-        .get_action_result(GetActionResultRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(action.to_proto()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get_action_result(&mut c, action).await.unwrap();
     assert_eq!(got, result);
 }
 

@@ -117,6 +117,80 @@ fn names(ops: &[Operation]) -> Vec<String> {
     ops.iter().map(|op| op.name.clone()).collect()
 }
 
+/// Waits until at least two actions execute on `worker`, injects `fault`,
+/// and returns the names of the actions the server still sees executing on
+/// it then: at least one, else the error says `none_running`.
+fn fault_while_running(
+    server: &Server,
+    worker: &str,
+    fault: impl FnOnce() -> Result<()>,
+    none_running: &str,
+) -> Result<Vec<String>> {
+    wait_running_on(server, worker, 2)?;
+    fault()?;
+    let running = names(&running_on(server, worker)?);
+    ensure!(!running.is_empty(), "{none_running}");
+    Ok(running)
+}
+
+/// [`fault_while_running`] with the fault cutting `worker`'s link to the
+/// server, which runs through `proxy`.
+fn cut_while_running(server: &Server, proxy: &TcpProxy, worker: &str) -> Result<Vec<String>> {
+    fault_while_running(
+        server,
+        worker,
+        || {
+            proxy.cut();
+            Ok(())
+        },
+        "no action was running on the worker when its link was cut",
+    )
+}
+
+/// Ensures `expected` of each operation in `names`; the error says
+/// `unexpected(name)` and shows the timelines of all of `names`.
+fn ensure_each(
+    ops: &[Operation],
+    names: &[String],
+    expected: impl Fn(&Operation) -> bool,
+    unexpected: impl Fn(&str) -> String,
+) -> Result<()> {
+    for name in names {
+        let op = find(ops, name)?;
+        ensure!(
+            expected(op),
+            "{}:\n{}",
+            unexpected(name),
+            describe(ops, names)
+        );
+    }
+    Ok(())
+}
+
+/// Completed by `worker` and never requeued.
+fn completed_by_without_requeue(op: &Operation, worker: &str) -> bool {
+    op.completed_by() == Some(worker) && !op.timeline.iter().any(|e| e.event == EVENT_REQUEUED)
+}
+
+/// Prints how many of the operations `names` did `what`, with their timelines.
+fn report(ops: &[Operation], names: &[String], what: &str) {
+    eprintln!(
+        "{} action(s) {what}:\n{}",
+        names.len(),
+        describe(ops, names)
+    );
+}
+
+/// A worker connected through a proxy, which can cut it off, and one
+/// connected directly: `(proxy, through the proxy, direct)`, both connected.
+fn proxied_and_direct_workers(server: &Server) -> Result<(TcpProxy, Worker, Worker)> {
+    let proxy = TcpProxy::start(server.grpc_addr())?;
+    let proxied = Worker::start_with(server, |args| args.server = proxy.http_url())?;
+    let direct = Worker::start(server)?;
+    server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+    Ok((proxy, proxied, direct))
+}
+
 /// A worker SIGKILLed while it runs actions: the server requeues them after
 /// the lease timeout, the other worker runs them, the build succeeds.
 #[test]
@@ -129,33 +203,33 @@ fn worker_killed_mid_build() -> Result<()> {
     let bazel = Bazel::new()?;
 
     let (run, orphaned) = build_during(&bazel, &build_args(&server), || {
-        wait_running_on(&server, &victim_id, 2)?;
-        victim.kill()?;
-        // The victim is dead: whatever the server still sees running on it
-        // was cut off mid-run and can only finish by a requeue.
-        let orphaned = names(&running_on(&server, &victim_id)?);
-        ensure!(
-            !orphaned.is_empty(),
-            "no action was left running on the killed worker"
-        );
-        Ok(orphaned)
+        // Once the victim is dead, whatever the server still sees running on
+        // it was cut off mid-run and can only finish by a requeue.
+        fault_while_running(
+            &server,
+            &victim_id,
+            || victim.kill().map(drop),
+            "no action was left running on the killed worker",
+        )
     })?;
     ensure_good_build(&run, &bazel)?;
 
     let ops = server.operations()?;
-    for name in &orphaned {
-        let op = find(&ops, name)?;
-        ensure!(
-            op.has_event(EVENT_REQUEUED, &victim_id) && op.completed_by() == Some(survivor.id()),
-            "{name} should be requeued from {victim_id} and completed by {}:\n{}",
-            survivor.id(),
-            describe(&ops, &orphaned)
-        );
-    }
-    eprintln!(
-        "{} action(s) running on the killed worker were requeued and rerun:\n{}",
-        orphaned.len(),
-        describe(&ops, &orphaned)
+    ensure_each(
+        &ops,
+        &orphaned,
+        |op| op.has_event(EVENT_REQUEUED, &victim_id) && op.completed_by() == Some(survivor.id()),
+        |name| {
+            format!(
+                "{name} should be requeued from {victim_id} and completed by {}",
+                survivor.id()
+            )
+        },
+    )?;
+    report(
+        &ops,
+        &orphaned,
+        "running on the killed worker were requeued and rerun",
     );
     Ok(())
 }
@@ -172,14 +246,13 @@ fn worker_terminated_mid_build_drains() -> Result<()> {
     let bazel = Bazel::new()?;
 
     let (run, draining) = build_during(&bazel, &build_args(&server), || {
-        wait_running_on(&server, &leaver_id, 2)?;
-        leaver.send_sigterm()?;
         // Still running after the signal: these are what the drain must finish.
-        let draining = names(&running_on(&server, &leaver_id)?);
-        ensure!(
-            !draining.is_empty(),
-            "no action was running on the worker when it got SIGTERM"
-        );
+        let draining = fault_while_running(
+            &server,
+            &leaver_id,
+            || leaver.send_sigterm(),
+            "no action was running on the worker when it got SIGTERM",
+        )?;
         let status = leaver.terminate(DRAIN_TIMEOUT)?;
         ensure!(status.success(), "the drained worker exited with {status}");
         Ok(draining)
@@ -187,25 +260,18 @@ fn worker_terminated_mid_build_drains() -> Result<()> {
     ensure_good_build(&run, &bazel)?;
 
     let ops = server.operations()?;
-    for name in &draining {
-        let op = find(&ops, name)?;
-        ensure!(
-            op.completed_by() == Some(leaver_id.as_str())
-                && !op.timeline.iter().any(|e| e.event == EVENT_REQUEUED),
-            "{name} should be completed by the draining {leaver_id}, never requeued:\n{}",
-            describe(&ops, &draining)
-        );
-    }
+    ensure_each(
+        &ops,
+        &draining,
+        |op| completed_by_without_requeue(op, &leaver_id),
+        |name| format!("{name} should be completed by the draining {leaver_id}, never requeued"),
+    )?;
     let after_stop = ops
         .iter()
         .filter(|op| op.completed_by() == Some(stayer.id()))
         .count();
     ensure!(after_stop > 0, "the remaining worker completed nothing");
-    eprintln!(
-        "{} action(s) finished by the draining worker:\n{}",
-        draining.len(),
-        describe(&ops, &draining)
-    );
+    report(&ops, &draining, "finished by the draining worker");
     Ok(())
 }
 
@@ -273,21 +339,12 @@ fn server_restarted_mid_build(restart: fn(&mut Server) -> Result<()>) -> Result<
 #[test]
 fn worker_connection_cut_and_restored_mid_build() -> Result<()> {
     let server = fault_server()?;
-    let proxy = TcpProxy::start(server.grpc_addr())?;
-    let mut cut_off = Worker::start_with(&server, |args| args.server = proxy.http_url())?;
-    let _direct = Worker::start(&server)?;
-    server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+    let (proxy, mut cut_off, _direct) = proxied_and_direct_workers(&server)?;
     let cut_id = cut_off.id().to_string();
     let bazel = Bazel::new()?;
 
     let (run, lost) = build_during(&bazel, &build_args(&server), || {
-        wait_running_on(&server, &cut_id, 2)?;
-        proxy.cut();
-        let lost = names(&running_on(&server, &cut_id)?);
-        ensure!(
-            !lost.is_empty(),
-            "no action was running on the worker when its link was cut"
-        );
+        let lost = cut_while_running(&server, &proxy, &cut_id)?;
         // Cut for longer than the lease timeout: until the server gave up on
         // every lease of the cut-off worker.
         poll_until(
@@ -315,19 +372,13 @@ fn worker_connection_cut_and_restored_mid_build() -> Result<()> {
     ensure!(cut_off.is_running()?, "the cut-off worker exited");
     server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
     let ops = server.operations()?;
-    for name in &lost {
-        let op = find(&ops, name)?;
-        ensure!(
-            op.is_completed() && op.completed_by().is_some(),
-            "{name} did not complete after the cut:\n{}",
-            describe(&ops, &lost)
-        );
-    }
-    eprintln!(
-        "{} action(s) were running on the cut-off worker:\n{}",
-        lost.len(),
-        describe(&ops, &lost)
-    );
+    ensure_each(
+        &ops,
+        &lost,
+        |op| op.is_completed() && op.completed_by().is_some(),
+        |name| format!("{name} did not complete after the cut"),
+    )?;
+    report(&ops, &lost, "were running on the cut-off worker");
     Ok(())
 }
 
@@ -339,21 +390,12 @@ fn worker_connection_cut_and_restored_mid_build() -> Result<()> {
 fn worker_connection_cut_briefly_keeps_its_leases() -> Result<()> {
     // Longer than keep-alive interval + the cut + the reconnect backoff.
     let server = Server::start_with(|args| args.lease_timeout_secs = 30)?;
-    let proxy = TcpProxy::start(server.grpc_addr())?;
-    let cut_off = Worker::start_with(&server, |args| args.server = proxy.http_url())?;
-    let _direct = Worker::start(&server)?;
-    server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
+    let (proxy, cut_off, _direct) = proxied_and_direct_workers(&server)?;
     let cut_id = cut_off.id().to_string();
     let bazel = Bazel::new()?;
 
     let (run, lost) = build_during(&bazel, &build_args(&server), || {
-        wait_running_on(&server, &cut_id, 2)?;
-        proxy.cut();
-        let lost = names(&running_on(&server, &cut_id)?);
-        ensure!(
-            !lost.is_empty(),
-            "no action was running on the worker when its link was cut"
-        );
+        let lost = cut_while_running(&server, &proxy, &cut_id)?;
         let commands = processes_under(cut_off.work_dir()).len();
         ensure!(
             commands > 0,
@@ -376,19 +418,16 @@ fn worker_connection_cut_briefly_keeps_its_leases() -> Result<()> {
     ensure_good_build(&run, &bazel)?;
 
     let ops = server.operations()?;
-    for name in &lost {
-        let op = find(&ops, name)?;
-        ensure!(
-            op.completed_by() == Some(cut_id.as_str())
-                && !op.timeline.iter().any(|e| e.event == EVENT_REQUEUED),
-            "{name} should be completed by {cut_id} through the cut, never requeued:\n{}",
-            describe(&ops, &lost)
-        );
-    }
-    eprintln!(
-        "{} action(s) ran through the cut and were reported after it:\n{}",
-        lost.len(),
-        describe(&ops, &lost)
+    ensure_each(
+        &ops,
+        &lost,
+        |op| completed_by_without_requeue(op, &cut_id),
+        |name| format!("{name} should be completed by {cut_id} through the cut, never requeued"),
+    )?;
+    report(
+        &ops,
+        &lost,
+        "ran through the cut and were reported after it",
     );
     Ok(())
 }

@@ -8,3 +8,4 @@ mod e2e_bazel;
 mod external_stores;
 mod faults;
 mod protocol;
+mod reapi_client;

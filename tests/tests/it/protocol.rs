@@ -1,110 +1,28 @@
 //! The REAPI surface driven by a plain gRPC client with every bad input we
 //! could think of. The server runs as a real process; no worker is needed.
 
-use buildkube_proto::bytestream::byte_stream_client::ByteStreamClient;
-use buildkube_proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
-use buildkube_proto::longrunning::operations_client::OperationsClient;
-use buildkube_proto::longrunning::{self, CancelOperationRequest, GetOperationRequest};
-use buildkube_proto::reapi::action_cache_client::ActionCacheClient;
-use buildkube_proto::reapi::capabilities_client::CapabilitiesClient;
-use buildkube_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use buildkube_proto::reapi::execution_client::ExecutionClient;
+use buildkube_proto::bytestream::{ReadRequest, WriteRequest};
+use buildkube_proto::longrunning::{CancelOperationRequest, GetOperationRequest};
 use buildkube_proto::reapi::{self, batch_update_blobs_request};
 use buildkube_proto::rpc;
-use buildkube_reapi::{connect_channel, AuthChannel, Digest};
+use buildkube_reapi::Digest;
 use buildkube_tests::Server;
 use bytes::Bytes;
 use futures::StreamExt;
 use prost::Message;
 use tonic::Code;
 
-const INSTANCE: &str = "main";
-
-struct Clients {
-    cas: ContentAddressableStorageClient<AuthChannel>,
-    bytestream: ByteStreamClient<AuthChannel>,
-    ac: ActionCacheClient<AuthChannel>,
-    exec: ExecutionClient<AuthChannel>,
-    ops: OperationsClient<AuthChannel>,
-    caps: CapabilitiesClient<AuthChannel>,
-}
-
-fn clients(server: &Server, token: Option<&str>) -> Clients {
-    let channel = connect_channel(&server.worker_endpoint(), token).unwrap();
-    Clients {
-        cas: ContentAddressableStorageClient::new(channel.clone())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20),
-        bytestream: ByteStreamClient::new(channel.clone()),
-        ac: ActionCacheClient::new(channel.clone()),
-        exec: ExecutionClient::new(channel.clone()),
-        ops: OperationsClient::new(channel.clone()),
-        caps: CapabilitiesClient::new(channel),
-    }
-}
-
-fn upload_request(digest: Digest, data: &[u8]) -> batch_update_blobs_request::Request {
-    batch_update_blobs_request::Request {
-        digest: Some(digest.to_proto()),
-        data: Bytes::copy_from_slice(data),
-        ..Default::default()
-    }
-}
-
-async fn upload(c: &mut Clients, blobs: &[&[u8]]) {
-    let requests = blobs
-        .iter()
-        .map(|b| upload_request(Digest::of_bytes(b), b))
-        .collect();
-    let response = c
-        .cas
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            instance_name: INSTANCE.into(),
-            requests,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    for r in response.responses {
-        assert_eq!(r.status.unwrap().code, 0);
-    }
-}
-
-async fn missing(c: &mut Clients, digests: &[Digest]) -> Vec<reapi::Digest> {
-    c.cas
-        .find_missing_blobs(reapi::FindMissingBlobsRequest {
-            instance_name: INSTANCE.into(),
-            blob_digests: digests.iter().map(Digest::to_proto).collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .missing_blob_digests
-}
-
-fn write_requests(resource: &str, chunks: &[(i64, &[u8], bool)]) -> Vec<WriteRequest> {
-    chunks
-        .iter()
-        .enumerate()
-        .map(|(i, (offset, data, finish))| WriteRequest {
-            resource_name: if i == 0 {
-                resource.to_string()
-            } else {
-                String::new()
-            },
-            write_offset: *offset,
-            finish_write: *finish,
-            data: Bytes::copy_from_slice(data),
-        })
-        .collect()
-}
+use crate::reapi_client::{
+    batch_read, blob_resource, execute, execute_rejected, get_action_result, last_operation,
+    missing, query_write_status, read, read_range_rejected, read_rejected, response_of,
+    update_action_result, upload, upload_request, upload_resource, upload_shell_action, write,
+    Clients, INSTANCE,
+};
 
 #[tokio::test]
 async fn capabilities_describe_what_is_supported() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let caps = c
         .caps
         .get_capabilities(reapi::GetCapabilitiesRequest {
@@ -137,7 +55,7 @@ async fn capabilities_describe_what_is_supported() {
 #[tokio::test]
 async fn unknown_instance_is_a_clear_error_everywhere() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let d = Digest::of_bytes(b"x");
     let checks: Vec<tonic::Status> = vec![
         c.caps
@@ -170,14 +88,7 @@ async fn unknown_instance_is_a_clear_error_everywhere() {
             .await
             .map(|_| ())
             .unwrap_err(),
-        c.bytestream
-            .read(ReadRequest {
-                resource_name: format!("nope/blobs/{}/1", d.hash_hex()),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-            .unwrap_err(),
+        read_rejected(&mut c, &format!("nope/blobs/{}/1", d.hash_hex())).await,
     ];
     for status in checks {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -192,39 +103,25 @@ async fn unknown_instance_is_a_clear_error_everywhere() {
 #[tokio::test]
 async fn empty_blob_always_exists() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     assert!(missing(&mut c, &[Digest::EMPTY]).await.is_empty());
-    let read = c
-        .cas
-        .batch_read_blobs(reapi::BatchReadBlobsRequest {
-            instance_name: INSTANCE.into(),
-            digests: vec![Digest::EMPTY.to_proto()],
+    let read_back = batch_read(&mut c, &[Digest::EMPTY]).await.unwrap();
+    assert_eq!(read_back.responses[0].status.as_ref().unwrap().code, 0);
+    let data = read(
+        &mut c,
+        ReadRequest {
+            resource_name: blob_resource(Digest::EMPTY),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(read.responses[0].status.as_ref().unwrap().code, 0);
-    let mut stream = c
-        .bytestream
-        .read(ReadRequest {
-            resource_name: format!("{INSTANCE}/blobs/{}/0", Digest::EMPTY.hash_hex()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut total = 0;
-    while let Some(chunk) = stream.next().await {
-        total += chunk.unwrap().data.len();
-    }
-    assert_eq!(total, 0);
+        },
+    )
+    .await;
+    assert_eq!(data.len(), 0);
 }
 
 #[tokio::test]
 async fn batch_upload_with_wrong_hash_or_size_stores_nothing() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let claimed = Digest::of_bytes(b"the real content");
     let wrong_size = Digest::of_bytes(b"sized");
     let good = Digest::of_bytes(b"good");
@@ -280,7 +177,7 @@ async fn batch_upload_with_wrong_hash_or_size_stores_nothing() {
 #[tokio::test]
 async fn oversized_batches_are_rejected_whole() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let big = vec![7u8; 3 << 20];
     let big2 = vec![8u8; 3 << 20];
     let (d1, d2) = (Digest::of_bytes(&big), Digest::of_bytes(&big2));
@@ -296,22 +193,14 @@ async fn oversized_batches_are_rejected_whole() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("max_batch_total_size_bytes"));
     assert_eq!(missing(&mut c, &[d1, d2]).await.len(), 2);
-    let status = c
-        .cas
-        .batch_read_blobs(reapi::BatchReadBlobsRequest {
-            instance_name: INSTANCE.into(),
-            digests: vec![d1.to_proto(), d2.to_proto()],
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let status = batch_read(&mut c, &[d1, d2]).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
 #[tokio::test]
 async fn bad_digests_are_invalid_arguments() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let good = Digest::of_bytes(b"x");
     for bad in [
         reapi::Digest {
@@ -358,7 +247,7 @@ async fn bad_digests_are_invalid_arguments() {
 #[tokio::test]
 async fn malformed_resource_names_are_rejected() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let d = Digest::of_bytes(b"hello");
     let hash = d.hash_hex();
     for name in [
@@ -370,40 +259,21 @@ async fn malformed_resource_names_are_rejected() {
         "main/blobs/NOTAHASH/5".to_string(),
         format!("main//blobs/{hash}/5"),
     ] {
-        let status = c
-            .bytestream
-            .read(ReadRequest {
-                resource_name: name.clone(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-            .unwrap_err();
+        let status = read_rejected(&mut c, &name).await;
         assert_eq!(
             status.code(),
             Code::InvalidArgument,
             "read {name:?}: {status:?}"
         );
     }
-    let status = c
-        .bytestream
-        .read(ReadRequest {
-            resource_name: format!("main/compressed-blobs/zstd/{hash}/5"),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let status = read_rejected(&mut c, &format!("main/compressed-blobs/zstd/{hash}/5")).await;
     assert_eq!(status.code(), Code::Unimplemented);
     for name in [
         format!("main/blobs/{hash}/5"),
         format!("main/uploads/blobs/{hash}/5"),
         format!("main/uploads/u1/blobs/{hash}"),
     ] {
-        let requests = write_requests(&name, &[(0, b"hello", true)]);
-        let status = c
-            .bytestream
-            .write(futures::stream::iter(requests))
+        let status = write(&mut c, &name, &[(0, b"hello", true)])
             .await
             .unwrap_err();
         assert_eq!(
@@ -418,32 +288,15 @@ async fn malformed_resource_names_are_rejected() {
 #[tokio::test]
 async fn bytestream_write_read_offsets_and_resume() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let data: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
     let d = Digest::of_bytes(&data);
-    let name = format!(
-        "{INSTANCE}/uploads/0b5e1a1e-0000-4000-8000-000000000001/blobs/{}/{}",
-        d.hash_hex(),
-        d.size()
-    );
+    let name = upload_resource("0b5e1a1e-0000-4000-8000-000000000001", d);
 
     // First half, then the client goes away.
     let half = data.len() / 2;
-    let _ = c
-        .bytestream
-        .write(futures::stream::iter(write_requests(
-            &name,
-            &[(0, &data[..half], false)],
-        )))
-        .await;
-    let status = c
-        .bytestream
-        .query_write_status(QueryWriteStatusRequest {
-            resource_name: name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let _ = write(&mut c, &name, &[(0, &data[..half], false)]).await;
+    let status = query_write_status(&mut c, &name).await.unwrap();
     assert_eq!(
         (status.committed_size, status.complete),
         (half as i64, false)
@@ -455,107 +308,56 @@ async fn bytestream_write_read_offsets_and_resume() {
     );
 
     // A write at the wrong offset fails.
-    let err = c
-        .bytestream
-        .write(futures::stream::iter(write_requests(
-            &name,
-            &[(half as i64 + 1, &data[half + 1..], true)],
-        )))
+    let err = write(&mut c, &name, &[(half as i64 + 1, &data[half + 1..], true)])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // Start over from the beginning and finish.
-    let response = c
-        .bytestream
-        .write(futures::stream::iter(write_requests(
-            &name,
-            &[
-                (0, &data[..half], false),
-                (half as i64, &data[half..], true),
-            ],
-        )))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = write(
+        &mut c,
+        &name,
+        &[
+            (0, &data[..half], false),
+            (half as i64, &data[half..], true),
+        ],
+    )
+    .await
+    .unwrap();
     assert_eq!(response.committed_size, d.size() as i64);
-    let status = c
-        .bytestream
-        .query_write_status(QueryWriteStatusRequest {
-            resource_name: name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = query_write_status(&mut c, &name).await.unwrap();
     assert!(status.complete);
 
-    let read = |offset: i64, limit: i64| ReadRequest {
-        resource_name: format!("{INSTANCE}/blobs/{}/{}", d.hash_hex(), d.size()),
+    let range = |offset: i64, limit: i64| ReadRequest {
+        resource_name: blob_resource(d),
         read_offset: offset,
         read_limit: limit,
     };
-    let mut got = Vec::new();
-    let mut stream = c
-        .bytestream
-        .read(read(100, 1000))
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(chunk) = stream.next().await {
-        got.extend_from_slice(&chunk.unwrap().data);
-    }
+    let got = read(&mut c, range(100, 1000)).await;
     assert_eq!(got, &data[100..1100]);
-    let err = c
-        .bytestream
-        .read(read(d.size() as i64 + 1, 0))
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let err = read_range_rejected(&mut c, range(d.size() as i64 + 1, 0)).await;
     assert_eq!(err.code(), Code::OutOfRange);
-    let err = c
-        .bytestream
-        .read(read(0, -1))
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let err = read_range_rejected(&mut c, range(0, -1)).await;
     assert_eq!(err.code(), Code::InvalidArgument);
     let absent = Digest::of_bytes(b"absent");
-    let err = c
-        .bytestream
-        .read(ReadRequest {
-            resource_name: format!("{INSTANCE}/blobs/{}/{}", absent.hash_hex(), absent.size()),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let err = read_rejected(&mut c, &blob_resource(absent)).await;
     assert_eq!(err.code(), Code::NotFound);
 }
 
 #[tokio::test]
 async fn bytestream_write_with_wrong_content_stores_nothing() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let d = Digest::of_bytes(b"expected content");
     let name = format!("uploads/u2/blobs/{}/{}", d.hash_hex(), d.size());
-    let err = c
-        .bytestream
-        .write(futures::stream::iter(write_requests(
-            &name,
-            &[(0, b"unexpected conte", true)],
-        )))
+    let err = write(&mut c, &name, &[(0, b"unexpected conte", true)])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // The empty instance name is not served by this server (only "main").
     assert!(err.message().contains("instance"), "{}", err.message());
-    let name = format!("{INSTANCE}/uploads/u2/blobs/{}/{}", d.hash_hex(), d.size());
-    let err = c
-        .bytestream
-        .write(futures::stream::iter(write_requests(
-            &name,
-            &[(0, b"unexpected conte", true)],
-        )))
+    let name = upload_resource("u2", d);
+    let err = write(&mut c, &name, &[(0, b"unexpected conte", true)])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -564,12 +366,7 @@ async fn bytestream_write_with_wrong_content_stores_nothing() {
         "{}",
         err.message()
     );
-    let err = c
-        .bytestream
-        .write(futures::stream::iter(write_requests(
-            &name,
-            &[(0, b"expected content and more", true)],
-        )))
+    let err = write(&mut c, &name, &[(0, b"expected content and more", true)])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -629,6 +426,12 @@ async fn action_with(
     Digest::of_bytes(&action_bytes)
 }
 
+/// [`action_with`] its one input, `present`, uploaded.
+async fn present_action(c: &mut Clients, outputs: &[&str]) -> Digest {
+    let input = b"present";
+    action_with(c, Some(input), Digest::of_bytes(input), outputs).await
+}
+
 fn precondition_failure(status: &tonic::Status) -> rpc::PreconditionFailure {
     let details =
         rpc::Status::decode(status.details()).expect("status details carry a google.rpc.Status");
@@ -643,19 +446,10 @@ fn precondition_failure(status: &tonic::Status) -> rpc::PreconditionFailure {
 #[tokio::test]
 async fn execute_with_missing_inputs_lists_them_as_precondition_failures() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let absent = Digest::of_bytes(b"never uploaded");
     let action = action_with(&mut c, None, absent, &["out"]).await;
-    let status = c
-        .exec
-        .execute(reapi::ExecuteRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(action.to_proto()),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let status = execute_rejected(&mut c, action).await;
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     let failure = precondition_failure(&status);
     assert_eq!(failure.violations.len(), 1);
@@ -667,16 +461,7 @@ async fn execute_with_missing_inputs_lists_them_as_precondition_failures() {
 
     // The action itself missing is reported the same way.
     let ghost = Digest::of_bytes(b"no such action");
-    let status = c
-        .exec
-        .execute(reapi::ExecuteRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(ghost.to_proto()),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let status = execute_rejected(&mut c, ghost).await;
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(
         precondition_failure(&status).violations[0].subject,
@@ -687,25 +472,10 @@ async fn execute_with_missing_inputs_lists_them_as_precondition_failures() {
 #[tokio::test]
 async fn execute_rejects_output_paths_that_escape() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     for bad in ["../escape", "/abs/path", "a/../../b"] {
-        let action = action_with(
-            &mut c,
-            Some(b"present"),
-            Digest::of_bytes(b"present"),
-            &[bad],
-        )
-        .await;
-        let status = c
-            .exec
-            .execute(reapi::ExecuteRequest {
-                instance_name: INSTANCE.into(),
-                action_digest: Some(action.to_proto()),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-            .unwrap_err();
+        let action = present_action(&mut c, &[bad]).await;
+        let status = execute_rejected(&mut c, action).await;
         assert_eq!(status.code(), Code::InvalidArgument, "{bad}: {status:?}");
         assert!(status.message().contains(bad), "{}", status.message());
     }
@@ -714,7 +484,7 @@ async fn execute_rejects_output_paths_that_escape() {
 #[tokio::test]
 async fn action_cache_round_trip_and_missing_outputs_are_a_miss() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let action = Digest::of_bytes(b"some action");
     let stdout = b"hello stdout";
     upload(&mut c, &[stdout]).await;
@@ -724,33 +494,18 @@ async fn action_cache_round_trip_and_missing_outputs_are_a_miss() {
         output_files: files,
         ..Default::default()
     };
-    let update = |r: reapi::ActionResult| reapi::UpdateActionResultRequest {
-        instance_name: INSTANCE.into(),
-        action_digest: Some(action.to_proto()),
-        action_result: Some(r),
-        ..Default::default()
-    };
-    let get = reapi::GetActionResultRequest {
-        instance_name: INSTANCE.into(),
-        action_digest: Some(action.to_proto()),
-        ..Default::default()
-    };
 
     assert_eq!(
-        c.ac.get_action_result(get.clone())
-            .await
-            .unwrap_err()
-            .code(),
+        get_action_result(&mut c, action).await.unwrap_err().code(),
         Code::NotFound
     );
-    c.ac.update_action_result(update(result(vec![])))
+    update_action_result(&mut c, action, result(vec![]))
         .await
         .unwrap();
     assert_eq!(
-        c.ac.get_action_result(get.clone())
+        get_action_result(&mut c, action)
             .await
             .unwrap()
-            .into_inner()
             .stdout_digest
             .unwrap()
             .size_bytes,
@@ -762,14 +517,11 @@ async fn action_cache_round_trip_and_missing_outputs_are_a_miss() {
         digest: Some(gone.to_proto()),
         ..Default::default()
     };
-    c.ac.update_action_result(update(result(vec![dangling])))
+    update_action_result(&mut c, action, result(vec![dangling]))
         .await
         .unwrap();
     assert_eq!(
-        c.ac.get_action_result(get.clone())
-            .await
-            .unwrap_err()
-            .code(),
+        get_action_result(&mut c, action).await.unwrap_err().code(),
         Code::NotFound
     );
 
@@ -781,10 +533,9 @@ async fn action_cache_round_trip_and_missing_outputs_are_a_miss() {
         }),
         ..Default::default()
     };
-    let status =
-        c.ac.update_action_result(update(result(vec![bad])))
-            .await
-            .unwrap_err();
+    let status = update_action_result(&mut c, action, result(vec![bad]))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("output_files[0]"));
 }
@@ -792,7 +543,7 @@ async fn action_cache_round_trip_and_missing_outputs_are_a_miss() {
 #[tokio::test]
 async fn get_tree_pages_through_every_directory() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let file = Digest::of_bytes(b"f");
     let leaf1 = directory(&[("a", file)], &[]).encode_to_vec();
     let leaf2 = directory(&[("b", file)], &[]).encode_to_vec();
@@ -851,20 +602,10 @@ async fn get_tree_pages_through_every_directory() {
 #[tokio::test]
 async fn operations_get_cancel_and_unknown_names() {
     let server = Server::start().unwrap();
-    let mut c = clients(&server, None);
-    let input = b"present";
-    let action = action_with(&mut c, Some(input), Digest::of_bytes(input), &["out"]).await;
+    let mut c = Clients::connect(&server, None);
+    let action = present_action(&mut c, &["out"]).await;
     // No worker runs here: the operation stays queued until cancelled.
-    let mut stream = c
-        .exec
-        .execute(reapi::ExecuteRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(action.to_proto()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = execute(&mut c, action).await;
     let first = stream.next().await.unwrap().unwrap();
     assert!(!first.done);
     let meta =
@@ -889,10 +630,7 @@ async fn operations_get_cancel_and_unknown_names() {
         .unwrap();
     let last = stream.next().await.unwrap().unwrap();
     assert!(last.done);
-    let Some(longrunning::operation::Result::Response(any)) = last.result else {
-        panic!("no response in {last:?}")
-    };
-    let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    let response = response_of(&last);
     assert_eq!(response.status.unwrap().code, Code::Cancelled as i32);
     assert!(
         stream.next().await.is_none(),
@@ -935,7 +673,7 @@ async fn auth_token_is_required_when_configured() {
     let request = reapi::GetCapabilitiesRequest {
         instance_name: INSTANCE.into(),
     };
-    let mut anonymous = clients(&server, None);
+    let mut anonymous = Clients::connect(&server, None);
     assert_eq!(
         anonymous
             .caps
@@ -945,7 +683,7 @@ async fn auth_token_is_required_when_configured() {
             .code(),
         Code::Unauthenticated
     );
-    let mut wrong = clients(&server, Some("guess"));
+    let mut wrong = Clients::connect(&server, Some("guess"));
     assert_eq!(
         wrong
             .caps
@@ -955,7 +693,7 @@ async fn auth_token_is_required_when_configured() {
             .code(),
         Code::Unauthenticated
     );
-    let mut right = clients(&server, Some("s3cret"));
+    let mut right = Clients::connect(&server, Some("s3cret"));
     right.caps.get_capabilities(request).await.unwrap();
 }
 
@@ -963,48 +701,16 @@ async fn auth_token_is_required_when_configured() {
 async fn executed_action_returns_output_and_leaves_a_timeline() {
     let server = Server::start().unwrap();
     let _worker = buildkube_tests::Worker::start(&server).unwrap();
-    let mut c = clients(&server, None);
-    let root = reapi::Directory::default().encode_to_vec();
-    let command = reapi::Command {
-        arguments: vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "echo hello from the farm; mkdir -p out; printf x > out/file".into(),
-        ],
-        output_paths: vec!["out/file".into()],
-        environment_variables: vec![reapi::command::EnvironmentVariable {
-            name: "PATH".into(),
-            value: "/usr/bin:/bin".into(),
-        }],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action = reapi::Action {
-        command_digest: Some(Digest::of_bytes(&command).to_proto()),
-        input_root_digest: Some(Digest::of_bytes(&root).to_proto()),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    upload(&mut c, &[&root, &command, &action]).await;
-    let mut stream = c
-        .exec
-        .execute(reapi::ExecuteRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(Digest::of_bytes(&action).to_proto()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut last = None;
-    while let Some(op) = stream.next().await {
-        last = Some(op.unwrap());
-    }
-    let last = last.unwrap();
-    let Some(longrunning::operation::Result::Response(any)) = last.result else {
-        panic!("{last:?}")
-    };
-    let response = reapi::ExecuteResponse::decode(any.value.as_slice()).unwrap();
+    let mut c = Clients::connect(&server, None);
+    let action = upload_shell_action(
+        &mut c,
+        "echo hello from the farm; mkdir -p out; printf x > out/file",
+        &["out/file"],
+        reapi::Action::default(),
+    )
+    .await;
+    let last = last_operation(execute(&mut c, action).await).await;
+    let response = response_of(&last);
     let result = response.result.unwrap();
     assert_eq!(result.exit_code, 0);
     assert!(!response.cached_result);
@@ -1014,16 +720,7 @@ async fn executed_action_returns_output_and_leaves_a_timeline() {
         &Digest::of_bytes(b"x").to_proto()
     );
     let stdout = Digest::from_field(result.stdout_digest.as_ref()).unwrap();
-    let blob = c
-        .cas
-        .batch_read_blobs(reapi::BatchReadBlobsRequest {
-            instance_name: INSTANCE.into(),
-            digests: vec![stdout.to_proto()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let blob = batch_read(&mut c, &[stdout]).await.unwrap();
     assert_eq!(blob.responses[0].data.as_ref(), b"hello from the farm\n");
     let metadata = result.execution_metadata.unwrap();
     assert!(
@@ -1049,44 +746,17 @@ async fn executed_action_returns_output_and_leaves_a_timeline() {
     }
 
     // The same action again is answered from the action cache.
-    let mut stream = c
-        .exec
-        .execute(reapi::ExecuteRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(Digest::of_bytes(&action).to_proto()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let op = stream.next().await.unwrap().unwrap();
-    let Some(longrunning::operation::Result::Response(any)) = op.result else {
-        panic!("{op:?}")
-    };
-    assert!(
-        reapi::ExecuteResponse::decode(any.value.as_slice())
-            .unwrap()
-            .cached_result
-    );
+    let op = execute(&mut c, action).await.next().await.unwrap().unwrap();
+    assert!(response_of(&op).cached_result);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_ends_open_streams_with_unavailable() {
     let mut server = Server::start().unwrap();
-    let mut c = clients(&server, None);
-    let input = b"present";
-    let action = action_with(&mut c, Some(input), Digest::of_bytes(input), &["out"]).await;
+    let mut c = Clients::connect(&server, None);
+    let action = present_action(&mut c, &["out"]).await;
     // No worker: the operation stays queued and the stream stays open.
-    let mut stream = c
-        .exec
-        .execute(reapi::ExecuteRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(action.to_proto()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = execute(&mut c, action).await;
     assert!(!stream.next().await.unwrap().unwrap().done);
     let status = tokio::task::spawn_blocking(move || server.terminate())
         .await
@@ -1103,7 +773,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn server_killed_mid_upload_keeps_stored_data_and_shows_no_partial_blob() {
     let mut server = Server::start().unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let stored = b"stored before the crash";
     upload(&mut c, &[stored]).await;
     let action = Digest::of_bytes(b"action before the crash");
@@ -1112,23 +782,14 @@ async fn server_killed_mid_upload_keeps_stored_data_and_shows_no_partial_blob() 
         exit_code: 0,
         ..Default::default()
     };
-    c.ac.update_action_result(reapi::UpdateActionResultRequest {
-        instance_name: INSTANCE.into(),
-        action_digest: Some(action.to_proto()),
-        action_result: Some(result.clone()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    update_action_result(&mut c, action, result.clone())
+        .await
+        .unwrap();
 
     // Half of a 2 MiB upload is on the server when it is SIGKILLed.
     let big: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
     let big_digest = Digest::of_bytes(&big);
-    let name = format!(
-        "{INSTANCE}/uploads/crash/blobs/{}/{}",
-        big_digest.hash_hex(),
-        big_digest.size()
-    );
+    let name = upload_resource("crash", big_digest);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut writer = c.bytestream.clone();
     let upload_call = tokio::spawn(async move {
@@ -1144,15 +805,9 @@ async fn server_killed_mid_upload_keeps_stored_data_and_shows_no_partial_blob() 
     })
     .await
     .unwrap();
-    let mut probe = c.bytestream.clone();
     loop {
-        match probe
-            .query_write_status(QueryWriteStatusRequest {
-                resource_name: name.clone(),
-            })
-            .await
-        {
-            Ok(status) if status.get_ref().committed_size == 1 << 20 => break,
+        match query_write_status(&mut c, &name).await {
+            Ok(status) if status.committed_size == 1 << 20 => break,
             _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
         }
     }
@@ -1171,38 +826,26 @@ async fn server_killed_mid_upload_keeps_stored_data_and_shows_no_partial_blob() 
         0,
         "no temp file survives a restart"
     );
-    let mut c = clients(&restarted, None);
+    let mut c = Clients::connect(&restarted, None);
     assert_eq!(
         missing(&mut c, &[Digest::of_bytes(stored), big_digest]).await,
         vec![big_digest.to_proto()]
     );
-    let got =
-        c.ac.get_action_result(reapi::GetActionResultRequest {
-            instance_name: INSTANCE.into(),
-            action_digest: Some(action.to_proto()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get_action_result(&mut c, action).await.unwrap();
     assert_eq!(got, result);
     // The interrupted upload is gone; it starts over and completes.
-    let status = c
-        .bytestream
-        .query_write_status(QueryWriteStatusRequest {
-            resource_name: name.clone(),
-        })
-        .await
-        .unwrap_err();
+    let status = query_write_status(&mut c, &name).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let chunks: Vec<(i64, &[u8], bool)> = vec![
-        (0, &big[..1 << 20], false),
-        (1 << 20, &big[1 << 20..], true),
-    ];
-    c.bytestream
-        .write(futures::stream::iter(write_requests(&name, &chunks)))
-        .await
-        .unwrap();
+    write(
+        &mut c,
+        &name,
+        &[
+            (0, &big[..1 << 20], false),
+            (1 << 20, &big[1 << 20..], true),
+        ],
+    )
+    .await
+    .unwrap();
     assert!(missing(&mut c, &[big_digest]).await.is_empty());
 }
 
@@ -1243,14 +886,10 @@ async fn full_disk_is_resource_exhausted_and_stores_nothing_partial() {
     };
     let data_dir = disk.0.join("data");
     let server = Server::start_with(|args| args.data_dir = data_dir.clone()).unwrap();
-    let mut c = clients(&server, None);
+    let mut c = Clients::connect(&server, None);
     let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 253) as u8).collect();
     let d = Digest::of_bytes(&big);
-    let name = format!(
-        "{INSTANCE}/uploads/full/blobs/{}/{}",
-        d.hash_hex(),
-        d.size()
-    );
+    let name = upload_resource("full", d);
     let chunks: Vec<(i64, &[u8], bool)> = big
         .chunks(64 * 1024)
         .enumerate()
@@ -1262,11 +901,7 @@ async fn full_disk_is_resource_exhausted_and_stores_nothing_partial() {
             )
         })
         .collect();
-    let status = c
-        .bytestream
-        .write(futures::stream::iter(write_requests(&name, &chunks)))
-        .await
-        .unwrap_err();
+    let status = write(&mut c, &name, &chunks).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("No space left"),
