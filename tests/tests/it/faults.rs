@@ -395,12 +395,26 @@ fn worker_connection_cut_briefly_keeps_its_leases() -> Result<()> {
     let bazel = Bazel::new()?;
 
     let (run, lost) = build_during(&bazel, &build_args(&server), || {
-        let lost = cut_while_running(&server, &proxy, &cut_id)?;
-        let commands = processes_under(cut_off.work_dir()).len();
-        ensure!(
-            commands > 0,
-            "no command of the cut-off worker was running at the cut"
-        );
+        let mut commands = 0;
+        let lost = fault_while_running(
+            &server,
+            &cut_id,
+            || {
+                // Leased is not yet running: an action may still be fetching
+                // its inputs. Cut once a command of the worker really runs.
+                commands = poll_until(
+                    "a command of the worker to run",
+                    BUILD_START_TIMEOUT,
+                    || {
+                        let running = processes_under(cut_off.work_dir()).len();
+                        Ok((running > 0).then_some(running))
+                    },
+                )?;
+                proxy.cut();
+                Ok(())
+            },
+            "no action was running on the worker when its link was cut",
+        )?;
         // Until every command running at the cut has ended: their results
         // can only reach the server after the restore.
         poll_until(
