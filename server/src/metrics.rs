@@ -63,18 +63,30 @@ impl Metrics {
                 names::METRIC_ACTIONS_RUNNING
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP {0} Workers seen within the lease timeout.\n# TYPE {0} gauge\n{0} {1}",
-            names::METRIC_WORKERS_CONNECTED,
-            stats.workers_connected
-        );
-        let _ = writeln!(
-            out,
-            "# HELP {0} Workers running at least one action.\n# TYPE {0} gauge\n{0} {1}",
-            names::METRIC_WORKERS_BUSY,
-            stats.workers_busy
-        );
+        for (metric, help, pick) in [
+            (
+                names::METRIC_WORKERS_CONNECTED,
+                "Workers seen within the lease timeout, by the platform they offer.",
+                0,
+            ),
+            (
+                names::METRIC_WORKERS_BUSY,
+                "Workers running at least one action, by the platform they offer.",
+                1,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+            if stats.workers_by_platform.is_empty() {
+                let _ = writeln!(out, "{metric} 0");
+            }
+            for ((instance, platform), counts) in &stats.workers_by_platform {
+                let n = if pick == 0 { counts.0 } else { counts.1 };
+                let _ = writeln!(
+                    out,
+                    "{metric}{{instance=\"{instance}\",platform=\"{platform}\"}} {n}"
+                );
+            }
+        }
         let _ = writeln!(out, "# HELP buildkube_actions_total Finished actions by outcome.\n# TYPE buildkube_actions_total counter");
         for (outcome, n) in &stats.outcomes {
             let _ = writeln!(

@@ -136,6 +136,8 @@ pub struct SchedulerStats {
     pub workers_connected: usize,
     /// Of those, workers running at least one action.
     pub workers_busy: usize,
+    /// (instance, label of the platform the workers offer) → (connected, busy).
+    pub workers_by_platform: BTreeMap<(String, String), (usize, usize)>,
     /// Finished operations by outcome, since start.
     pub outcomes: BTreeMap<Outcome, u64>,
 }
@@ -184,6 +186,8 @@ struct LeaseRecord {
 
 struct WorkerRecord {
     instance: String,
+    /// Metric label of the platform the worker offers.
+    platform: String,
     last_seen: Instant,
     leases: HashSet<String>,
 }
@@ -606,12 +610,14 @@ impl Scheduler {
             tracing::info!(worker = %worker.worker_id, instance = %worker.instance_name, "worker connected");
             WorkerRecord {
                 instance: worker.instance_name.clone(),
+                platform: String::new(),
                 last_seen: Instant::now(),
                 leases: HashSet::new(),
             }
         });
         record.last_seen = Instant::now();
         record.instance = worker.instance_name.clone();
+        record.platform = PlatformKey::from_proto(worker.platform.as_ref()).label();
     }
 
     /// Takes the best queued action `worker` can run, waiting up to `wait`.
@@ -1033,10 +1039,15 @@ impl Scheduler {
         let fresh = self.config.lease_timeout;
         for w in state.workers.values() {
             if w.last_seen.elapsed() < fresh || !w.leases.is_empty() {
+                let busy = usize::from(!w.leases.is_empty());
                 stats.workers_connected += 1;
-                if !w.leases.is_empty() {
-                    stats.workers_busy += 1;
-                }
+                stats.workers_busy += busy;
+                let entry = stats
+                    .workers_by_platform
+                    .entry((w.instance.clone(), w.platform.clone()))
+                    .or_default();
+                entry.0 += 1;
+                entry.1 += busy;
             }
         }
         stats

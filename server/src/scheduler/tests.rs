@@ -301,6 +301,14 @@ async fn stats_count_queue_running_and_workers() {
     );
     assert_eq!(stats.running[&("main".to_string(), String::new())], 2);
     assert_eq!((stats.workers_connected, stats.workers_busy), (2, 2));
+    let idle = worker("w3", &[("x", "y")]);
+    assert!(s.lease(&idle, NO_WAIT).await.is_none());
+    let by_platform = s.stats().workers_by_platform;
+    assert_eq!(by_platform[&("main".to_string(), String::new())], (1, 1));
+    assert_eq!(
+        by_platform[&("main".to_string(), "x=y".to_string())],
+        (2, 1)
+    );
 }
 
 #[tokio::test]

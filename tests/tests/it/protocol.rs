@@ -913,3 +913,60 @@ async fn full_disk_is_resource_exhausted_and_stores_nothing_partial() {
     upload(&mut c, &[b"still room for this"]).await;
     drop(server);
 }
+
+/// The gauges the autoscalers read are exact: queued actions counted once,
+/// cancelled ones gone, finished ones neither queued nor running.
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_and_worker_metrics_are_exact() {
+    let server = Server::start().unwrap();
+    let mut c = Clients::connect(&server, None);
+    let metric = |name: &str| server.metric(name).unwrap().unwrap_or(-1.0);
+    let mut streams = Vec::new();
+    for output in ["out1", "out2", "out3"] {
+        let action = present_action(&mut c, &[output]).await;
+        let mut stream = execute(&mut c, action).await;
+        let first = stream.next().await.unwrap().unwrap();
+        streams.push((first.name, stream));
+    }
+    // The same action again merges: still three.
+    let again = present_action(&mut c, &["out1"]).await;
+    let mut merged = execute(&mut c, again).await;
+    assert_eq!(merged.next().await.unwrap().unwrap().name, streams[0].0);
+    assert_eq!(metric(buildkube_config::METRIC_QUEUE_DEPTH), 3.0);
+    assert_eq!(metric(buildkube_config::METRIC_ACTIONS_RUNNING), 0.0);
+    assert_eq!(metric(buildkube_config::METRIC_WORKERS_CONNECTED), 0.0);
+
+    c.ops
+        .cancel_operation(CancelOperationRequest {
+            name: streams[2].0.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(metric(buildkube_config::METRIC_QUEUE_DEPTH), 2.0);
+
+    let _worker = buildkube_tests::Worker::start(&server).unwrap();
+    for (_, stream) in streams.drain(..2) {
+        let done = last_operation(stream).await;
+        assert_eq!(response_of(&done).result.unwrap().exit_code, 0);
+    }
+    assert_eq!(metric(buildkube_config::METRIC_QUEUE_DEPTH), 0.0);
+    assert_eq!(metric(buildkube_config::METRIC_ACTIONS_RUNNING), 0.0);
+    assert_eq!(metric(buildkube_config::METRIC_WORKERS_CONNECTED), 1.0);
+    assert_eq!(metric(buildkube_config::METRIC_WORKERS_BUSY), 0.0);
+    let body = server
+        .http_get(buildkube_config::METRICS_PATH)
+        .unwrap()
+        .body;
+    assert!(
+        body.contains("buildkube_actions_total{outcome=\"success\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("buildkube_actions_total{outcome=\"cancelled\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("buildkube_workers_connected{instance=\"main\",platform=\""),
+        "{body}"
+    );
+}
