@@ -252,3 +252,41 @@ fn sandboxed_runner_builds_everything() -> Result<()> {
     );
     Ok(())
 }
+
+/// Auth as the deployment docs set it up: the server and the worker read the
+/// token from a file, Bazel sends it with `--remote_header`; without it
+/// Bazel is refused.
+#[test]
+fn bearer_token_auth_with_bazel() -> Result<()> {
+    let token_dir = tempfile::tempdir()?;
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, "e2e-secret-token\n")?;
+    let server = Server::start_with(|args| args.auth_token_file = Some(token_file.clone()))?;
+    let _worker = Worker::start_with(&server, |args| {
+        args.auth_token_file = Some(token_file.clone())
+    })?;
+    server.wait_for_workers(1, WORKER_CONNECT_TIMEOUT)?;
+    let bazel = Bazel::new()?;
+    let flags = remote_execution_flags(&server);
+
+    let refused = bazel.build(with(&flags, &["//lib:greet"]))?;
+    ensure!(
+        !refused.success(),
+        "a build without the token succeeded\n{refused}"
+    );
+    ensure!(
+        refused.output().contains("UNAUTHENTICATED"),
+        "Bazel does not say it was refused for auth\n{refused}"
+    );
+
+    let build = bazel.build(with(
+        &flags,
+        &[
+            "--remote_header=authorization=Bearer e2e-secret-token",
+            ALL_TARGETS,
+        ],
+    ))?;
+    build.ensure_success()?;
+    ensure_all_remote(&build)?;
+    fixture::check_build_outputs(&bazel)
+}
