@@ -229,6 +229,8 @@ pub fn generate_images(spec: &StackSpec) -> Tree {
         .expect("validated: at least one overlay");
     let ctx = context! {
         uid => RUN_AS_ID,
+        // The workspace's rust-version: the builder image can build the locked dependencies.
+        rust_version => env!("CARGO_PKG_RUST_VERSION"),
         grpc_port => DEFAULT_GRPC_PORT,
         http_port => buildkube_config::DEFAULT_HTTP_PORT,
         worker_http_port => buildkube_config::DEFAULT_WORKER_HTTP_PORT,

@@ -9,6 +9,7 @@
 
 mod built;
 mod check;
+mod images;
 mod snapshots;
 mod spec_errors;
 
