@@ -937,6 +937,25 @@ pub fn storage_volumes() -> Vec<(Volume, VolumeMount)> {
 /// The postgres and redis images run as uid 999.
 const STORE_UID: i64 = 999;
 
+/// The pod of an external store (PostgreSQL, Redis): non-root, no service
+/// account token or service links, one container and one scratch volume.
+fn store_pod_template(component: &str, container: Container, volume: Volume) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(with_part_of(store_selector(component))),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(pod_security(STORE_UID)),
+            containers: vec![container],
+            volumes: Some(vec![volume]),
+            ..Default::default()
+        }),
+    }
+}
+
 /// PostgreSQL: a StatefulSet with its own volume, its Service and a policy
 /// that lets only the server in.
 pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
@@ -984,20 +1003,7 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
             replicas: Some(1),
             service_name: POSTGRES_NAME.into(),
             selector: selector(store_selector(component)),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(with_part_of(store_selector(component))),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(pod_security(STORE_UID)),
-                    containers: vec![container],
-                    volumes: Some(vec![empty_dir("run", None)]),
-                    ..Default::default()
-                }),
-            },
+            template: store_pod_template(component, container, empty_dir("run", None)),
             volume_claim_templates: Some(vec![PersistentVolumeClaim {
                 metadata: ObjectMeta {
                     name: Some("data".into()),
@@ -1058,20 +1064,7 @@ pub fn redis(spec: &StackSpec) -> (Deployment, Service, NetworkPolicy) {
         spec: Some(DeploymentSpec {
             replicas: Some(1),
             selector: selector(store_selector(component)),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(with_part_of(store_selector(component))),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(pod_security(STORE_UID)),
-                    containers: vec![container],
-                    volumes: Some(vec![empty_dir("data", None)]),
-                    ..Default::default()
-                }),
-            },
+            template: store_pod_template(component, container, empty_dir("data", None)),
             ..Default::default()
         }),
         ..Default::default()
