@@ -1,18 +1,22 @@
 use super::*;
 
+fn platform(props: &[(&str, &str)]) -> reapi::Platform {
+    reapi::Platform {
+        properties: props
+            .iter()
+            .map(|(n, v)| reapi::platform::Property {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+    }
+}
+
 fn worker(id: &str, props: &[(&str, &str)]) -> wire::WorkerInfo {
     wire::WorkerInfo {
         worker_id: id.into(),
         instance_name: "main".into(),
-        platform: Some(reapi::Platform {
-            properties: props
-                .iter()
-                .map(|(n, v)| reapi::platform::Property {
-                    name: n.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-        }),
+        platform: Some(platform(props)),
         concurrency: 1,
     }
 }
@@ -24,15 +28,7 @@ fn action(tag: &str, props: &[(&str, &str)], priority: i32) -> NewAction {
     };
     let action = reapi::Action {
         command_digest: Some(Digest::of_message(&command).to_proto()),
-        platform: Some(reapi::Platform {
-            properties: props
-                .iter()
-                .map(|(n, v)| reapi::platform::Property {
-                    name: n.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-        }),
+        platform: Some(platform(props)),
         ..Default::default()
     };
     NewAction {
