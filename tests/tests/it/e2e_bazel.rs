@@ -61,6 +61,16 @@ fn ensure_all_cache_hits(run: &BazelRun, expected_hits: u64) -> Result<()> {
     Ok(())
 }
 
+/// `bazel clean`, then the same build again: all `spawns` are cache hits and
+/// the outputs are still byte-correct.
+fn rebuild_after_clean_hits_the_cache(bazel: &Bazel, flags: &[String], spawns: u64) -> Result<()> {
+    bazel.clean()?;
+    let again = bazel.build(with(flags, &[ALL_TARGETS]))?;
+    again.ensure_success()?;
+    ensure_all_cache_hits(&again, spawns)?;
+    fixture::check_build_outputs(bazel)
+}
+
 /// What Bazel says about the failing target: its exit code and its stderr.
 fn ensure_reports_broken_target(run: &BazelRun) -> Result<()> {
     ensure!(
@@ -133,11 +143,7 @@ fn rebuild_after_clean_is_all_remote_cache_hits() -> Result<()> {
     ensure_all_remote(&first)?;
     let spawns = first.summary()?.spawns();
 
-    bazel.clean()?;
-    let second = bazel.build(with(&flags, &[ALL_TARGETS]))?;
-    second.ensure_success()?;
-    ensure_all_cache_hits(&second, spawns)?;
-    fixture::check_build_outputs(&bazel)
+    rebuild_after_clean_hits_the_cache(&bazel, &flags, spawns)
 }
 
 /// (c) A failing action reports its exit code and its stderr through Bazel,
@@ -182,11 +188,7 @@ fn remote_cache_only_serves_local_builds() -> Result<()> {
     let spawns = summary.spawns();
     fixture::check_build_outputs(&bazel)?;
 
-    bazel.clean()?;
-    let second = bazel.build(with(&flags, &[ALL_TARGETS]))?;
-    second.ensure_success()?;
-    ensure_all_cache_hits(&second, spawns)?;
-    fixture::check_build_outputs(&bazel)
+    rebuild_after_clean_hits_the_cache(&bazel, &flags, spawns)
 }
 
 /// (e) A server restarted on the same data dir still has the CAS and the
