@@ -88,6 +88,16 @@ pub struct PostgresStore {
         serialize_with = "ser_size"
     )]
     pub max_blob_size: u64,
+    /// CAS only: bytes of blobs kept (or `500GiB`). Every 30 s the server
+    /// measures the store and, beyond this, deletes the least recently used
+    /// blobs until 90% of it is left. Unset: nothing is deleted by the server.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "de_opt_size",
+        serialize_with = "ser_opt_size"
+    )]
+    pub max_size: Option<u64>,
 }
 
 /// A Redis server.

@@ -41,7 +41,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::crd::{Endpoint, ServiceMonitor, ServiceMonitorSpec};
-use crate::spec::{LogFormatSpec, ResourcesSpec, StackSpec, WorkerPoolSpec};
+use crate::spec::{quantity_to_bytes, LogFormatSpec, ResourcesSpec, StackSpec, WorkerPoolSpec};
 
 /// Name of the server Deployment, Service, ServiceAccount and NetworkPolicy.
 pub const SERVER_NAME: &str = "buildkube-server";
@@ -96,6 +96,9 @@ pub const POSTGRES_MOUNT_DIR: &str = "/etc/buildkube/postgres";
 /// Blobs up to this size go to PostgreSQL (behind the server's read cache);
 /// larger ones stay on the server's volume. Also PostgreSQL's `max_blob_size`.
 pub const POSTGRES_BLOB_LIMIT: u64 = 64 << 20;
+/// Share of PostgreSQL's volume given to CAS blobs (its `max_size`); the
+/// rest holds indexes, WAL, and deleted rows until autovacuum reuses them.
+pub const POSTGRES_VOLUME_PERCENT: u64 = 60;
 /// TLS Secret that cert-manager fills for the Ingress.
 pub const TLS_SECRET: &str = "buildkube-tls";
 /// Annotation that makes cert-manager issue [`TLS_SECRET`].
@@ -847,6 +850,13 @@ fn exec_probe(command: &[&str], period: i32) -> Probe {
     }
 }
 
+/// PostgreSQL's CAS budget: [`POSTGRES_VOLUME_PERCENT`] of its volume.
+pub fn postgres_cas_max_size(spec: &StackSpec) -> u64 {
+    let volume = quantity_to_bytes(&spec.external_stores.postgres_storage_size)
+        .expect("validated: external_stores.postgres_storage_size");
+    volume / 100 * POSTGRES_VOLUME_PERCENT
+}
+
 /// Path of the server's `--storage-config` with external stores.
 pub fn storage_config_path() -> PathBuf {
     PathBuf::from(format!("{STORAGE_MOUNT_DIR}/{STORAGE_CONFIG_KEY}"))
@@ -854,8 +864,9 @@ pub fn storage_config_path() -> PathBuf {
 
 /// The server's stores with the `external-stores` component: blobs up to
 /// [`POSTGRES_BLOB_LIMIT`] in PostgreSQL behind a read cache on the server's
-/// volume, larger ones on that volume (half the CAS budget each); action
-/// results in Redis (entries expire after 7 days).
+/// volume, larger ones on that volume (half the CAS budget each),
+/// PostgreSQL kept within [`postgres_cas_max_size`]; action results in Redis
+/// (entries expire after 7 days).
 pub fn external_storage_config(spec: &StackSpec) -> StorageConfig {
     let budget = buildkube_config::parse_byte_size(&spec.server.cas_max_size)
         .expect("validated: server.cas_max_size");
@@ -876,6 +887,7 @@ pub fn external_storage_config(spec: &StackSpec) -> StorageConfig {
                     ),
                     pool_size: 8,
                     max_blob_size: POSTGRES_BLOB_LIMIT,
+                    max_size: Some(postgres_cas_max_size(spec)),
                 }),
             })),
             large: StoreConfig::Filesystem(FilesystemStore {

@@ -491,6 +491,8 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
             postgres_key => POSTGRES_PASSWORD_KEY,
             storage_configmap => objects::STORAGE_CONFIGMAP,
             postgres_blob_limit => objects::POSTGRES_BLOB_LIMIT,
+            postgres_max_size => objects::postgres_cas_max_size(spec),
+            postgres_volume_percent => objects::POSTGRES_VOLUME_PERCENT,
         },
     );
     tree.insert("components/README.md", GeneratedFile::text(readme));

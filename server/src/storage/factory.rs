@@ -10,8 +10,8 @@ use buildkube_config::storage::{StorageConfig, StoreConfig};
 use futures::future::BoxFuture;
 
 use super::{
-    ActionResultStore, FsActionCache, FsCas, PostgresActionCache, PostgresCas, PostgresPool,
-    ReadCache, RedisActionCache, SharedBlobStore, SizePartitioned,
+    ActionResultStore, FsActionCache, FsCas, PostgresActionCache, PostgresCas, PostgresCasOptions,
+    PostgresPool, ReadCache, RedisActionCache, SharedBlobStore, SizePartitioned,
 };
 
 /// The server's two stores.
@@ -79,7 +79,10 @@ fn blob_store<'a>(
                 let pool = PostgresPool::connect(&pg.url, password.as_deref(), pg.pool_size)
                     .await
                     .with_context(|| format!("{field}: opening the database"))?;
-                Arc::new(PostgresCas::new(pool, pg.max_blob_size))
+                Arc::new(PostgresCas::new(
+                    pool,
+                    PostgresCasOptions::new(pg.max_blob_size, pg.max_size),
+                ))
             }
             StoreConfig::Redis(_) => bail!(
                 "{field}.redis: Redis serves only the action cache; put the CAS in postgres or filesystem"
@@ -120,6 +123,9 @@ async fn action_store(
         }
         StoreConfig::Postgres(pg) => {
             let field = format!("{field}.postgres");
+            if pg.max_size.is_some() {
+                bail!("{field}.max_size: only a CAS has a size budget");
+            }
             let password = read_password(&field, pg.password_file.as_ref())?;
             let pool = PostgresPool::connect(&pg.url, password.as_deref(), pg.pool_size)
                 .await
@@ -198,6 +204,15 @@ mod tests {
             format!("{err:#}")
                 .starts_with("cas.read_cache.backing.postgres.password_file /nonexistent/pw"),
             "{err:#}"
+        );
+        let config = StorageConfig::from_yaml(
+            "cas: {filesystem: {path: c}}\naction_cache: {postgres: {url: 'postgres://u@h/d', max_size: 1GiB}}\n",
+        )
+        .unwrap();
+        let err = open(&config, dir.path(), 1).await.err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "action_cache.postgres.max_size: only a CAS has a size budget"
         );
     }
 }

@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 pub use action_cache::FsActionCache;
 pub use fs_cas::{FsBlobWriter, FsCas};
-pub use postgres::{PostgresActionCache, PostgresCas, PostgresPool};
+pub use postgres::{
+    MaintenanceReport, PostgresActionCache, PostgresCas, PostgresCasOptions, PostgresPool,
+};
 pub use read_cache::ReadCache;
 pub use redis_store::RedisActionCache;
 pub use size_partitioned::SizePartitioned;

@@ -1,5 +1,6 @@
 //! PostgreSQL stores: the CAS as `bytea` chunks and the action cache as
-//! encoded `ActionResult`s, in tables the server creates at start.
+//! encoded `ActionResult`s, in tables the server creates at start (in the
+//! first schema of the connection's `search_path`).
 //!
 //! A blob is published by one `INSERT` statement that writes its row in
 //! `buildkube_cas_blobs` and all its chunks together, so readers on any
@@ -7,13 +8,18 @@
 //! bytes, so a range read fetches only the chunks it covers. Writes are
 //! held in memory until verified, so blobs are capped by `max_blob_size`.
 //!
-//! Eviction: none by the server. Rows stay until deleted; an operator
-//! prunes with e.g. `DELETE FROM buildkube_cas_blobs WHERE created < now() -
-//! interval '30 days'` (chunks go with their blob; action results whose
-//! outputs are gone are then cache misses).
+//! Eviction: every blob row carries `accessed`, refreshed when the blob is
+//! found, read or uploaded again (at most once per [`PostgresCasOptions::touch_after`],
+//! so hot blobs do not turn every lookup into a write). A maintenance task
+//! measures the table every [`PostgresCasOptions::maintenance_interval`]
+//! (the `buildkube_cas_bytes` gauge) and, with `max_size` set and exceeded,
+//! deletes the least recently accessed blobs until 90% of `max_size` is
+//! left; chunks go with their blob. Servers sharing a database take turns
+//! through an advisory lock. Action results whose outputs are deleted
+//! become cache misses. The action cache is never pruned by the server.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +52,8 @@ CREATE TABLE IF NOT EXISTS buildkube_cas_blobs (
     created timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (hash, size)
 );
+ALTER TABLE buildkube_cas_blobs ADD COLUMN IF NOT EXISTS accessed timestamptz NOT NULL DEFAULT now();
+CREATE INDEX IF NOT EXISTS buildkube_cas_blobs_by_access ON buildkube_cas_blobs (accessed);
 CREATE TABLE IF NOT EXISTS buildkube_cas_chunks (
     hash bytea NOT NULL,
     size bigint NOT NULL,
@@ -163,20 +171,102 @@ fn size_param(digest: &Digest) -> i64 {
     digest.size() as i64
 }
 
+/// Advisory lock key held by the server that is evicting from a database.
+const EVICTION_LOCK: i64 = 7461627;
+/// Oldest blobs considered per eviction statement.
+const EVICTION_BATCH: i64 = 1000;
+/// Deleting blobs accessed more recently than this means the budget is too
+/// small for the working set: said in a warning.
+const YOUNG_EVICTION: f64 = 300.0;
+
+/// Limits and timing of a [`PostgresCas`].
+#[derive(Debug, Clone)]
+pub struct PostgresCasOptions {
+    /// Largest blob accepted, in bytes.
+    pub max_blob_size: u64,
+    /// Bytes of blobs kept; `None`: the server deletes nothing.
+    pub max_size: Option<u64>,
+    /// How often the table is measured (and pruned, with `max_size`).
+    pub maintenance_interval: Duration,
+    /// A blob's access time is refreshed when it is older than this.
+    pub touch_after: Duration,
+}
+
+impl PostgresCasOptions {
+    /// Blobs up to `max_blob_size`, at most `max_size` bytes in all, with
+    /// the default timing (measured every 30 s, access times kept to a minute).
+    pub fn new(max_blob_size: u64, max_size: Option<u64>) -> PostgresCasOptions {
+        PostgresCasOptions {
+            max_blob_size,
+            max_size,
+            maintenance_interval: Duration::from_secs(30),
+            touch_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What one maintenance pass found and did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaintenanceReport {
+    /// Bytes of blobs stored after the pass.
+    pub stored_bytes: u64,
+    /// Blobs stored after the pass.
+    pub stored_blobs: usize,
+    /// Blobs deleted by the pass.
+    pub evicted_blobs: usize,
+    /// Bytes of blobs deleted by the pass.
+    pub evicted_bytes: u64,
+}
+
 /// The CAS in PostgreSQL.
 #[derive(Clone)]
 pub struct PostgresCas {
     pool: PostgresPool,
     max_blob_size: u64,
+    touch_after_secs: f64,
+    maintainer: Arc<Maintainer>,
+    /// Stops the maintenance task when the last clone is dropped.
+    _maintenance: Arc<AbortOnDrop>,
 }
 
 impl PostgresCas {
-    /// The CAS over `pool`, accepting blobs up to `max_blob_size` bytes.
-    pub fn new(pool: PostgresPool, max_blob_size: u64) -> PostgresCas {
+    /// The CAS over `pool`; starts its maintenance task (needs a Tokio runtime).
+    pub fn new(pool: PostgresPool, options: PostgresCasOptions) -> PostgresCas {
+        let maintainer = Arc::new(Maintainer {
+            config: pool.inner.config.clone(),
+            max_size: options.max_size,
+            connection: tokio::sync::Mutex::new(None),
+            stored_bytes: AtomicU64::new(0),
+            stored_blobs: AtomicUsize::new(0),
+            measured: AtomicBool::new(false),
+        });
+        let task = tokio::spawn({
+            let maintainer = maintainer.clone();
+            let interval = options.maintenance_interval;
+            async move {
+                let mut ticks = tokio::time::interval(interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    if let Err(e) = maintainer.pass().await {
+                        tracing::warn!(error = %e, "PostgreSQL CAS maintenance failed; retrying at the next interval");
+                    }
+                }
+            }
+        });
         PostgresCas {
             pool,
-            max_blob_size,
+            max_blob_size: options.max_blob_size,
+            touch_after_secs: options.touch_after.as_secs_f64(),
+            maintainer,
+            _maintenance: Arc::new(AbortOnDrop(task)),
         }
+    }
+
+    /// Measures the store now and prunes it to its budget, as the
+    /// maintenance task does every interval.
+    pub async fn maintain(&self) -> Result<MaintenanceReport, StorageError> {
+        self.maintainer.pass().await
     }
 
     fn check_size(&self, digest: &Digest) -> Result<(), StorageError> {
@@ -187,6 +277,32 @@ impl PostgresCas {
                 limit: self.max_blob_size,
             });
         }
+        Ok(())
+    }
+
+    /// Refreshes the access time of those of `digests` last touched more
+    /// than `touch_after` ago.
+    async fn touch(&self, digests: &[Digest]) -> Result<(), StorageError> {
+        if digests.is_empty() {
+            return Ok(());
+        }
+        let hashes: Vec<&[u8]> = digests.iter().map(|d| d.hash_bytes().as_slice()).collect();
+        let sizes: Vec<i64> = digests.iter().map(size_param).collect();
+        self.pool
+            .client()
+            .await?
+            .execute(
+                "UPDATE buildkube_cas_blobs b SET accessed = now()
+                 FROM unnest($1::bytea[], $2::bigint[]) AS w(hash, size)
+                 WHERE b.hash = w.hash AND b.size = w.size
+                   AND b.accessed < now() - make_interval(secs => $3)",
+                &[&hashes, &sizes, &self.touch_after_secs],
+            )
+            .await
+            .map_err(StorageError::backend(
+                STORE,
+                format!("refreshing the access time of {} blobs", digests.len()),
+            ))?;
         Ok(())
     }
 
@@ -215,7 +331,8 @@ impl PutVerified for PostgresCas {
             return Ok(());
         }
         let chunks: Vec<&[u8]> = data.chunks(PG_CHUNK as usize).collect();
-        self.pool
+        let inserted = self
+            .pool
             .client()
             .await?
             .execute(
@@ -235,6 +352,10 @@ impl PutVerified for PostgresCas {
             )
             .await
             .map_err(StorageError::backend(STORE, format!("storing {digest}")))?;
+        if inserted == 0 {
+            // Stored already: uploaded again because a client needs it.
+            self.touch(&[digest]).await?;
+        }
         Ok(())
     }
 }
@@ -267,6 +388,7 @@ impl BlobStore for PostgresCas {
             tracing::warn!(%digest, len = data.len(), "blob changed while read; reporting it missing");
             return Ok(None);
         }
+        self.touch(&[*digest]).await?;
         Ok(Some(data.into()))
     }
 
@@ -357,20 +479,35 @@ impl BlobStore for PostgresCas {
             .client()
             .await?
             .query(
-                "SELECT b.hash, b.size FROM buildkube_cas_blobs b
+                "SELECT b.hash, b.size, b.accessed < now() - make_interval(secs => $3)
+                 FROM buildkube_cas_blobs b
                  JOIN unnest($1::bytea[], $2::bigint[]) AS w(hash, size)
                    ON b.hash = w.hash AND b.size = w.size",
-                &[&hashes, &sizes],
+                &[&hashes, &sizes, &self.touch_after_secs],
             )
             .await
             .map_err(StorageError::backend(
                 STORE,
                 format!("looking up {} blobs", wanted.len()),
             ))?;
-        let present: HashSet<(Vec<u8>, i64)> = rows
-            .iter()
-            .map(|row| (row.get::<_, Vec<u8>>(0), row.get::<_, i64>(1)))
-            .collect();
+        let mut present: HashSet<(Vec<u8>, i64)> = HashSet::with_capacity(rows.len());
+        let mut stale = Vec::new();
+        for row in &rows {
+            let key = (row.get::<_, Vec<u8>>(0), row.get::<_, i64>(1));
+            if row.get::<_, bool>(2) {
+                stale.extend(
+                    wanted
+                        .iter()
+                        .find(|d| {
+                            d.hash_bytes().as_slice() == key.0.as_slice() && size_param(d) == key.1
+                        })
+                        .copied(),
+                );
+            }
+            present.insert(key);
+        }
+        // The client is about to use what it was told exists: keep it.
+        self.touch(&stale).await?;
         Ok(wanted
             .into_iter()
             .filter(|d| !present.contains(&(d.hash_bytes().to_vec(), size_param(d))))
@@ -381,6 +518,162 @@ impl BlobStore for PostgresCas {
     async fn begin_write(&self, digest: Digest) -> Result<Box<dyn BlobSink>, StorageError> {
         self.check_size(&digest)?;
         Ok(Box::new(BufferedSink::new(self.clone(), digest)))
+    }
+
+    fn usage(&self) -> Option<(u64, usize)> {
+        self.maintainer.usage()
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Measures and prunes the CAS tables over a connection of its own (it
+/// holds a session lock and must not share a connection with other work).
+struct Maintainer {
+    config: tokio_postgres::Config,
+    max_size: Option<u64>,
+    connection: tokio::sync::Mutex<Option<Client>>,
+    stored_bytes: AtomicU64,
+    stored_blobs: AtomicUsize,
+    measured: AtomicBool,
+}
+
+impl Maintainer {
+    fn usage(&self) -> Option<(u64, usize)> {
+        self.measured.load(Ordering::Relaxed).then(|| {
+            (
+                self.stored_bytes.load(Ordering::Relaxed),
+                self.stored_blobs.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    async fn pass(&self) -> Result<MaintenanceReport, StorageError> {
+        let mut slot = self.connection.lock().await;
+        if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, connection) = self
+                .config
+                .connect(NoTls)
+                .await
+                .map_err(StorageError::backend(STORE, "connecting for maintenance"))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %e, "PostgreSQL maintenance connection lost");
+                }
+            });
+            *slot = Some(client);
+        }
+        let client = slot.as_ref().expect("connected above");
+        let result = self.measure_and_prune(client).await;
+        if result.is_err() {
+            // Whatever state the session is in (a held lock), start afresh.
+            *slot = None;
+        }
+        let report = result?;
+        self.stored_bytes
+            .store(report.stored_bytes, Ordering::Relaxed);
+        self.stored_blobs
+            .store(report.stored_blobs, Ordering::Relaxed);
+        self.measured.store(true, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    async fn measure_and_prune(&self, client: &Client) -> Result<MaintenanceReport, StorageError> {
+        let row = client
+            .query_one(
+                "SELECT coalesce(sum(size), 0)::bigint, count(*) FROM buildkube_cas_blobs",
+                &[],
+            )
+            .await
+            .map_err(StorageError::backend(STORE, "measuring the CAS"))?;
+        let mut report = MaintenanceReport {
+            stored_bytes: row.get::<_, i64>(0) as u64,
+            stored_blobs: row.get::<_, i64>(1) as usize,
+            evicted_blobs: 0,
+            evicted_bytes: 0,
+        };
+        let Some(max_size) = self.max_size else {
+            return Ok(report);
+        };
+        if report.stored_bytes <= max_size {
+            return Ok(report);
+        }
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&EVICTION_LOCK])
+            .await
+            .map_err(StorageError::backend(STORE, "taking the eviction lock"))?
+            .get(0);
+        if !locked {
+            tracing::debug!("another server is evicting from the PostgreSQL CAS");
+            return Ok(report);
+        }
+        let target = max_size - max_size / 10;
+        let mut youngest_age = f64::INFINITY;
+        let pruned = async {
+            while report.stored_bytes > target {
+                let need = (report.stored_bytes - target) as i64;
+                // The oldest blobs whose running total first reaches `need`;
+                // one touched since it was picked is spared.
+                let rows = client
+                    .query(
+                        "DELETE FROM buildkube_cas_blobs b
+                         USING (
+                             SELECT hash, size, accessed FROM (
+                                 SELECT hash, size, accessed,
+                                        sum(size) OVER (ORDER BY accessed, hash ROWS UNBOUNDED PRECEDING) AS running
+                                 FROM (SELECT hash, size, accessed FROM buildkube_cas_blobs
+                                       ORDER BY accessed LIMIT $2::bigint) oldest
+                             ) o WHERE running - size < $1::bigint
+                         ) v
+                         WHERE b.hash = v.hash AND b.size = v.size AND b.accessed = v.accessed
+                         RETURNING b.size, extract(epoch FROM now() - b.accessed)::float8",
+                        &[&need, &EVICTION_BATCH],
+                    )
+                    .await
+                    .map_err(StorageError::backend(STORE, "deleting least recently used blobs"))?;
+                if rows.is_empty() {
+                    break;
+                }
+                for row in &rows {
+                    let size = row.get::<_, i64>(0) as u64;
+                    youngest_age = youngest_age.min(row.get::<_, f64>(1));
+                    report.evicted_blobs += 1;
+                    report.evicted_bytes += size;
+                    report.stored_bytes = report.stored_bytes.saturating_sub(size);
+                    report.stored_blobs = report.stored_blobs.saturating_sub(1);
+                }
+            }
+            Ok::<(), StorageError>(())
+        }
+        .await;
+        let unlocked = client
+            .query_one("SELECT pg_advisory_unlock($1)", &[&EVICTION_LOCK])
+            .await
+            .map_err(StorageError::backend(STORE, "releasing the eviction lock"));
+        pruned?;
+        unlocked?;
+        tracing::info!(
+            evicted_blobs = report.evicted_blobs,
+            evicted_bytes = report.evicted_bytes,
+            stored_bytes = report.stored_bytes,
+            max_size,
+            "PostgreSQL CAS was over its max_size: deleted the least recently used blobs"
+        );
+        if youngest_age < YOUNG_EVICTION {
+            tracing::warn!(
+                youngest_evicted_age_secs = youngest_age as u64,
+                max_size,
+                "PostgreSQL CAS deleted blobs used in the last minutes: max_size is too small for the working set"
+            );
+        }
+        Ok(report)
     }
 }
 
@@ -474,7 +767,7 @@ mod tests {
     crate::storage::conformance::blob_store_conformance!(async {
         // A small chunk cap would not exercise multi-chunk blobs; the suite's
         // blobs stay under PG_CHUNK except where it crosses READ_CHUNK.
-        let cas = PostgresCas::new(pool().await, 64 << 20);
+        let cas = PostgresCas::new(pool().await, PostgresCasOptions::new(64 << 20, None));
         (Arc::new(cas) as crate::storage::SharedBlobStore, ())
     });
 
@@ -483,9 +776,126 @@ mod tests {
         (Arc::new(ac) as Arc<dyn ActionResultStore>, ())
     });
 
+    /// A pool whose tables live in a schema of their own, so that eviction
+    /// cannot touch the blobs of tests running beside it. Dropped at the end.
+    struct IsolatedSchema {
+        admin: PostgresPool,
+        name: String,
+        pool: PostgresPool,
+    }
+
+    impl IsolatedSchema {
+        async fn new(tag: &str) -> IsolatedSchema {
+            let admin = pool().await;
+            let name = format!("buildkube_test_{tag}_{}", std::process::id());
+            admin
+                .client()
+                .await
+                .unwrap()
+                .batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name};"
+                ))
+                .await
+                .unwrap();
+            let url = test_postgres_url();
+            let separator = if url.contains('?') { '&' } else { '?' };
+            let url = format!("{url}{separator}options=-csearch_path%3D{name}");
+            let pool = PostgresPool::connect(&url, None, 2).await.unwrap();
+            IsolatedSchema { admin, name, pool }
+        }
+
+        async fn drop_schema(self) {
+            self.admin
+                .client()
+                .await
+                .unwrap()
+                .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name))
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn evicts_least_recently_used_blobs_beyond_max_size() {
+        let schema = IsolatedSchema::new("evict").await;
+        let options = PostgresCasOptions {
+            max_size: Some(10_000),
+            // Passes run when the test says; every access counts.
+            maintenance_interval: Duration::from_secs(3600),
+            touch_after: Duration::ZERO,
+            ..PostgresCasOptions::new(64 << 20, None)
+        };
+        let cas = PostgresCas::new(schema.pool.clone(), options);
+        let blobs: Vec<(Digest, Bytes)> = (0..20)
+            .map(|_| crate::storage::conformance::unique_blob(1000))
+            .collect();
+        for (d, data) in &blobs {
+            cas.put(*d, data.clone()).await.unwrap();
+        }
+        let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+        // Used again, in three ways: found, read, uploaded again.
+        assert!(cas.find_missing(&digests[0..1]).await.unwrap().is_empty());
+        assert!(cas.get(&digests[1]).await.unwrap().is_some());
+        cas.put(digests[2], blobs[2].1.clone()).await.unwrap();
+
+        // 20,000 bytes against a budget of 10,000: down to 9,000, oldest
+        // first, which are blobs 3..=13 now.
+        let report = cas.maintain().await.unwrap();
+        assert_eq!(
+            report,
+            MaintenanceReport {
+                stored_bytes: 9_000,
+                stored_blobs: 9,
+                evicted_blobs: 11,
+                evicted_bytes: 11_000,
+            }
+        );
+        assert_eq!(
+            cas.find_missing(&digests).await.unwrap(),
+            digests[3..14].to_vec()
+        );
+        assert_eq!(cas.get(&digests[3]).await.unwrap(), None);
+        assert_eq!(
+            cas.get(&digests[19]).await.unwrap(),
+            Some(blobs[19].1.clone())
+        );
+        assert_eq!(cas.usage(), Some((9_000, 9)));
+
+        // Within budget: a pass measures and deletes nothing.
+        let report = cas.maintain().await.unwrap();
+        assert_eq!((report.stored_bytes, report.evicted_blobs), (9_000, 0));
+        drop(cas);
+        schema.drop_schema().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn usage_is_measured_by_the_maintenance_task() {
+        let schema = IsolatedSchema::new("usage").await;
+        let options = PostgresCasOptions {
+            maintenance_interval: Duration::from_millis(50),
+            ..PostgresCasOptions::new(64 << 20, None)
+        };
+        let cas = PostgresCas::new(schema.pool.clone(), options);
+        let (d, data) = crate::storage::conformance::unique_blob(4321);
+        cas.put(d, data).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while cas.usage() != Some((4321, 1)) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "usage still {:?}",
+                cas.usage()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Without max_size nothing is deleted, however much is stored.
+        assert_eq!(cas.maintain().await.unwrap().evicted_blobs, 0);
+        drop(cas);
+        schema.drop_schema().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn multi_chunk_blobs_read_by_range_and_cap_is_enforced() {
-        let cas = PostgresCas::new(pool().await, 3 * PG_CHUNK);
+        let cas = PostgresCas::new(pool().await, PostgresCasOptions::new(3 * PG_CHUNK, None));
         let (d, data) = crate::storage::conformance::unique_blob(2 * PG_CHUNK as usize + 123);
         cas.put(d, data.clone()).await.unwrap();
         assert_eq!(cas.get(&d).await.unwrap(), Some(data.clone()));

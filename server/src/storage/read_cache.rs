@@ -104,8 +104,9 @@ impl BlobStore for ReadCache {
         self.backing.begin_write(digest).await
     }
 
+    /// What the authoritative store holds (the cache holds a subset).
     fn usage(&self) -> Option<(u64, usize)> {
-        self.cache.usage()
+        self.backing.usage()
     }
 }
 
@@ -141,7 +142,10 @@ mod tests {
                 PostgresPool::connect(&crate::storage::conformance::test_postgres_url(), None, 2)
                     .await
                     .unwrap();
-            let backing = Arc::new(PostgresCas::new(pool, 64 << 20));
+            let backing = Arc::new(PostgresCas::new(
+                pool,
+                crate::storage::PostgresCasOptions::new(64 << 20, None),
+            ));
             (
                 Arc::new(ReadCache::new(cache, backing)) as SharedBlobStore,
                 dir,
