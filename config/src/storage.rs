@@ -79,9 +79,10 @@ pub struct PostgresStore {
     /// Connections opened to the database. Default 4.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
-    /// CAS only: largest blob accepted, in bytes (or `64MiB`). A write is
-    /// held in server memory until it is verified, so keep this modest and
-    /// put larger blobs elsewhere with `size_partitioned`. Default 64MiB.
+    /// CAS only: largest blob accepted, in bytes (or `64MiB`). Uploads
+    /// stream into the database in 1 MiB chunks, so this bounds what one
+    /// upload can add, not server memory; very large blobs are better kept on
+    /// a filesystem with `size_partitioned`. Default 1GiB.
     #[serde(
         default = "default_postgres_max_blob",
         deserialize_with = "de_size",
@@ -145,7 +146,7 @@ fn default_pool_size() -> usize {
     4
 }
 fn default_postgres_max_blob() -> u64 {
-    64 << 20
+    1 << 30
 }
 fn default_redis_prefix() -> String {
     "buildkube:".into()
@@ -242,7 +243,7 @@ mod tests {
         let StoreConfig::Postgres(pg) = &rc.backing else {
             panic!()
         };
-        assert_eq!((pg.pool_size, pg.max_blob_size), (4, 64 << 20));
+        assert_eq!((pg.pool_size, pg.max_blob_size), (4, 1 << 30));
         let StoreConfig::Redis(redis) = &config.action_cache else {
             panic!()
         };

@@ -29,7 +29,7 @@ pub use size_partitioned::SizePartitioned;
 
 use buildkube_proto::reapi::ActionResult;
 use buildkube_reapi::{Digest, Hasher};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::BoxStream;
 
 /// Blobs at most this large are verified inline; larger ones on a blocking thread.
@@ -318,58 +318,6 @@ impl UploadProgress {
             });
         }
         Ok(())
-    }
-}
-
-/// A store that can publish bytes already verified against their digest.
-#[async_trait::async_trait]
-pub(crate) trait PutVerified: Send + Sync + 'static {
-    async fn put_verified(&self, digest: Digest, data: Bytes) -> Result<(), StorageError>;
-}
-
-/// A streaming write for stores without a native one: bytes are held in
-/// memory (the store caps the size) and published in one put at commit.
-pub(crate) struct BufferedSink<S> {
-    store: S,
-    progress: UploadProgress,
-    buffer: BytesMut,
-}
-
-impl<S: PutVerified> BufferedSink<S> {
-    pub(crate) fn new(store: S, digest: Digest) -> BufferedSink<S> {
-        BufferedSink {
-            store,
-            progress: UploadProgress::new(digest),
-            buffer: BytesMut::new(),
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl<S: PutVerified> BlobSink for BufferedSink<S> {
-    fn digest(&self) -> Digest {
-        self.progress.digest()
-    }
-
-    fn committed_size(&self) -> u64 {
-        self.progress.committed_size()
-    }
-
-    async fn append(&mut self, offset: i64, data: Bytes) -> Result<(), StorageError> {
-        self.progress.check(offset, data.len())?;
-        self.progress.update(&data);
-        self.buffer.extend_from_slice(&data);
-        Ok(())
-    }
-
-    async fn commit(&mut self) -> Result<(), StorageError> {
-        if self.progress.is_committed() {
-            return Ok(());
-        }
-        let result = self.progress.finish();
-        let data = std::mem::take(&mut self.buffer).freeze();
-        result?;
-        self.store.put_verified(self.progress.digest(), data).await
     }
 }
 

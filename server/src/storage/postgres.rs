@@ -2,11 +2,16 @@
 //! encoded `ActionResult`s, in tables the server creates at start (in the
 //! first schema of the connection's `search_path`).
 //!
-//! A blob is published by one `INSERT` statement that writes its row in
+//! A blob is published by one statement that writes its row in
 //! `buildkube_cas_blobs` and all its chunks together, so readers on any
 //! server see either nothing or the whole blob. Chunks are [`PG_CHUNK`]
-//! bytes, so a range read fetches only the chunks it covers. Writes are
-//! held in memory until verified, so blobs are capped by `max_blob_size`.
+//! bytes, so a range read fetches only the chunks it covers. A streaming
+//! write stages each chunk in `buildkube_cas_uploads` as soon as it is full
+//! (the server holds at most one chunk of an upload) and, once every byte
+//! hashes to the digest, moves the chunks under the blob in that one
+//! statement. Staged chunks of abandoned uploads are deleted when the
+//! upload is dropped, and those a crashed server left by the maintenance
+//! task after [`STAGED_CHUNK_LIFETIME`].
 //!
 //! Eviction: every blob row carries `accessed`, refreshed when the blob is
 //! found, read or uploaded again (at most once per [`PostgresCasOptions::touch_after`],
@@ -25,13 +30,13 @@ use std::time::Duration;
 
 use buildkube_proto::reapi::ActionResult;
 use buildkube_reapi::Digest;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use prost::Message;
 use tokio_postgres::{Client, NoTls};
 
 use super::{
     decode_stored_result, stream_slice, verify, ActionResultStore, BlobSink, BlobStore, BlobStream,
-    BufferedSink, PutVerified, StorageError, READ_CHUNK,
+    StorageError, UploadProgress, READ_CHUNK,
 };
 
 /// Bytes per stored chunk. Part of the table layout: changing it makes
@@ -61,6 +66,13 @@ CREATE TABLE IF NOT EXISTS buildkube_cas_chunks (
     data bytea NOT NULL,
     PRIMARY KEY (hash, size, idx),
     FOREIGN KEY (hash, size) REFERENCES buildkube_cas_blobs ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS buildkube_cas_uploads (
+    upload bigint NOT NULL,
+    idx integer NOT NULL,
+    data bytea NOT NULL,
+    staged timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (upload, idx)
 );
 CREATE TABLE IF NOT EXISTS buildkube_action_results (
     instance text NOT NULL,
@@ -170,6 +182,9 @@ impl PostgresPool {
 fn size_param(digest: &Digest) -> i64 {
     digest.size() as i64
 }
+
+/// Staged chunks older than this belong to uploads no server will finish.
+const STAGED_CHUNK_LIFETIME: &str = "6 hours";
 
 /// Advisory lock key held by the server that is evicting from a database.
 const EVICTION_LOCK: i64 = 7461627;
@@ -324,8 +339,8 @@ impl PostgresCas {
     }
 }
 
-#[async_trait::async_trait]
-impl PutVerified for PostgresCas {
+impl PostgresCas {
+    /// Publishes a blob already verified against its digest in one statement.
     async fn put_verified(&self, digest: Digest, data: Bytes) -> Result<(), StorageError> {
         if digest.is_empty_blob() {
             return Ok(());
@@ -517,11 +532,204 @@ impl BlobStore for PostgresCas {
 
     async fn begin_write(&self, digest: Digest) -> Result<Box<dyn BlobSink>, StorageError> {
         self.check_size(&digest)?;
-        Ok(Box::new(BufferedSink::new(self.clone(), digest)))
+        Ok(Box::new(PostgresSink {
+            cas: self.clone(),
+            progress: UploadProgress::new(digest),
+            upload: uuid::Uuid::new_v4().as_u64_pair().0 as i64,
+            pending: BytesMut::new(),
+            staged_chunks: 0,
+            failed: false,
+        }))
     }
 
     fn usage(&self) -> Option<(u64, usize)> {
         self.maintainer.usage()
+    }
+}
+
+/// A streaming write: full chunks are staged in `buildkube_cas_uploads`
+/// under a random upload id as they arrive; commit verifies the digest and
+/// publishes them (see the module docs).
+struct PostgresSink {
+    cas: PostgresCas,
+    progress: UploadProgress,
+    upload: i64,
+    /// Bytes received but not staged: less than one chunk.
+    pending: BytesMut,
+    staged_chunks: i32,
+    /// A staging write failed: the upload cannot be completed.
+    failed: bool,
+}
+
+impl PostgresSink {
+    async fn stage(&mut self, data: &[u8]) -> Result<(), StorageError> {
+        let digest = self.progress.digest();
+        let idx = self.staged_chunks;
+        self.cas
+            .pool
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO buildkube_cas_uploads (upload, idx, data) VALUES ($1, $2, $3)",
+                &[&self.upload, &idx, &data],
+            )
+            .await
+            .map_err(StorageError::backend(
+                STORE,
+                format!("staging chunk {idx} of {digest}"),
+            ))?;
+        self.staged_chunks += 1;
+        Ok(())
+    }
+
+    fn check_usable(&self) -> Result<(), StorageError> {
+        if self.failed {
+            return Err(StorageError::Backend {
+                store: STORE,
+                action: format!("writing {}", self.progress.digest()),
+                message: "an earlier write of this upload failed; start it again".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Moves the staged chunks under the blob; false if it was stored already.
+    async fn publish_staged(&self) -> Result<bool, StorageError> {
+        let digest = self.progress.digest();
+        let row = self
+            .cas
+            .pool
+            .client()
+            .await?
+            .query_one(
+                "WITH ready AS (
+                     SELECT count(*) = $4 AS complete FROM buildkube_cas_uploads WHERE upload = $3
+                 ), blob AS (
+                     INSERT INTO buildkube_cas_blobs (hash, size)
+                     SELECT $1, $2 FROM ready WHERE ready.complete
+                     ON CONFLICT DO NOTHING RETURNING 1
+                 ), moved AS (
+                     INSERT INTO buildkube_cas_chunks (hash, size, idx, data)
+                     SELECT $1, $2, u.idx, u.data FROM buildkube_cas_uploads u, blob
+                     WHERE u.upload = $3
+                     ON CONFLICT DO NOTHING RETURNING 1
+                 ), unstaged AS (
+                     DELETE FROM buildkube_cas_uploads WHERE upload = $3 RETURNING 1
+                 )
+                 SELECT (SELECT complete FROM ready), (SELECT count(*) FROM blob)",
+                &[
+                    &digest.hash_bytes().as_slice(),
+                    &size_param(&digest),
+                    &self.upload,
+                    &(self.staged_chunks as i64),
+                ],
+            )
+            .await
+            .map_err(StorageError::backend(STORE, format!("publishing {digest}")))?;
+        if !row.get::<_, bool>(0) {
+            return Err(StorageError::Backend {
+                store: STORE,
+                action: format!("publishing {digest}"),
+                message: format!(
+                    "staged chunks of the upload are gone (deleted after {STAGED_CHUNK_LIFETIME}?); upload it again"
+                ),
+            });
+        }
+        Ok(row.get::<_, i64>(1) == 1)
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobSink for PostgresSink {
+    fn digest(&self) -> Digest {
+        self.progress.digest()
+    }
+
+    fn committed_size(&self) -> u64 {
+        self.progress.committed_size()
+    }
+
+    async fn append(&mut self, offset: i64, data: Bytes) -> Result<(), StorageError> {
+        self.check_usable()?;
+        self.progress.check(offset, data.len())?;
+        self.progress.update(&data);
+        self.pending.extend_from_slice(&data);
+        while self.pending.len() as u64 >= PG_CHUNK {
+            let chunk = self.pending.split_to(PG_CHUNK as usize);
+            if let Err(e) = self.stage(&chunk).await {
+                self.failed = true;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), StorageError> {
+        if self.progress.is_committed() {
+            return Ok(());
+        }
+        self.check_usable()?;
+        let result = self.progress.finish();
+        if let Err(e) = result {
+            self.failed = true;
+            return Err(e);
+        }
+        let digest = self.progress.digest();
+        if self.staged_chunks == 0 {
+            // At most one chunk: published straight from memory.
+            let data = std::mem::take(&mut self.pending).freeze();
+            return self.cas.put_verified(digest, data).await;
+        }
+        if !self.pending.is_empty() {
+            let last = std::mem::take(&mut self.pending);
+            if let Err(e) = self.stage(&last).await {
+                self.failed = true;
+                return Err(e);
+            }
+        }
+        let inserted = match self.publish_staged().await {
+            Ok(inserted) => inserted,
+            Err(e) => {
+                self.failed = true;
+                return Err(e);
+            }
+        };
+        self.staged_chunks = 0;
+        if !inserted {
+            self.cas.touch(&[digest]).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PostgresSink {
+    fn drop(&mut self) {
+        if self.staged_chunks == 0 {
+            return;
+        }
+        // Abandoned with chunks staged: delete them (a crash leaves them to
+        // the maintenance task).
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = self.cas.pool.clone();
+        let upload = self.upload;
+        let digest = self.progress.digest();
+        runtime.spawn(async move {
+            let deleted = async {
+                pool.client()
+                    .await?
+                    .execute(
+                        "DELETE FROM buildkube_cas_uploads WHERE upload = $1",
+                        &[&upload],
+                    )
+                    .await
+                    .map_err(StorageError::backend(STORE, "deleting staged chunks"))
+            };
+            if let Err(e) = deleted.await {
+                tracing::warn!(%digest, error = %e, "could not delete the staged chunks of an abandoned upload; maintenance will");
+            }
+        });
     }
 }
 
@@ -593,6 +801,15 @@ impl Maintainer {
             )
             .await
             .map_err(StorageError::backend(STORE, "measuring the CAS"))?;
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM buildkube_cas_uploads WHERE staged < now() - interval '{STAGED_CHUNK_LIFETIME}'"
+                ),
+                &[],
+            )
+            .await
+            .map_err(StorageError::backend(STORE, "deleting stale staged chunks"))?;
         let mut report = MaintenanceReport {
             stored_bytes: row.get::<_, i64>(0) as u64,
             stored_blobs: row.get::<_, i64>(1) as usize,
@@ -889,6 +1106,138 @@ mod tests {
         }
         // Without max_size nothing is deleted, however much is stored.
         assert_eq!(cas.maintain().await.unwrap().evicted_blobs, 0);
+        drop(cas);
+        schema.drop_schema().await;
+    }
+
+    async fn staged_chunks(pool: &PostgresPool) -> i64 {
+        pool.client()
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM buildkube_cas_uploads", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn wait_for_no_staged_chunks(pool: &PostgresPool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while staged_chunks(pool).await != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "staged chunks were not deleted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn cas_in(schema: &IsolatedSchema) -> PostgresCas {
+        PostgresCas::new(schema.pool.clone(), PostgresCasOptions::new(64 << 20, None))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streaming_writes_stage_chunks_and_publish_them_at_once() {
+        let schema = IsolatedSchema::new("stream").await;
+        let cas = cas_in(&schema);
+        let (d, data) = crate::storage::conformance::unique_blob(2 * PG_CHUNK as usize + 4321);
+        let mut sink = cas.begin_write(d).await.unwrap();
+        let mut offset = 0;
+        for piece in data.chunks(100_000) {
+            sink.append(offset as i64, Bytes::copy_from_slice(piece))
+                .await
+                .unwrap();
+            offset += piece.len();
+        }
+        // Two full chunks wait in the staging table; the rest in memory.
+        assert_eq!(staged_chunks(&schema.pool).await, 2);
+        assert_eq!(cas.find_missing(&[d]).await.unwrap(), vec![d]);
+        assert_eq!(cas.get(&d).await.unwrap(), None);
+        sink.commit().await.unwrap();
+        assert_eq!(staged_chunks(&schema.pool).await, 0);
+        assert_eq!(cas.get(&d).await.unwrap(), Some(data.clone()));
+
+        // The same blob again: nothing duplicated, staging emptied.
+        let mut again = cas.begin_write(d).await.unwrap();
+        again.append(0, data.clone()).await.unwrap();
+        again.commit().await.unwrap();
+        assert_eq!(staged_chunks(&schema.pool).await, 0);
+        assert_eq!(cas.maintain().await.unwrap().stored_blobs, 1);
+        assert_eq!(cas.get(&d).await.unwrap(), Some(data));
+        drop(cas);
+        schema.drop_schema().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_and_abandoned_streaming_writes_leave_nothing() {
+        let schema = IsolatedSchema::new("abandon").await;
+        let cas = cas_in(&schema);
+        let (d, data) = crate::storage::conformance::unique_blob(3 * PG_CHUNK as usize);
+
+        // Wrong bytes in the last chunk: refused at commit, staging deleted.
+        let mut wrong = data.to_vec();
+        *wrong.last_mut().unwrap() ^= 0xff;
+        let mut sink = cas.begin_write(d).await.unwrap();
+        sink.append(0, wrong.into()).await.unwrap();
+        let err = sink.commit().await.unwrap_err();
+        assert!(matches!(err, StorageError::DigestMismatch { .. }), "{err}");
+        drop(sink);
+        wait_for_no_staged_chunks(&schema.pool).await;
+        assert_eq!(cas.find_missing(&[d]).await.unwrap(), vec![d]);
+
+        // Dropped half way.
+        let mut sink = cas.begin_write(d).await.unwrap();
+        sink.append(0, data.slice(..2 * PG_CHUNK as usize))
+            .await
+            .unwrap();
+        assert_eq!(staged_chunks(&schema.pool).await, 2);
+        drop(sink);
+        wait_for_no_staged_chunks(&schema.pool).await;
+
+        // Staged chunks gone before commit (as maintenance deletes a dead
+        // server's): commit fails, nothing is published.
+        let mut sink = cas.begin_write(d).await.unwrap();
+        sink.append(0, data.clone()).await.unwrap();
+        schema
+            .pool
+            .client()
+            .await
+            .unwrap()
+            .execute("DELETE FROM buildkube_cas_uploads WHERE idx = 1", &[])
+            .await
+            .unwrap();
+        let err = sink.commit().await.unwrap_err();
+        assert!(err.to_string().contains("staged chunks"), "{err}");
+        assert!(sink.append(0, data.slice(..1)).await.is_err());
+        drop(sink);
+        wait_for_no_staged_chunks(&schema.pool).await;
+        assert_eq!(cas.find_missing(&[d]).await.unwrap(), vec![d]);
+        assert_eq!(cas.get(&d).await.unwrap(), None);
+        drop(cas);
+        schema.drop_schema().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn maintenance_deletes_chunks_staged_long_ago() {
+        let schema = IsolatedSchema::new("stale").await;
+        let cas = cas_in(&schema);
+        let client = schema.pool.client().await.unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO buildkube_cas_uploads (upload, idx, data, staged) VALUES
+                   (1, 0, 'old', now() - interval '7 hours'),
+                   (2, 0, 'recent', now() - interval '1 hour')",
+            )
+            .await
+            .unwrap();
+        cas.maintain().await.unwrap();
+        let left: Vec<i64> = client
+            .query("SELECT upload FROM buildkube_cas_uploads", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(left, vec![2]);
         drop(cas);
         schema.drop_schema().await;
     }

@@ -32,6 +32,7 @@ fn postgres() -> StoreConfig {
         password_file: None,
         pool_size: 2,
         max_blob_size: 64 << 20,
+        max_size: None,
     })
 }
 
@@ -120,6 +121,20 @@ async fn state_survives_a_fresh_data_dir(action_cache: StoreConfig) {
     assert_eq!(tail, large.1[offset as usize..offset as usize + 100]);
     let got = get_action_result(&mut c, action).await.unwrap();
     assert_eq!(got, result);
+
+    // The CAS gauge reports PostgreSQL (shared with other tests: at least ours).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let bytes = second.metric("buildkube_cas_bytes").unwrap().unwrap_or(0.0);
+        if bytes >= (large.0.size() + small.0.size()) as f64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "buildkube_cas_bytes is {bytes}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
