@@ -2,16 +2,18 @@
 //! encoded `ActionResult`s, in tables the server creates at start (in the
 //! first schema of the connection's `search_path`).
 //!
-//! A blob is published by one statement that writes its row in
-//! `buildkube_cas_blobs` and all its chunks together, so readers on any
-//! server see either nothing or the whole blob. Chunks are [`PG_CHUNK`]
-//! bytes, so a range read fetches only the chunks it covers. A streaming
-//! write stages each chunk in `buildkube_cas_uploads` as soon as it is full
-//! (the server holds at most one chunk of an upload) and, once every byte
-//! hashes to the digest, moves the chunks under the blob in that one
-//! statement. Staged chunks of abandoned uploads are deleted when the
-//! upload is dropped, and those a crashed server left by the maintenance
-//! task after [`STAGED_CHUNK_LIFETIME`].
+//! A blob's bytes are rows of `buildkube_cas_content`, [`PG_CHUNK`] bytes
+//! each, under a random content id; its row in `buildkube_cas_blobs` maps
+//! the digest to that id and is what makes it visible, so readers on any
+//! server see either nothing or the whole blob, and a range read fetches
+//! only the chunks it covers. A whole blob is written in one statement. A
+//! streaming write registers its content id in `buildkube_cas_uploads`,
+//! writes each chunk as soon as it is full (the server holds at most one
+//! chunk of an upload) and, once every byte hashes to the digest, publishes
+//! with one statement that claims the upload and inserts the blob row: the
+//! bytes are written once, never copied. Chunks of abandoned uploads are
+//! deleted when the upload is dropped, and those a crashed server left by
+//! the maintenance task after [`UPLOAD_LIFETIME`].
 //!
 //! Eviction: every blob row carries `accessed`, refreshed when the blob is
 //! found, read or uploaded again (at most once per [`PostgresCasOptions::touch_after`],
@@ -54,25 +56,21 @@ SELECT pg_advisory_xact_lock(7461626);
 CREATE TABLE IF NOT EXISTS buildkube_cas_blobs (
     hash bytea NOT NULL,
     size bigint NOT NULL,
+    content bigint NOT NULL,
     created timestamptz NOT NULL DEFAULT now(),
+    accessed timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (hash, size)
 );
-ALTER TABLE buildkube_cas_blobs ADD COLUMN IF NOT EXISTS accessed timestamptz NOT NULL DEFAULT now();
 CREATE INDEX IF NOT EXISTS buildkube_cas_blobs_by_access ON buildkube_cas_blobs (accessed);
-CREATE TABLE IF NOT EXISTS buildkube_cas_chunks (
-    hash bytea NOT NULL,
-    size bigint NOT NULL,
+CREATE TABLE IF NOT EXISTS buildkube_cas_content (
+    content bigint NOT NULL,
     idx integer NOT NULL,
     data bytea NOT NULL,
-    PRIMARY KEY (hash, size, idx),
-    FOREIGN KEY (hash, size) REFERENCES buildkube_cas_blobs ON DELETE CASCADE
+    PRIMARY KEY (content, idx)
 );
 CREATE TABLE IF NOT EXISTS buildkube_cas_uploads (
-    upload bigint NOT NULL,
-    idx integer NOT NULL,
-    data bytea NOT NULL,
-    staged timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (upload, idx)
+    content bigint PRIMARY KEY,
+    started timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS buildkube_action_results (
     instance text NOT NULL,
@@ -183,8 +181,13 @@ fn size_param(digest: &Digest) -> i64 {
     digest.size() as i64
 }
 
-/// Staged chunks older than this belong to uploads no server will finish.
-const STAGED_CHUNK_LIFETIME: &str = "6 hours";
+/// A fresh key for the chunks of one write.
+fn new_content_id() -> i64 {
+    uuid::Uuid::new_v4().as_u64_pair().0 as i64
+}
+
+/// Uploads started longer ago than this will not be finished by any server.
+const UPLOAD_LIFETIME: &str = "6 hours";
 
 /// Advisory lock key held by the server that is evicting from a database.
 const EVICTION_LOCK: i64 = 7461627;
@@ -327,7 +330,9 @@ impl PostgresCas {
             .client()
             .await?
             .query_opt(
-                "SELECT data FROM buildkube_cas_chunks WHERE hash = $1 AND size = $2 AND idx = $3",
+                "SELECT c.data FROM buildkube_cas_blobs b
+                 JOIN buildkube_cas_content c ON c.content = b.content
+                 WHERE b.hash = $1 AND b.size = $2 AND c.idx = $3",
                 &[&digest.hash_bytes().as_slice(), &size_param(digest), &idx],
             )
             .await
@@ -346,22 +351,23 @@ impl PostgresCas {
             return Ok(());
         }
         let chunks: Vec<&[u8]> = data.chunks(PG_CHUNK as usize).collect();
+        // The content goes in only with the blob row, in the same statement.
         let inserted = self
             .pool
             .client()
             .await?
             .execute(
                 "WITH blob AS (
-                    INSERT INTO buildkube_cas_blobs (hash, size) VALUES ($1, $2)
+                    INSERT INTO buildkube_cas_blobs (hash, size, content) VALUES ($1, $2, $3)
                     ON CONFLICT DO NOTHING RETURNING 1
                  )
-                 INSERT INTO buildkube_cas_chunks (hash, size, idx, data)
-                 SELECT $1, $2, (t.ord - 1)::integer, t.data
-                 FROM unnest($3::bytea[]) WITH ORDINALITY AS t(data, ord), blob
-                 ON CONFLICT DO NOTHING",
+                 INSERT INTO buildkube_cas_content (content, idx, data)
+                 SELECT $3, (t.ord - 1)::integer, t.data
+                 FROM unnest($4::bytea[]) WITH ORDINALITY AS t(data, ord), blob",
                 &[
                     &digest.hash_bytes().as_slice(),
                     &size_param(&digest),
+                    &new_content_id(),
                     &chunks,
                 ],
             )
@@ -386,7 +392,9 @@ impl BlobStore for PostgresCas {
             .client()
             .await?
             .query(
-                "SELECT data FROM buildkube_cas_chunks WHERE hash = $1 AND size = $2 ORDER BY idx",
+                "SELECT c.data FROM buildkube_cas_blobs b
+                 JOIN buildkube_cas_content c ON c.content = b.content
+                 WHERE b.hash = $1 AND b.size = $2 ORDER BY c.idx",
                 &[&digest.hash_bytes().as_slice(), &size_param(digest)],
             )
             .await
@@ -535,7 +543,7 @@ impl BlobStore for PostgresCas {
         Ok(Box::new(PostgresSink {
             cas: self.clone(),
             progress: UploadProgress::new(digest),
-            upload: uuid::Uuid::new_v4().as_u64_pair().0 as i64,
+            content: new_content_id(),
             pending: BytesMut::new(),
             staged_chunks: 0,
             failed: false,
@@ -547,17 +555,19 @@ impl BlobStore for PostgresCas {
     }
 }
 
-/// A streaming write: full chunks are staged in `buildkube_cas_uploads`
-/// under a random upload id as they arrive; commit verifies the digest and
-/// publishes them (see the module docs).
+/// A streaming write: each full chunk is written under the upload's
+/// content id as it arrives; commit verifies the digest and publishes the
+/// blob row (see the module docs).
 struct PostgresSink {
     cas: PostgresCas,
     progress: UploadProgress,
-    upload: i64,
-    /// Bytes received but not staged: less than one chunk.
+    /// Key of this upload's chunks and of its `buildkube_cas_uploads` row.
+    content: i64,
+    /// Bytes received but not written: less than one chunk.
     pending: BytesMut,
+    /// Chunks written and not yet published or discarded.
     staged_chunks: i32,
-    /// A staging write failed: the upload cannot be completed.
+    /// A write failed: the upload cannot be completed.
     failed: bool,
 }
 
@@ -565,18 +575,23 @@ impl PostgresSink {
     async fn stage(&mut self, data: &[u8]) -> Result<(), StorageError> {
         let digest = self.progress.digest();
         let idx = self.staged_chunks;
+        // The first chunk registers the upload, so that the chunks of one
+        // that is never finished can be found and deleted.
+        let statement = if idx == 0 {
+            "WITH upload AS (INSERT INTO buildkube_cas_uploads (content) VALUES ($1))
+             INSERT INTO buildkube_cas_content (content, idx, data) VALUES ($1, $2, $3)"
+        } else {
+            "INSERT INTO buildkube_cas_content (content, idx, data) VALUES ($1, $2, $3)"
+        };
         self.cas
             .pool
             .client()
             .await?
-            .execute(
-                "INSERT INTO buildkube_cas_uploads (upload, idx, data) VALUES ($1, $2, $3)",
-                &[&self.upload, &idx, &data],
-            )
+            .execute(statement, &[&self.content, &idx, &data])
             .await
             .map_err(StorageError::backend(
                 STORE,
-                format!("staging chunk {idx} of {digest}"),
+                format!("writing chunk {idx} of {digest}"),
             ))?;
         self.staged_chunks += 1;
         Ok(())
@@ -593,7 +608,9 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// Moves the staged chunks under the blob; false if it was stored already.
+    /// Claims the upload and inserts the blob row over its chunks; false if
+    /// the blob was stored already (then the chunks are deleted, in the same
+    /// statement).
     async fn publish_staged(&self) -> Result<bool, StorageError> {
         let digest = self.progress.digest();
         let row = self
@@ -602,25 +619,25 @@ impl PostgresSink {
             .client()
             .await?
             .query_one(
-                "WITH ready AS (
-                     SELECT count(*) = $4 AS complete FROM buildkube_cas_uploads WHERE upload = $3
+                "WITH claimed AS (
+                     DELETE FROM buildkube_cas_uploads WHERE content = $3 RETURNING 1
+                 ), ready AS (
+                     SELECT (SELECT count(*) FROM claimed) = 1
+                        AND (SELECT count(*) FROM buildkube_cas_content WHERE content = $3) = $4
+                        AS complete
                  ), blob AS (
-                     INSERT INTO buildkube_cas_blobs (hash, size)
-                     SELECT $1, $2 FROM ready WHERE ready.complete
+                     INSERT INTO buildkube_cas_blobs (hash, size, content)
+                     SELECT $1, $2, $3 FROM ready WHERE ready.complete
                      ON CONFLICT DO NOTHING RETURNING 1
-                 ), moved AS (
-                     INSERT INTO buildkube_cas_chunks (hash, size, idx, data)
-                     SELECT $1, $2, u.idx, u.data FROM buildkube_cas_uploads u, blob
-                     WHERE u.upload = $3
-                     ON CONFLICT DO NOTHING RETURNING 1
-                 ), unstaged AS (
-                     DELETE FROM buildkube_cas_uploads WHERE upload = $3 RETURNING 1
+                 ), discarded AS (
+                     DELETE FROM buildkube_cas_content
+                     WHERE content = $3 AND NOT EXISTS (SELECT 1 FROM blob)
                  )
                  SELECT (SELECT complete FROM ready), (SELECT count(*) FROM blob)",
                 &[
                     &digest.hash_bytes().as_slice(),
                     &size_param(&digest),
-                    &self.upload,
+                    &self.content,
                     &(self.staged_chunks as i64),
                 ],
             )
@@ -631,7 +648,7 @@ impl PostgresSink {
                 store: STORE,
                 action: format!("publishing {digest}"),
                 message: format!(
-                    "staged chunks of the upload are gone (deleted after {STAGED_CHUNK_LIFETIME}?); upload it again"
+                    "chunks of the upload are gone (an upload is abandoned after {UPLOAD_LIFETIME}); upload it again"
                 ),
             });
         }
@@ -687,14 +704,16 @@ impl BlobSink for PostgresSink {
                 return Err(e);
             }
         }
-        let inserted = match self.publish_staged().await {
+        let published = self.publish_staged().await;
+        // Claimed either way: the chunks are the blob's now, or deleted.
+        self.staged_chunks = 0;
+        let inserted = match published {
             Ok(inserted) => inserted,
             Err(e) => {
                 self.failed = true;
                 return Err(e);
             }
         };
-        self.staged_chunks = 0;
         if !inserted {
             self.cas.touch(&[digest]).await?;
         }
@@ -707,27 +726,32 @@ impl Drop for PostgresSink {
         if self.staged_chunks == 0 {
             return;
         }
-        // Abandoned with chunks staged: delete them (a crash leaves them to
-        // the maintenance task).
+        // Abandoned with chunks written: delete them, but only while the
+        // upload is still unclaimed (a publish whose answer was lost may have
+        // made them a blob's). A crash leaves them to the maintenance task.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let pool = self.cas.pool.clone();
-        let upload = self.upload;
+        let content = self.content;
         let digest = self.progress.digest();
         runtime.spawn(async move {
             let deleted = async {
                 pool.client()
                     .await?
                     .execute(
-                        "DELETE FROM buildkube_cas_uploads WHERE upload = $1",
-                        &[&upload],
+                        "WITH upload AS (
+                             DELETE FROM buildkube_cas_uploads WHERE content = $1 RETURNING 1
+                         )
+                         DELETE FROM buildkube_cas_content
+                         WHERE content = $1 AND EXISTS (SELECT 1 FROM upload)",
+                        &[&content],
                     )
                     .await
-                    .map_err(StorageError::backend(STORE, "deleting staged chunks"))
+                    .map_err(StorageError::backend(STORE, "deleting the chunks of an abandoned upload"))
             };
             if let Err(e) = deleted.await {
-                tracing::warn!(%digest, error = %e, "could not delete the staged chunks of an abandoned upload; maintenance will");
+                tracing::warn!(%digest, error = %e, "could not delete the chunks of an abandoned upload; maintenance will");
             }
         });
     }
@@ -804,12 +828,16 @@ impl Maintainer {
         client
             .execute(
                 &format!(
-                    "DELETE FROM buildkube_cas_uploads WHERE staged < now() - interval '{STAGED_CHUNK_LIFETIME}'"
+                    "WITH dead AS (
+                         DELETE FROM buildkube_cas_uploads
+                         WHERE started < now() - interval '{UPLOAD_LIFETIME}' RETURNING content
+                     )
+                     DELETE FROM buildkube_cas_content c USING dead WHERE c.content = dead.content"
                 ),
                 &[],
             )
             .await
-            .map_err(StorageError::backend(STORE, "deleting stale staged chunks"))?;
+            .map_err(StorageError::backend(STORE, "deleting abandoned uploads"))?;
         let mut report = MaintenanceReport {
             stored_bytes: row.get::<_, i64>(0) as u64,
             stored_blobs: row.get::<_, i64>(1) as usize,
@@ -840,7 +868,8 @@ impl Maintainer {
                 // one touched since it was picked is spared.
                 let rows = client
                     .query(
-                        "DELETE FROM buildkube_cas_blobs b
+                        "WITH gone AS (
+                         DELETE FROM buildkube_cas_blobs b
                          USING (
                              SELECT hash, size, accessed FROM (
                                  SELECT hash, size, accessed,
@@ -850,7 +879,11 @@ impl Maintainer {
                              ) o WHERE running - size < $1::bigint
                          ) v
                          WHERE b.hash = v.hash AND b.size = v.size AND b.accessed = v.accessed
-                         RETURNING b.size, extract(epoch FROM now() - b.accessed)::float8",
+                         RETURNING b.size, b.content, extract(epoch FROM now() - b.accessed)::float8 AS age
+                         ), content AS (
+                             DELETE FROM buildkube_cas_content c USING gone WHERE c.content = gone.content
+                         )
+                         SELECT size, age FROM gone",
                         &[&need, &EVICTION_BATCH],
                     )
                     .await
@@ -1077,6 +1110,16 @@ mod tests {
             Some(blobs[19].1.clone())
         );
         assert_eq!(cas.usage(), Some((9_000, 9)));
+        let content_rows: i64 = schema
+            .pool
+            .client()
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM buildkube_cas_content", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(content_rows, 9, "evicted blobs' chunks are deleted with them");
 
         // Within budget: a pass measures and deletes nothing.
         let report = cas.maintain().await.unwrap();
@@ -1110,19 +1153,31 @@ mod tests {
         schema.drop_schema().await;
     }
 
+    /// Chunks that no blob row points to, and open uploads.
+    async fn staged_chunks_and_uploads(pool: &PostgresPool) -> (i64, i64) {
+        let row = pool
+            .client()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT
+                   (SELECT count(*) FROM buildkube_cas_content c WHERE NOT EXISTS
+                      (SELECT 1 FROM buildkube_cas_blobs b WHERE b.content = c.content)),
+                   (SELECT count(*) FROM buildkube_cas_uploads)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
     async fn staged_chunks(pool: &PostgresPool) -> i64 {
-        pool.client()
-            .await
-            .unwrap()
-            .query_one("SELECT count(*) FROM buildkube_cas_uploads", &[])
-            .await
-            .unwrap()
-            .get(0)
+        staged_chunks_and_uploads(pool).await.0
     }
 
     async fn wait_for_no_staged_chunks(pool: &PostgresPool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while staged_chunks(pool).await != 0 {
+        while staged_chunks_and_uploads(pool).await != (0, 0) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "staged chunks were not deleted"
@@ -1136,7 +1191,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn streaming_writes_stage_chunks_and_publish_them_at_once() {
+    async fn streaming_writes_store_chunks_as_they_fill_and_publish_at_once() {
         let schema = IsolatedSchema::new("stream").await;
         let cas = cas_in(&schema);
         let (d, data) = crate::storage::conformance::unique_blob(2 * PG_CHUNK as usize + 4321);
@@ -1148,19 +1203,29 @@ mod tests {
                 .unwrap();
             offset += piece.len();
         }
-        // Two full chunks wait in the staging table; the rest in memory.
-        assert_eq!(staged_chunks(&schema.pool).await, 2);
+        // Two full chunks are written, not yet a blob's; the rest in memory.
+        assert_eq!(staged_chunks_and_uploads(&schema.pool).await, (2, 1));
         assert_eq!(cas.find_missing(&[d]).await.unwrap(), vec![d]);
         assert_eq!(cas.get(&d).await.unwrap(), None);
         sink.commit().await.unwrap();
-        assert_eq!(staged_chunks(&schema.pool).await, 0);
+        assert_eq!(staged_chunks_and_uploads(&schema.pool).await, (0, 0));
         assert_eq!(cas.get(&d).await.unwrap(), Some(data.clone()));
 
-        // The same blob again: nothing duplicated, staging emptied.
+        // The same blob again: the second copy's chunks are deleted.
         let mut again = cas.begin_write(d).await.unwrap();
         again.append(0, data.clone()).await.unwrap();
         again.commit().await.unwrap();
-        assert_eq!(staged_chunks(&schema.pool).await, 0);
+        assert_eq!(staged_chunks_and_uploads(&schema.pool).await, (0, 0));
+        let content_rows: i64 = schema
+            .pool
+            .client()
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM buildkube_cas_content", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(content_rows, 3);
         assert_eq!(cas.maintain().await.unwrap().stored_blobs, 1);
         assert_eq!(cas.get(&d).await.unwrap(), Some(data));
         drop(cas);
@@ -1193,8 +1258,8 @@ mod tests {
         drop(sink);
         wait_for_no_staged_chunks(&schema.pool).await;
 
-        // Staged chunks gone before commit (as maintenance deletes a dead
-        // server's): commit fails, nothing is published.
+        // A chunk gone before commit (as if maintenance had taken the upload
+        // for a dead server's): commit fails, nothing is published.
         let mut sink = cas.begin_write(d).await.unwrap();
         sink.append(0, data.clone()).await.unwrap();
         schema
@@ -1202,11 +1267,14 @@ mod tests {
             .client()
             .await
             .unwrap()
-            .execute("DELETE FROM buildkube_cas_uploads WHERE idx = 1", &[])
+            .execute("DELETE FROM buildkube_cas_content WHERE idx = 1", &[])
             .await
             .unwrap();
         let err = sink.commit().await.unwrap_err();
-        assert!(err.to_string().contains("staged chunks"), "{err}");
+        assert!(
+            err.to_string().contains("chunks of the upload are gone"),
+            "{err}"
+        );
         assert!(sink.append(0, data.slice(..1)).await.is_err());
         drop(sink);
         wait_for_no_staged_chunks(&schema.pool).await;
@@ -1217,27 +1285,33 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn maintenance_deletes_chunks_staged_long_ago() {
+    async fn maintenance_deletes_uploads_abandoned_long_ago() {
         let schema = IsolatedSchema::new("stale").await;
         let cas = cas_in(&schema);
         let client = schema.pool.client().await.unwrap();
         client
             .batch_execute(
-                "INSERT INTO buildkube_cas_uploads (upload, idx, data, staged) VALUES
-                   (1, 0, 'old', now() - interval '7 hours'),
-                   (2, 0, 'recent', now() - interval '1 hour')",
+                "INSERT INTO buildkube_cas_uploads (content, started) VALUES
+                   (1, now() - interval '7 hours'), (2, now() - interval '1 hour');
+                 INSERT INTO buildkube_cas_content (content, idx, data) VALUES
+                   (1, 0, 'old'), (1, 1, 'old'), (2, 0, 'recent')",
             )
             .await
             .unwrap();
         cas.maintain().await.unwrap();
-        let left: Vec<i64> = client
-            .query("SELECT upload FROM buildkube_cas_uploads", &[])
+        let left: Vec<(i64, i64)> = client
+            .query(
+                "SELECT u.content, (SELECT count(*) FROM buildkube_cas_content c WHERE c.content = u.content)
+                 FROM buildkube_cas_uploads u",
+                &[],
+            )
             .await
             .unwrap()
             .iter()
-            .map(|row| row.get(0))
+            .map(|row| (row.get(0), row.get(1)))
             .collect();
-        assert_eq!(left, vec![2]);
+        assert_eq!(left, vec![(2, 1)]);
+        assert_eq!(staged_chunks(&schema.pool).await, 1);
         drop(cas);
         schema.drop_schema().await;
     }
