@@ -392,10 +392,20 @@ impl BlobStore for PostgresCas {
             .client()
             .await?
             .query(
-                "SELECT c.data FROM buildkube_cas_blobs b
+                // Read and keep (refresh the access time) in one round trip.
+                "WITH touched AS (
+                     UPDATE buildkube_cas_blobs SET accessed = now()
+                     WHERE hash = $1 AND size = $2
+                       AND accessed < now() - make_interval(secs => $3)
+                 )
+                 SELECT c.data FROM buildkube_cas_blobs b
                  JOIN buildkube_cas_content c ON c.content = b.content
                  WHERE b.hash = $1 AND b.size = $2 ORDER BY c.idx",
-                &[&digest.hash_bytes().as_slice(), &size_param(digest)],
+                &[
+                    &digest.hash_bytes().as_slice(),
+                    &size_param(digest),
+                    &self.touch_after_secs,
+                ],
             )
             .await
             .map_err(StorageError::backend(STORE, format!("reading {digest}")))?;
@@ -411,7 +421,6 @@ impl BlobStore for PostgresCas {
             tracing::warn!(%digest, len = data.len(), "blob changed while read; reporting it missing");
             return Ok(None);
         }
-        self.touch(&[*digest]).await?;
         Ok(Some(data.into()))
     }
 
