@@ -81,6 +81,29 @@ struct Entry {
     size: u64,
     tick: u64,
     pins: u32,
+    stamp: FileStamp,
+}
+
+/// A cached file as installed. An action running as root (or as the
+/// worker's user, after a chmod) can write through a read-only hardlink:
+/// that changes the file's length or modification time, a chmod its mode.
+/// An entry whose stamp changed is dropped and fetched again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: std::time::SystemTime,
+    mode: u32,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> std::io::Result<FileStamp> {
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(FileStamp {
+            len: meta.len(),
+            modified: meta.modified()?,
+            mode: meta.permissions().mode() & 0o7777,
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +202,7 @@ impl FileCache {
             keys: Vec::new(),
         };
         let mut misses = Vec::new();
+        let mut hits = Vec::new();
         {
             let mut state = self.state.lock().unwrap();
             for key in keys {
@@ -187,6 +211,7 @@ impl FileCache {
                 }
                 if let Some(entry) = state.entries.get_mut(&key) {
                     entry.pins += 1;
+                    hits.push((key, entry.stamp));
                     pins.keys.push(key);
                     state.touch(key);
                 } else {
@@ -194,24 +219,22 @@ impl FileCache {
                 }
             }
         }
-        // An action running as root can write through a read-only hardlink;
-        // drop entries whose size no longer matches instead of spreading them.
-        let hits: Vec<(CacheKey, PathBuf)> =
-            pins.keys.iter().map(|k| (*k, self.path_of(k))).collect();
+        // Drop entries an earlier action changed instead of spreading them
+        // (see FileStamp).
+        let hits: Vec<(CacheKey, PathBuf, FileStamp)> = hits
+            .into_iter()
+            .map(|(key, stamp)| (key, self.path_of(&key), stamp))
+            .collect();
         let damaged = tokio::task::spawn_blocking(move || {
             hits.into_iter()
-                .filter(|(key, path)| {
-                    std::fs::metadata(path)
-                        .map(|m| m.len() != key.digest.size())
-                        .unwrap_or(true)
-                })
-                .map(|(key, _)| key)
+                .filter(|(_, path, stamp)| FileStamp::of(path).ok() != Some(*stamp))
+                .map(|(key, _, _)| key)
                 .collect::<Vec<_>>()
         })
         .await
         .expect("stat task panicked");
         for key in damaged {
-            tracing::warn!(digest = %key.digest, "cached input file was modified or removed; fetching it again");
+            tracing::warn!(digest = %key.digest, "cached input file was modified, chmod-ed or removed (by an action writing to its inputs?); fetching it again");
             pins.keys.retain(|k| *k != key);
             self.forget(key);
             misses.push(key);
@@ -396,6 +419,17 @@ impl FileCache {
                 source: e,
             });
         }
+        let stamp = match FileStamp::of(tmp) {
+            Ok(stamp) => stamp,
+            Err(e) => {
+                let _ = std::fs::remove_file(tmp);
+                return Err(FetchError::Io {
+                    action: "reading the metadata of",
+                    path: tmp.to_path_buf(),
+                    source: e,
+                });
+            }
+        };
         let mut state = self.state.lock().unwrap();
         if let Err(e) = std::fs::rename(tmp, &path) {
             let _ = std::fs::remove_file(tmp);
@@ -409,7 +443,9 @@ impl FileCache {
         let tick = state.tick;
         match state.entries.get_mut(&key) {
             Some(entry) => {
+                // The rename replaced the file: a new inode.
                 entry.pins += 1;
+                entry.stamp = stamp;
                 let old = entry.tick;
                 entry.tick = tick;
                 state.lru.remove(&old);
@@ -421,6 +457,7 @@ impl FileCache {
                         size: key.digest.size(),
                         tick,
                         pins: 1,
+                        stamp,
                     },
                 );
                 state.total += key.digest.size();
@@ -648,5 +685,65 @@ mod tests {
         assert!(matches!(err, FetchError::Cas { .. }), "{err:?}");
         assert!(!out.join("a").exists());
         assert!(!cache.contains(&key));
+    }
+
+    /// Rewritten in place with the same length, or only made writable:
+    /// neither may be linked into another action.
+    #[tokio::test]
+    async fn same_length_rewrites_and_chmods_are_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), 1 << 20);
+        let rewritten = put(&cache, b"hello", false);
+        let chmodded = put(&cache, b"world", true);
+        let untouched = put(&cache, b"fine!", false);
+        let path = cache.path_of(&rewritten);
+        let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Same bytes count, other bytes, through the existing inode; make
+        // sure the clock moved so the mtime differs even on coarse clocks.
+        while std::time::SystemTime::now() <= before {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"HELLO")
+            .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        std::fs::set_permissions(
+            cache.path_of(&chmodded),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+
+        let out = dir.path().join("action");
+        std::fs::create_dir(&out).unwrap();
+        for key in [rewritten, chmodded] {
+            let err = cache
+                .link_into(
+                    &unreachable_cas(),
+                    &[FileRequest {
+                        key,
+                        dest: out.join("a"),
+                    }],
+                )
+                .await
+                .unwrap_err();
+            assert!(matches!(err, FetchError::Cas { .. }), "{err:?}");
+            assert!(!cache.contains(&key));
+        }
+        assert!(!out.join("a").exists());
+        cache
+            .link_into(
+                &unreachable_cas(),
+                &[FileRequest {
+                    key: untouched,
+                    dest: out.join("b"),
+                }],
+            )
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(out.join("b")).unwrap(), b"fine!");
     }
 }
