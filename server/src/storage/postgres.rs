@@ -1128,7 +1128,10 @@ mod tests {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(content_rows, 9, "evicted blobs' chunks are deleted with them");
+        assert_eq!(
+            content_rows, 9,
+            "evicted blobs' chunks are deleted with them"
+        );
 
         // Within budget: a pass measures and deletes nothing.
         let report = cas.maintain().await.unwrap();
@@ -1237,6 +1240,43 @@ mod tests {
         assert_eq!(content_rows, 3);
         assert_eq!(cas.maintain().await.unwrap().stored_blobs, 1);
         assert_eq!(cas.get(&d).await.unwrap(), Some(data));
+        drop(cas);
+        schema.drop_schema().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_streaming_writes_of_one_blob_keep_one_copy() {
+        let schema = IsolatedSchema::new("race").await;
+        let cas = cas_in(&schema);
+        let (d, data) = crate::storage::conformance::unique_blob(2 * PG_CHUNK as usize + 99);
+        let uploads = (0..4).map(|_| {
+            let cas = cas.clone();
+            let data = data.clone();
+            tokio::spawn(async move {
+                let mut sink = cas.begin_write(d).await.unwrap();
+                for (i, piece) in data.chunks(300_000).enumerate() {
+                    sink.append((i * 300_000) as i64, Bytes::copy_from_slice(piece))
+                        .await
+                        .unwrap();
+                }
+                sink.commit().await.unwrap();
+            })
+        });
+        for upload in futures::future::join_all(uploads).await {
+            upload.unwrap();
+        }
+        assert_eq!(cas.get(&d).await.unwrap(), Some(data));
+        wait_for_no_staged_chunks(&schema.pool).await;
+        let content_rows: i64 = schema
+            .pool
+            .client()
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM buildkube_cas_content", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(content_rows, 3);
         drop(cas);
         schema.drop_schema().await;
     }
