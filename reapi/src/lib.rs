@@ -10,4 +10,4 @@ pub use cas_client::{
     connect_channel, AuthChannel, BearerToken, CasClient, CasClientError, BYTESTREAM_CHUNK,
 };
 pub use digest::{Digest, DigestError, Hasher};
-pub use resource::{ReadResource, ResourceError, WriteResource};
+pub use resource::{Compression, ReadResource, ResourceError, WriteResource};

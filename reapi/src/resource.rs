@@ -1,7 +1,9 @@
 //! ByteStream resource names, as the REAPI defines them:
 //! reads `{instance}/blobs/{hash}/{size}[/...]`, writes
 //! `{instance}/uploads/{uuid}/blobs/{hash}/{size}[/...]`; the instance part
-//! may be empty (then the name starts with `blobs/` or `uploads/`).
+//! may be empty (then the name starts with `blobs/` or `uploads/`). In
+//! place of `blobs`, `compressed-blobs/zstd` names the same blob carried
+//! zstd-compressed (hash and size stay those of the uncompressed bytes).
 
 use crate::digest::{Digest, DigestError};
 
@@ -16,9 +18,14 @@ pub enum ResourceError {
         /// The shape we wanted.
         expected: &'static str,
     },
-    /// Compressed blobs were asked for; this server advertises no compressors.
-    #[error("resource name `{0}` asks for compressed-blobs, but this server supports only identity (see GetCapabilities)")]
-    Compressed(String),
+    /// A compressor other than those supported was asked for.
+    #[error("resource name `{name}` asks for compressor `{compressor}`; supported: zstd (see GetCapabilities)")]
+    UnsupportedCompressor {
+        /// The name as given.
+        name: String,
+        /// The compressor segment.
+        compressor: String,
+    },
     /// The digest in the name is invalid.
     #[error("resource name `{name}`: {source}")]
     Digest {
@@ -29,6 +36,26 @@ pub enum ResourceError {
     },
 }
 
+/// How the bytes of a ByteStream resource travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// As they are (`blobs/...`).
+    #[default]
+    Identity,
+    /// Zstandard-compressed (`compressed-blobs/zstd/...`).
+    Zstd,
+}
+
+impl Compression {
+    /// The path segments that precede `{hash}/{size}`.
+    fn blob_prefix(self) -> &'static str {
+        match self {
+            Compression::Identity => "blobs",
+            Compression::Zstd => "compressed-blobs/zstd",
+        }
+    }
+}
+
 /// A parsed ByteStream read resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadResource {
@@ -36,6 +63,8 @@ pub struct ReadResource {
     pub instance: String,
     /// Blob to read.
     pub digest: Digest,
+    /// How its bytes are sent.
+    pub compression: Compression,
 }
 
 /// A parsed ByteStream write resource.
@@ -47,10 +76,45 @@ pub struct WriteResource {
     pub upload_id: String,
     /// Blob being written.
     pub digest: Digest,
+    /// How its bytes arrive.
+    pub compression: Compression,
 }
 
-const READ_SHAPE: &str = "[{instance}/]blobs/{hash}/{size}";
-const WRITE_SHAPE: &str = "[{instance}/]uploads/{uuid}/blobs/{hash}/{size}";
+const READ_SHAPE: &str =
+    "[{instance}/]blobs/{hash}/{size} or [{instance}/]compressed-blobs/zstd/{hash}/{size}";
+const WRITE_SHAPE: &str = "[{instance}/]uploads/{uuid}/blobs/{hash}/{size} or [{instance}/]uploads/{uuid}/compressed-blobs/zstd/{hash}/{size}";
+
+/// Parses `segments[at..]` as `blobs/{hash}/{size}` or
+/// `compressed-blobs/{compressor}/{hash}/{size}` (trailing metadata allowed).
+fn parse_blob(
+    name: &str,
+    segments: &[&str],
+    at: usize,
+    expected: &'static str,
+) -> Result<(Digest, Compression), ResourceError> {
+    let malformed = || ResourceError::Malformed {
+        name: name.to_string(),
+        expected,
+    };
+    let (compression, rest) = match segments.get(at).copied() {
+        Some("blobs") => (Compression::Identity, &segments[at + 1..]),
+        Some("compressed-blobs") => match segments.get(at + 1).copied() {
+            Some("zstd") => (Compression::Zstd, &segments[at + 2..]),
+            Some(other) => {
+                return Err(ResourceError::UnsupportedCompressor {
+                    name: name.to_string(),
+                    compressor: other.to_string(),
+                })
+            }
+            None => return Err(malformed()),
+        },
+        _ => return Err(malformed()),
+    };
+    if rest.len() < 2 {
+        return Err(malformed());
+    }
+    Ok((parse_digest(name, rest[0], rest[1], expected)?, compression))
+}
 
 fn parse_digest(
     name: &str,
@@ -76,26 +140,34 @@ impl ReadResource {
             name: name.to_string(),
             expected: READ_SHAPE,
         };
-        if segments.contains(&"compressed-blobs") {
-            return Err(ResourceError::Compressed(name.to_string()));
-        }
         let at = segments
             .iter()
-            .position(|s| *s == "blobs")
+            .position(|s| *s == "blobs" || *s == "compressed-blobs")
             .ok_or_else(malformed)?;
-        if segments.len() < at + 3 || segments[..at].iter().any(|s| s.is_empty()) {
+        if segments[..at].iter().any(|s| s.is_empty()) {
             return Err(malformed());
         }
-        let digest = parse_digest(name, segments[at + 1], segments[at + 2], READ_SHAPE)?;
+        let (digest, compression) = parse_blob(name, &segments, at, READ_SHAPE)?;
         Ok(ReadResource {
             instance: segments[..at].join("/"),
             digest,
+            compression,
         })
     }
 
     /// Formats a read resource name.
     pub fn format(instance: &str, digest: &Digest) -> String {
-        let blob = format!("blobs/{}/{}", digest.hash_hex(), digest.size());
+        ReadResource::format_with(instance, digest, Compression::Identity)
+    }
+
+    /// Formats a read resource name for bytes sent with `compression`.
+    pub fn format_with(instance: &str, digest: &Digest, compression: Compression) -> String {
+        let blob = format!(
+            "{}/{}/{}",
+            compression.blob_prefix(),
+            digest.hash_hex(),
+            digest.size()
+        );
         if instance.is_empty() {
             blob
         } else {
@@ -112,32 +184,40 @@ impl WriteResource {
             name: name.to_string(),
             expected: WRITE_SHAPE,
         };
-        if segments.contains(&"compressed-blobs") {
-            return Err(ResourceError::Compressed(name.to_string()));
-        }
         let at = segments
             .iter()
             .position(|s| *s == "uploads")
             .ok_or_else(malformed)?;
-        if segments.len() < at + 5
+        if segments.len() < at + 2
             || segments[at + 1].is_empty()
-            || segments[at + 2] != "blobs"
             || segments[..at].iter().any(|s| s.is_empty())
         {
             return Err(malformed());
         }
-        let digest = parse_digest(name, segments[at + 3], segments[at + 4], WRITE_SHAPE)?;
+        let (digest, compression) = parse_blob(name, &segments, at + 2, WRITE_SHAPE)?;
         Ok(WriteResource {
             instance: segments[..at].join("/"),
             upload_id: segments[at + 1].to_string(),
             digest,
+            compression,
         })
     }
 
     /// Formats a write resource name.
     pub fn format(instance: &str, upload_id: &str, digest: &Digest) -> String {
+        WriteResource::format_with(instance, upload_id, digest, Compression::Identity)
+    }
+
+    /// Formats a write resource name for bytes sent with `compression`.
+    pub fn format_with(
+        instance: &str,
+        upload_id: &str,
+        digest: &Digest,
+        compression: Compression,
+    ) -> String {
         let blob = format!(
-            "uploads/{upload_id}/blobs/{}/{}",
+            "uploads/{upload_id}/{}/{}/{}",
+            compression.blob_prefix(),
             digest.hash_hex(),
             digest.size()
         );
@@ -217,8 +297,59 @@ mod tests {
             Err(ResourceError::Digest { .. })
         ));
         assert!(matches!(
-            ReadResource::parse(&format!("main/compressed-blobs/zstd/{HASH}/5")),
-            Err(ResourceError::Compressed(_))
+            ReadResource::parse(&format!("main/compressed-blobs/deflate/{HASH}/5")),
+            Err(ResourceError::UnsupportedCompressor { compressor, .. }) if compressor == "deflate"
         ));
+        for bad in [
+            "main/compressed-blobs".to_string(),
+            format!("main/compressed-blobs/zstd/{HASH}"),
+            format!("main/uploads/u/compressed-blobs/zstd/{HASH}"),
+        ] {
+            assert!(
+                matches!(
+                    ReadResource::parse(&bad)
+                        .err()
+                        .or(WriteResource::parse(&bad).err()),
+                    Some(ResourceError::Malformed { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn compressed_names_round_trip() {
+        let r = ReadResource::parse(&format!("a/b/compressed-blobs/zstd/{HASH}/5")).unwrap();
+        assert_eq!(
+            (r.instance.as_str(), r.compression, r.digest.size()),
+            ("a/b", Compression::Zstd, 5)
+        );
+        assert_eq!(
+            ReadResource::format_with("a/b", &r.digest, Compression::Zstd),
+            format!("a/b/compressed-blobs/zstd/{HASH}/5")
+        );
+        let w = WriteResource::parse(&format!("uploads/u1/compressed-blobs/zstd/{HASH}/5/meta"))
+            .unwrap();
+        assert_eq!(
+            (w.instance.as_str(), w.upload_id.as_str(), w.compression),
+            ("", "u1", Compression::Zstd)
+        );
+        assert_eq!(
+            WriteResource::parse(&WriteResource::format_with(
+                "main",
+                "u1",
+                &w.digest,
+                Compression::Zstd
+            ))
+            .unwrap()
+            .compression,
+            Compression::Zstd
+        );
+        assert_eq!(
+            ReadResource::parse(&format!("main/blobs/{HASH}/5"))
+                .unwrap()
+                .compression,
+            Compression::Identity
+        );
     }
 }

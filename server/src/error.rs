@@ -34,7 +34,7 @@ pub(crate) fn bad_digest(field: &str, error: DigestError) -> Status {
 /// A malformed ByteStream resource name.
 pub(crate) fn bad_resource(error: ResourceError) -> Status {
     match error {
-        ResourceError::Compressed(_) => Status::unimplemented(error.to_string()),
+        ResourceError::UnsupportedCompressor { .. } => Status::unimplemented(error.to_string()),
         _ => Status::invalid_argument(error.to_string()),
     }
 }

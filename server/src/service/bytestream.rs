@@ -6,7 +6,7 @@ use buildkube_proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
 };
-use buildkube_reapi::{ReadResource, WriteResource, BYTESTREAM_CHUNK};
+use buildkube_reapi::{Compression, ReadResource, WriteResource, BYTESTREAM_CHUNK};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::bad_resource;
 use crate::farm::Farm;
 use crate::metrics::Metrics;
-use crate::storage::{contains, BlobSink};
+use crate::storage::{contains, BlobSink, BlobStream};
+
+use super::zstd_stream::{compress_stream, ZstdDecoder};
 
 type Upload = Arc<tokio::sync::Mutex<Box<dyn BlobSink>>>;
 
@@ -75,14 +77,26 @@ impl ByteStreamService {
         let resource = WriteResource::parse(&name).map_err(bad_resource)?;
         self.farm.instances.check(&resource.instance)?;
         let digest = resource.digest;
+        let compressed = resource.compression == Compression::Zstd;
         if contains(&*self.farm.cas, &digest).await? {
-            // Already stored: the client may stop sending.
+            // Already stored: the client may stop sending (-1 for a
+            // compressed upload, as the REAPI says).
             self.uploads.lock().unwrap().remove(&name);
             return Ok(WriteResponse {
-                committed_size: digest.size() as i64,
+                committed_size: if compressed { -1 } else { digest.size() as i64 },
             });
         }
         let upload = self.upload_for(&name, &resource).await?;
+        // A compressed stream is decoded as it arrives. Its first
+        // write_offset is where it starts in the uncompressed blob (0, or
+        // where QueryWriteStatus said to resume); later ones add the
+        // compressed bytes sent so far.
+        let mut decoder = if compressed {
+            Some(ZstdDecoder::new()?)
+        } else {
+            None
+        };
+        let mut next_offset: Option<i64> = None;
         let mut request = Some(first);
         loop {
             let Some(message) = request.take() else { break };
@@ -95,7 +109,32 @@ impl ByteStreamService {
             let finish = message.finish_write;
             let outcome = async {
                 let mut writer = upload.lock().await;
-                writer.append(message.write_offset, message.data).await?;
+                match decoder.as_mut() {
+                    None => writer.append(message.write_offset, message.data).await?,
+                    Some(decoder) => {
+                        let expected =
+                            next_offset.unwrap_or_else(|| writer.committed_size() as i64);
+                        if message.write_offset != expected {
+                            return Err(Status::invalid_argument(format!(
+                                "write_offset {} of compressed upload {name:?}, expected {expected}",
+                                message.write_offset
+                            )));
+                        }
+                        next_offset = Some(expected + message.data.len() as i64);
+                        let what = format!("compressed upload of {digest}");
+                        let mut consumed = 0;
+                        loop {
+                            let before = consumed;
+                            let piece = decoder.step(&message.data, &mut consumed, &what)?;
+                            if !piece.is_empty() {
+                                let at = writer.committed_size() as i64;
+                                writer.append(at, piece).await?;
+                            } else if consumed == message.data.len() || consumed == before {
+                                break;
+                            }
+                        }
+                    }
+                }
                 if finish {
                     if writer.committed_size() != writer.digest().size() {
                         return Err(Status::invalid_argument(format!(
@@ -119,7 +158,8 @@ impl ByteStreamService {
                 self.uploads.lock().unwrap().remove(&name);
                 Metrics::add(&self.farm.metrics.cas_bytes_written, digest.size());
                 return Ok(WriteResponse {
-                    committed_size: digest.size() as i64,
+                    // Compressed: the offset the client's next byte would have had.
+                    committed_size: next_offset.unwrap_or(digest.size() as i64),
                 });
             }
             request = stream.message().await?;
@@ -158,29 +198,46 @@ impl ByteStream for ByteStreamService {
                 request.read_limit
             )));
         }
+        let compressed = resource.compression == Compression::Zstd;
+        if compressed && request.read_limit != 0 {
+            return Err(Status::invalid_argument(format!(
+                "read_limit {} with compressed-blobs: it must be 0 (the REAPI has no limit on compressed reads)",
+                request.read_limit
+            )));
+        }
         let available = size - request.read_offset;
         let remaining = if request.read_limit == 0 {
             available
         } else {
             request.read_limit.min(available)
         } as u64;
-        if digest.is_empty_blob() {
+        if digest.is_empty_blob() && !compressed {
             return Ok(Response::new(Box::pin(futures::stream::iter([Ok(
                 ReadResponse {
                     data: Default::default(),
                 },
             )]))));
         }
-        let Some(chunks) = self
-            .farm
-            .cas
-            .read(&digest, request.read_offset as u64, remaining)
-            .await?
-        else {
-            Metrics::add(&self.farm.metrics.cas_misses, 1);
-            return Err(Status::not_found(format!("blob {digest} not found")));
+        let chunks: BlobStream = if digest.is_empty_blob() {
+            Box::pin(futures::stream::empty())
+        } else {
+            let Some(chunks) = self
+                .farm
+                .cas
+                .read(&digest, request.read_offset as u64, remaining)
+                .await?
+            else {
+                Metrics::add(&self.farm.metrics.cas_misses, 1);
+                return Err(Status::not_found(format!("blob {digest} not found")));
+            };
+            chunks
         };
         Metrics::add(&self.farm.metrics.cas_hits, 1);
+        let chunks: BlobStream = if compressed {
+            Box::pin(compress_stream(chunks)?)
+        } else {
+            chunks
+        };
         let farm = self.farm.clone();
         let stream = chunks.flat_map(move |chunk| {
             let responses: Vec<Result<ReadResponse, Status>> = match chunk {

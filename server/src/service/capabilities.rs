@@ -1,7 +1,8 @@
 use std::sync::Arc;
 
 use buildkube_proto::reapi::{
-    self, capabilities_server::Capabilities, digest_function, symlink_absolute_path_strategy,
+    self, capabilities_server::Capabilities, compressor, digest_function,
+    symlink_absolute_path_strategy,
 };
 use buildkube_proto::semver::SemVer;
 use tonic::{Request, Response, Status};
@@ -49,8 +50,8 @@ impl Capabilities for CapabilitiesService {
                 max_batch_total_size_bytes: MAX_BATCH_TOTAL_BYTES,
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
                     as i32,
-                supported_compressors: vec![],
-                supported_batch_update_compressors: vec![],
+                supported_compressors: vec![compressor::Value::Zstd as i32],
+                supported_batch_update_compressors: vec![compressor::Value::Zstd as i32],
             }),
             execution_capabilities: Some(reapi::ExecutionCapabilities {
                 digest_function: digest_function::Value::Sha256 as i32,

@@ -9,6 +9,7 @@ use buildkube_reapi::Digest;
 use futures::stream::BoxStream;
 use tonic::{Code, Request, Response, Status};
 
+use super::zstd_stream::decompress_exact;
 use super::MAX_BATCH_TOTAL_BYTES;
 use crate::error::bad_digest;
 use crate::farm::Farm;
@@ -51,21 +52,39 @@ impl CasService {
         request: reapi::batch_update_blobs_request::Request,
     ) -> batch_update_blobs_response::Response {
         let digest = Digest::from_field(request.digest.as_ref());
-        let status = match digest {
-            Err(e) => item_status(Code::InvalidArgument, e.to_string()),
-            Ok(_) if request.compressor != compressor::Value::Identity as i32 => item_status(
-                Code::InvalidArgument,
-                "compressed uploads are not supported (see GetCapabilities)",
-            ),
-            Ok(d) if d.size() != request.data.len() as u64 => item_status(
+        let data = match (&digest, compressor::Value::try_from(request.compressor)) {
+            (Ok(d), Ok(compressor::Value::Zstd)) => decompress(*d, request.data).await,
+            (_, Ok(compressor::Value::Identity)) | (Err(_), _) => Ok(request.data),
+            (_, other) => Err(Status::invalid_argument(format!(
+                "compressor {} is not supported: identity or zstd (see GetCapabilities)",
+                other.map_or_else(
+                    |_| request.compressor.to_string(),
+                    |c| c.as_str_name().to_string()
+                )
+            ))),
+        };
+        let status = match (digest, data) {
+            (Err(e), _) => item_status(Code::InvalidArgument, e.to_string()),
+            (Ok(_), Err(status)) => item_status(status.code(), status.message()),
+            (Ok(d), Ok(data)) => self.store_one(d, data).await,
+        };
+        batch_update_blobs_response::Response {
+            digest: request.digest,
+            status,
+        }
+    }
+
+    async fn store_one(&self, digest: Digest, data: bytes::Bytes) -> Option<rpc::Status> {
+        match digest {
+            d if d.size() != data.len() as u64 => item_status(
                 Code::InvalidArgument,
                 format!(
                     "blob {d}: data is {} bytes, digest says {}",
-                    request.data.len(),
+                    data.len(),
                     d.size()
                 ),
             ),
-            Ok(d) => match self.farm.cas.put(d, request.data).await {
+            d => match self.farm.cas.put(d, data).await {
                 Ok(()) => {
                     Metrics::add(&self.farm.metrics.cas_bytes_written, d.size());
                     item_status(Code::Ok, "")
@@ -75,12 +94,19 @@ impl CasService {
                     item_status(status.code(), status.message())
                 }
             },
-        };
-        batch_update_blobs_response::Response {
-            digest: request.digest,
-            status,
         }
     }
+}
+
+/// A zstd-compressed batch item, decompressed (on a blocking thread when large).
+async fn decompress(digest: Digest, data: bytes::Bytes) -> Result<bytes::Bytes, Status> {
+    let what = format!("blob {digest}");
+    if data.len() <= 64 * 1024 {
+        return decompress_exact(&data, digest.size(), &what);
+    }
+    tokio::task::spawn_blocking(move || decompress_exact(&data, digest.size(), &what))
+        .await
+        .map_err(|e| Status::internal(format!("decompression task failed: {e}")))?
 }
 
 #[tonic::async_trait]

@@ -7,6 +7,7 @@ mod cas;
 mod execution;
 mod operations;
 mod worker;
+mod zstd_stream;
 
 pub use action_cache::ActionCacheService;
 pub use bytestream::ByteStreamService;

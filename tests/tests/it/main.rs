@@ -4,6 +4,7 @@
 //! the binaries first: `cargo build --workspace --bins`.
 
 mod cancel;
+mod compression;
 mod e2e_bazel;
 mod external_stores;
 mod faults;

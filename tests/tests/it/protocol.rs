@@ -266,7 +266,7 @@ async fn malformed_resource_names_are_rejected() {
             "read {name:?}: {status:?}"
         );
     }
-    let status = read_rejected(&mut c, &format!("main/compressed-blobs/zstd/{hash}/5")).await;
+    let status = read_rejected(&mut c, &format!("main/compressed-blobs/brotli/{hash}/5")).await;
     assert_eq!(status.code(), Code::Unimplemented);
     for name in [
         format!("main/blobs/{hash}/5"),
