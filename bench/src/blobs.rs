@@ -16,10 +16,26 @@ pub(crate) struct BlobMaker {
 }
 
 impl BlobMaker {
-    /// A maker for blobs of up to `max_size` bytes.
-    pub(crate) fn new(max_size: u64) -> BlobMaker {
+    /// A maker for blobs of up to `max_size` bytes: random, or with
+    /// `compressible` a random KiB repeated, every repeat with one byte
+    /// changed (zstd level 1 makes about a quarter of it).
+    pub(crate) fn new(max_size: u64, compressible: bool) -> BlobMaker {
         let mut filler = vec![0u8; max_size as usize];
-        rand::thread_rng().fill_bytes(&mut filler);
+        if compressible {
+            let mut pattern = [0u8; 1024];
+            rand::thread_rng().fill_bytes(&mut pattern);
+            for (n, block) in filler.chunks_mut(pattern.len()).enumerate() {
+                block.copy_from_slice(&pattern[..block.len()]);
+                block[0] = n as u8;
+            }
+            // Random runs between the repeats keep the ratio near 4:1.
+            for block in filler.chunks_mut(4096) {
+                let random = block.len().min(768);
+                rand::thread_rng().fill_bytes(&mut block[..random]);
+            }
+        } else {
+            rand::thread_rng().fill_bytes(&mut filler);
+        }
         BlobMaker {
             nonce: rand::random(),
             filler: filler.into(),
@@ -47,7 +63,7 @@ mod tests {
 
     #[test]
     fn blobs_have_the_size_asked_and_differ_by_index() {
-        let maker = BlobMaker::new(4096);
+        let maker = BlobMaker::new(4096, false);
         let (d1, b1) = maker.blob(1, 4096);
         let (d2, b2) = maker.blob(2, 4096);
         assert_eq!((b1.len(), b2.len()), (4096, 4096));
@@ -56,8 +72,8 @@ mod tests {
         assert_eq!(maker.blob(3, 5).1.len(), 5);
         assert_eq!(maker.blob(3, 0).0, Digest::EMPTY);
         assert_ne!(
-            BlobMaker::new(64).blob(1, 64).0,
-            BlobMaker::new(64).blob(1, 64).0
+            BlobMaker::new(64, false).blob(1, 64).0,
+            BlobMaker::new(64, false).blob(1, 64).0
         );
     }
 }

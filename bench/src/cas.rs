@@ -1,12 +1,17 @@
 //! CAS scenarios: `cas-write`, `cas-read` and `find-missing`.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context};
+use buildkube_proto::bytestream::byte_stream_client::ByteStreamClient;
+use buildkube_proto::bytestream::{ReadRequest, WriteRequest};
 use buildkube_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use buildkube_proto::reapi::{self, batch_update_blobs_request};
-use buildkube_reapi::{AuthChannel, Digest, BYTESTREAM_CHUNK};
+use buildkube_reapi::{
+    AuthChannel, Compression, Digest, ReadResource, WriteResource, BYTESTREAM_CHUNK,
+};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
@@ -27,6 +32,15 @@ fn cas_client(channel: AuthChannel) -> ContentAddressableStorageClient<AuthChann
         .max_encoding_message_size(MAX_MESSAGE)
 }
 
+fn bytestream_client(channel: AuthChannel) -> ByteStreamClient<AuthChannel> {
+    ByteStreamClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+/// Compression level of `bytestream-zstd` writes (what the server uses too).
+const ZSTD_LEVEL: i32 = 1;
+
 fn check_batch_size(args: &CasArgs) -> anyhow::Result<u64> {
     ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     ensure!(
@@ -44,10 +58,12 @@ fn cas_params(args: &CasArgs) -> BTreeMap<String, serde_json::Value> {
         match args.api {
             CasApi::Batch => "batch",
             CasApi::Bytestream => "bytestream",
+            CasApi::BytestreamZstd => "bytestream-zstd",
         }
         .into(),
     );
     params.insert("batch_size".into(), args.batch_size.into());
+    params.insert("compressible".into(), args.compressible.into());
     params
 }
 
@@ -83,9 +99,11 @@ pub(crate) async fn write(
     args: &CasArgs,
 ) -> anyhow::Result<Outcome> {
     let per_op = check_batch_size(args)?;
-    let maker = BlobMaker::new(args.size);
+    let maker = BlobMaker::new(args.size, args.compressible);
     let size = args.size;
     let api = args.api;
+    let compressed_bytes = Arc::new(AtomicU64::new(0));
+    let compressed_total = compressed_bytes.clone();
     let target_for_ops = target.clone();
     let measured = drive(
         "cas-write",
@@ -93,6 +111,7 @@ pub(crate) async fn write(
         move |index| {
             let target = target_for_ops.clone();
             let maker = maker.clone();
+            let compressed_bytes = compressed_bytes.clone();
             async move {
                 let blobs: Vec<(Digest, Bytes)> = (0..per_op)
                     .map(|j| maker.blob(index * per_op + j, size))
@@ -149,16 +168,63 @@ pub(crate) async fn write(
                         })
                         .await
                     }
+                    CasApi::BytestreamZstd => {
+                        let (digest, data) =
+                            blobs.into_iter().next().expect("one blob per operation");
+                        let compressed = match zstd::bulk::compress(&data, ZSTD_LEVEL) {
+                            Ok(compressed) => Bytes::from(compressed),
+                            Err(e) => return Err(anyhow::anyhow!("compressing {digest}: {e}")),
+                        };
+                        compressed_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
+                        let resource = WriteResource::format_with(
+                            &target.instance,
+                            &uuid::Uuid::new_v4().to_string(),
+                            &digest,
+                            Compression::Zstd,
+                        );
+                        let mut client = bytestream_client(target.channel(index));
+                        timed(async move {
+                            let total = compressed.len();
+                            let requests: Vec<WriteRequest> = (0..total.max(1))
+                                .step_by(BYTESTREAM_CHUNK)
+                                .map(|at| WriteRequest {
+                                    resource_name: if at == 0 { resource.clone() } else { String::new() },
+                                    write_offset: at as i64,
+                                    finish_write: at + BYTESTREAM_CHUNK >= total,
+                                    data: compressed.slice(at..(at + BYTESTREAM_CHUNK).min(total)),
+                                })
+                                .collect();
+                            let committed = client
+                                .write(futures::stream::iter(requests))
+                                .await
+                                .map_err(rpc_error(format_args!("ByteStream.Write of {digest}")))?
+                                .into_inner()
+                                .committed_size;
+                            ensure!(
+                                committed == total as i64 || committed == -1,
+                                "ByteStream.Write of {digest} ({total} compressed bytes) committed {committed}"
+                            );
+                            Ok(size)
+                        })
+                        .await
+                    }
                 }
             }
         },
         String::new,
     )
     .await;
+    let mut counters = BTreeMap::new();
+    if api == CasApi::BytestreamZstd {
+        counters.insert(
+            "compressed_bytes_sent".into(),
+            compressed_total.load(Ordering::Relaxed),
+        );
+    }
     Ok(Outcome {
         measured,
         params: cas_params(args),
-        counters: BTreeMap::new(),
+        counters,
         dispatch_latency: None,
         failures: Vec::new(),
     })
@@ -207,7 +273,7 @@ pub(crate) async fn read(
         .blobs
         .unwrap_or((plan.total() * per_op).min(1000))
         .max(1);
-    let maker = BlobMaker::new(cas_args.size);
+    let maker = BlobMaker::new(cas_args.size, cas_args.compressible);
     note(
         plan.quiet,
         format_args!(
@@ -219,6 +285,8 @@ pub(crate) async fn read(
         Arc::new(upload_pool(target, &maker, pool_size, cas_args.size, plan.concurrency).await?);
     let size = cas_args.size;
     let api = cas_args.api;
+    let compressed_bytes = Arc::new(AtomicU64::new(0));
+    let compressed_total = compressed_bytes.clone();
     let target_for_ops = target.clone();
     let measured = drive(
         "cas-read",
@@ -226,6 +294,7 @@ pub(crate) async fn read(
         move |index| {
             let target = target_for_ops.clone();
             let pool = pool.clone();
+            let compressed_bytes = compressed_bytes.clone();
             async move {
                 let digests: Vec<Digest> = (0..per_op)
                     .map(|j| pool[((index * per_op + j) % pool.len() as u64) as usize])
@@ -277,6 +346,37 @@ pub(crate) async fn read(
                         })
                         .await
                     }
+                    CasApi::BytestreamZstd => {
+                        let digest = digests[0];
+                        let mut client = bytestream_client(target.channel(index));
+                        let request = ReadRequest {
+                            resource_name: ReadResource::format_with(&target.instance, &digest, Compression::Zstd),
+                            read_offset: 0,
+                            read_limit: 0,
+                        };
+                        timed(async move {
+                            let mut stream = client
+                                .read(request)
+                                .await
+                                .map_err(rpc_error(format_args!("ByteStream.Read of {digest}")))?
+                                .into_inner();
+                            let mut compressed = Vec::new();
+                            while let Some(message) = stream
+                                .message()
+                                .await
+                                .map_err(rpc_error(format_args!("ByteStream.Read of {digest}")))?
+                            {
+                                compressed.extend_from_slice(&message.data);
+                            }
+                            compressed_bytes.fetch_add(compressed.len() as u64, Ordering::Relaxed);
+                            let data = zstd::bulk::decompress(&compressed, size as usize)
+                                .with_context(|| format!("decompressing {digest}"))?;
+                            let actual = Digest::of_bytes(&data);
+                            ensure!(actual == digest, "compressed ByteStream.Read of {digest} returned {actual}");
+                            Ok(size)
+                        })
+                        .await
+                    }
                 }
             }
         },
@@ -285,10 +385,17 @@ pub(crate) async fn read(
     .await;
     let mut params = cas_params(cas_args);
     params.insert("blobs".into(), pool_size.into());
+    let mut counters = BTreeMap::new();
+    if api == CasApi::BytestreamZstd {
+        counters.insert(
+            "compressed_bytes_received".into(),
+            compressed_total.load(Ordering::Relaxed),
+        );
+    }
     Ok(Outcome {
         measured,
         params,
-        counters: BTreeMap::new(),
+        counters,
         dispatch_latency: None,
         failures: Vec::new(),
     })
@@ -302,7 +409,7 @@ pub(crate) async fn find_missing(
     args: &FindMissingArgs,
 ) -> anyhow::Result<Outcome> {
     ensure!(args.digests >= 1, "--digests must be at least 1");
-    let maker = BlobMaker::new(FIND_MISSING_BLOB_SIZE);
+    let maker = BlobMaker::new(FIND_MISSING_BLOB_SIZE, false);
     let pool_size = args.blobs.max(1);
     note(
         plan.quiet,

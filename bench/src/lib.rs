@@ -129,6 +129,10 @@ pub enum CasApi {
     Batch,
     /// ByteStream Write / Read.
     Bytestream,
+    /// ByteStream with `compressed-blobs/zstd` names: writes send blobs
+    /// compressed (level 1, compressed before the clock starts), reads
+    /// decompress and verify (on the clock).
+    BytestreamZstd,
 }
 
 /// Flags of `cas-write`.
@@ -146,6 +150,10 @@ pub struct CasArgs {
     /// Blobs per batch request (batch API only); one operation is one request.
     #[arg(long, default_value_t = 1)]
     pub batch_size: u32,
+    /// Blobs that compress about 4:1 (a random KiB repeated with small
+    /// changes) instead of random bytes.
+    #[arg(long)]
+    pub compressible: bool,
 }
 
 /// Flags of `cas-read`.
