@@ -562,6 +562,18 @@ mod tests {
         )
     }
 
+    /// Links `key` to `dest` with no CAS to fetch from: only a usable
+    /// cached entry succeeds.
+    async fn link_cached_only(
+        cache: &FileCache,
+        key: CacheKey,
+        dest: PathBuf,
+    ) -> Result<(), FetchError> {
+        cache
+            .link_into(&unreachable_cas(), &[FileRequest { key, dest }])
+            .await
+    }
+
     #[tokio::test]
     async fn hits_are_hardlinked_not_copied() {
         let dir = tempfile::tempdir().unwrap();
@@ -672,14 +684,7 @@ mod tests {
         let out = dir.path().join("action");
         std::fs::create_dir(&out).unwrap();
         // The refetch fails (no server): the damaged file must not be linked.
-        let err = cache
-            .link_into(
-                &unreachable_cas(),
-                &[FileRequest {
-                    key,
-                    dest: out.join("a"),
-                }],
-            )
+        let err = link_cached_only(&cache, key, out.join("a"))
             .await
             .unwrap_err();
         assert!(matches!(err, FetchError::Cas { .. }), "{err:?}");
@@ -720,28 +725,14 @@ mod tests {
         let out = dir.path().join("action");
         std::fs::create_dir(&out).unwrap();
         for key in [rewritten, chmodded] {
-            let err = cache
-                .link_into(
-                    &unreachable_cas(),
-                    &[FileRequest {
-                        key,
-                        dest: out.join("a"),
-                    }],
-                )
+            let err = link_cached_only(&cache, key, out.join("a"))
                 .await
                 .unwrap_err();
             assert!(matches!(err, FetchError::Cas { .. }), "{err:?}");
             assert!(!cache.contains(&key));
         }
         assert!(!out.join("a").exists());
-        cache
-            .link_into(
-                &unreachable_cas(),
-                &[FileRequest {
-                    key: untouched,
-                    dest: out.join("b"),
-                }],
-            )
+        link_cached_only(&cache, untouched, out.join("b"))
             .await
             .unwrap();
         assert_eq!(std::fs::read(out.join("b")).unwrap(), b"fine!");

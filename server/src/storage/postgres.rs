@@ -1063,6 +1063,18 @@ mod tests {
             IsolatedSchema { admin, name, pool }
         }
 
+        /// Rows in `table` of this schema.
+        async fn count(&self, table: &str) -> i64 {
+            self.pool
+                .client()
+                .await
+                .unwrap()
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .unwrap()
+                .get(0)
+        }
+
         async fn drop_schema(self) {
             self.admin
                 .client()
@@ -1119,15 +1131,7 @@ mod tests {
             Some(blobs[19].1.clone())
         );
         assert_eq!(cas.usage(), Some((9_000, 9)));
-        let content_rows: i64 = schema
-            .pool
-            .client()
-            .await
-            .unwrap()
-            .query_one("SELECT count(*) FROM buildkube_cas_content", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let content_rows = schema.count("buildkube_cas_content").await;
         assert_eq!(
             content_rows, 9,
             "evicted blobs' chunks are deleted with them"
@@ -1228,15 +1232,7 @@ mod tests {
         again.append(0, data.clone()).await.unwrap();
         again.commit().await.unwrap();
         assert_eq!(staged_chunks_and_uploads(&schema.pool).await, (0, 0));
-        let content_rows: i64 = schema
-            .pool
-            .client()
-            .await
-            .unwrap()
-            .query_one("SELECT count(*) FROM buildkube_cas_content", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let content_rows = schema.count("buildkube_cas_content").await;
         assert_eq!(content_rows, 3);
         assert_eq!(cas.maintain().await.unwrap().stored_blobs, 1);
         assert_eq!(cas.get(&d).await.unwrap(), Some(data));
@@ -1267,15 +1263,7 @@ mod tests {
         }
         assert_eq!(cas.get(&d).await.unwrap(), Some(data));
         wait_for_no_staged_chunks(&schema.pool).await;
-        let content_rows: i64 = schema
-            .pool
-            .client()
-            .await
-            .unwrap()
-            .query_one("SELECT count(*) FROM buildkube_cas_content", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let content_rows = schema.count("buildkube_cas_content").await;
         assert_eq!(content_rows, 3);
         drop(cas);
         schema.drop_schema().await;

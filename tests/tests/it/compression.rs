@@ -11,8 +11,8 @@ use bytes::Bytes;
 use tonic::Code;
 
 use crate::reapi_client::{
-    missing, query_write_status, read, read_range_rejected, read_rejected, upload, upload_request,
-    write, Clients, INSTANCE,
+    capabilities, missing, query_write_status, read, read_range_rejected, read_rejected, upload,
+    upload_request, write, Clients, INSTANCE,
 };
 
 /// 1 MiB that compresses well, different per `seed`.
@@ -42,16 +42,7 @@ fn compressed_upload(upload: &str, d: Digest) -> String {
 async fn capabilities_offer_zstd() {
     let server = Server::start().unwrap();
     let mut c = Clients::connect(&server, None);
-    let cache = c
-        .caps
-        .get_capabilities(reapi::GetCapabilitiesRequest {
-            instance_name: INSTANCE.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .cache_capabilities
-        .unwrap();
+    let cache = capabilities(&mut c).await.cache_capabilities.unwrap();
     let zstd = vec![compressor::Value::Zstd as i32];
     assert_eq!(cache.supported_compressors, zstd);
     assert_eq!(cache.supported_batch_update_compressors, zstd);

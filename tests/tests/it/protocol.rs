@@ -13,24 +13,17 @@ use prost::Message;
 use tonic::Code;
 
 use crate::reapi_client::{
-    batch_read, blob_resource, execute, execute_rejected, get_action_result, last_operation,
-    missing, query_write_status, read, read_range_rejected, read_rejected, response_of,
-    update_action_result, upload, upload_request, upload_resource, upload_shell_action, write,
-    Clients, INSTANCE,
+    batch_read, blob_resource, capabilities, execute, execute_rejected, get_action_result,
+    last_operation, missing, query_write_status, read, read_range_rejected, read_rejected,
+    response_of, update_action_result, upload, upload_request, upload_resource,
+    upload_shell_action, write, Clients, INSTANCE,
 };
 
 #[tokio::test]
 async fn capabilities_describe_what_is_supported() {
     let server = Server::start().unwrap();
     let mut c = Clients::connect(&server, None);
-    let caps = c
-        .caps
-        .get_capabilities(reapi::GetCapabilitiesRequest {
-            instance_name: INSTANCE.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let caps = capabilities(&mut c).await;
     let cache = caps.cache_capabilities.unwrap();
     assert_eq!(
         cache.digest_functions,

@@ -280,6 +280,17 @@ pub(crate) async fn read_range_rejected(c: &mut Clients, request: ReadRequest) -
     c.bytestream.read(request).await.map(|_| ()).unwrap_err()
 }
 
+/// GetCapabilities of [`INSTANCE`].
+pub(crate) async fn capabilities(c: &mut Clients) -> reapi::ServerCapabilities {
+    c.caps
+        .get_capabilities(reapi::GetCapabilitiesRequest {
+            instance_name: INSTANCE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// The resource name of blob `d` of [`INSTANCE`] for ByteStream Read.
 pub(crate) fn blob_resource(d: Digest) -> String {
     format!("{INSTANCE}/blobs/{}/{}", d.hash_hex(), d.size())
