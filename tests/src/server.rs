@@ -206,7 +206,9 @@ impl Server {
         }
     }
 
-    fn start_again(&mut self) -> Result<()> {
+    /// Starts a server stopped by [`Server::terminate`] or [`Server::kill`]
+    /// again, on its data dir and, if they are still free, its ports.
+    pub fn start_again(&mut self) -> Result<()> {
         let mut args = self.args.clone();
         args.listen = self.grpc_addr;
         args.http_listen = self.http_addr;

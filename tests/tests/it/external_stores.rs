@@ -16,7 +16,7 @@ use futures::StreamExt;
 
 use crate::reapi_client::{get_action_result, update_action_result, Clients};
 
-fn env_url(var: &str) -> String {
+pub(crate) fn env_url(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         panic!(
             "{var} is not set: this test needs PostgreSQL and Redis on 127.0.0.1. \
@@ -26,7 +26,7 @@ fn env_url(var: &str) -> String {
     })
 }
 
-fn postgres() -> StoreConfig {
+pub(crate) fn postgres() -> StoreConfig {
     StoreConfig::Postgres(PostgresStore {
         url: env_url("BUILDKUBE_TEST_POSTGRES_URL"),
         password_file: None,
