@@ -130,13 +130,8 @@ impl PostgresPool {
         };
         let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
         loop {
-            let attempt = async {
-                pool.client()
-                    .await?
-                    .batch_execute(SCHEMA)
-                    .await
-                    .map_err(StorageError::backend(STORE, "creating the tables"))
-            };
+            // Only reaching the database is retried; SQL errors are final.
+            let attempt = async { pool.client().await.map(drop) };
             match attempt.await {
                 Ok(()) => break,
                 Err(e) if tokio::time::Instant::now() < deadline => {
@@ -146,8 +141,45 @@ impl PostgresPool {
                 Err(e) => return Err(e),
             }
         }
+        pool.check_layout().await?;
+        pool.client()
+            .await?
+            .batch_execute(SCHEMA)
+            .await
+            .map_err(StorageError::backend(STORE, "creating the tables"))?;
         tracing::info!(database = %pool.inner.target, "PostgreSQL store ready");
         Ok(pool)
+    }
+
+    /// Refuses tables of an earlier layout (which `CREATE TABLE IF NOT
+    /// EXISTS` would keep), naming what to do, instead of failing every query.
+    async fn check_layout(&self) -> Result<(), StorageError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT
+                   EXISTS (SELECT FROM information_schema.tables
+                           WHERE table_schema = current_schema() AND table_name = 'buildkube_cas_blobs'),
+                   EXISTS (SELECT FROM information_schema.columns
+                           WHERE table_schema = current_schema() AND table_name = 'buildkube_cas_blobs'
+                             AND column_name = 'content')",
+                &[],
+            )
+            .await
+            .map_err(StorageError::backend(STORE, "checking the table layout"))?;
+        let (table, content) = (row.get::<_, bool>(0), row.get::<_, bool>(1));
+        if table && !content {
+            return Err(StorageError::Backend {
+                store: STORE,
+                action: "checking the table layout".into(),
+                message: "buildkube_cas_blobs has the layout of an earlier buildkube version \
+                    (no `content` column); drop buildkube_cas_blobs and buildkube_cas_chunks \
+                    (CASCADE) and restart: the CAS is a cache, clients upload again"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     async fn client(&self) -> Result<Arc<Client>, StorageError> {
@@ -1041,6 +1073,8 @@ mod tests {
         admin: PostgresPool,
         name: String,
         pool: PostgresPool,
+        /// Connection URL whose search_path is the schema.
+        url: String,
     }
 
     impl IsolatedSchema {
@@ -1060,7 +1094,12 @@ mod tests {
             let separator = if url.contains('?') { '&' } else { '?' };
             let url = format!("{url}{separator}options=-csearch_path%3D{name}");
             let pool = PostgresPool::connect(&url, None, 2).await.unwrap();
-            IsolatedSchema { admin, name, pool }
+            IsolatedSchema {
+                admin,
+                name,
+                pool,
+                url,
+            }
         }
 
         /// Rows in `table` of this schema.
@@ -1141,6 +1180,29 @@ mod tests {
         let report = cas.maintain().await.unwrap();
         assert_eq!((report.stored_bytes, report.evicted_blobs), (9_000, 0));
         drop(cas);
+        schema.drop_schema().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tables_of_an_earlier_layout_are_refused_by_name() {
+        let schema = IsolatedSchema::new("layout").await;
+        schema
+            .pool
+            .client()
+            .await
+            .unwrap()
+            .batch_execute(
+                "DROP TABLE buildkube_cas_blobs;
+                 CREATE TABLE buildkube_cas_blobs (hash bytea, size bigint, PRIMARY KEY (hash, size));",
+            )
+            .await
+            .unwrap();
+        let url = schema.url.clone();
+        let err = PostgresPool::connect(&url, None, 1).await.err().unwrap();
+        assert!(
+            err.to_string().contains("earlier buildkube version"),
+            "{err}"
+        );
         schema.drop_schema().await;
     }
 
