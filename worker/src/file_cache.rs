@@ -5,9 +5,11 @@
 //! executable variant, which is a separate inode because the mode belongs to
 //! the inode), and hardlinked into each action directory: no copies. Entries
 //! in use by an action being set up are pinned; the least recently used
-//! unpinned entries are evicted once the cache exceeds its budget. The cache
-//! is emptied when the worker starts, so every entry was written and
-//! verified by this process.
+//! unpinned entries are evicted once the cache exceeds its budget. Files
+//! left by an earlier run of the worker (a restarted container keeps its
+//! volume) are kept if their name, size and mode are right, and each is
+//! hashed once before its first use: a file that does not match is fetched
+//! again, never linked.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
@@ -82,6 +84,8 @@ struct Entry {
     tick: u64,
     pins: u32,
     stamp: FileStamp,
+    /// Written by this process, or hashed since it started.
+    verified: bool,
 }
 
 /// A cached file as installed. An action running as root (or as the
@@ -127,6 +131,48 @@ impl CacheState {
     }
 }
 
+/// The cached files of one shard directory that an earlier run left in a
+/// usable state (name `{hash}-{size}[-x]` in the hash's shard, that size,
+/// read-only with the right executable bits); the rest is deleted.
+fn restore_shard(dir: &Path, shard: &str) -> std::io::Result<Vec<(CacheKey, FileStamp)>> {
+    let mut kept = Vec::new();
+    for item in std::fs::read_dir(dir)? {
+        let item = item?;
+        let path = item.path();
+        let usable = item
+            .file_name()
+            .to_str()
+            .and_then(|name| parse_cache_name(name, shard))
+            .and_then(|key| {
+                let stamp = FileStamp::of(&path).ok()?;
+                let mode = if key.executable { 0o555 } else { 0o444 };
+                (item.file_type().ok()?.is_file()
+                    && stamp.len == key.digest.size()
+                    && stamp.mode == mode)
+                    .then_some((key, stamp))
+            });
+        match usable {
+            Some(entry) => kept.push(entry),
+            None => crate::fs_util::remove_any(&path)?,
+        }
+    }
+    Ok(kept)
+}
+
+/// The key a cache file name stands for, if it is one of `shard`'s.
+fn parse_cache_name(name: &str, shard: &str) -> Option<CacheKey> {
+    let (rest, executable) = match name.strip_suffix("-x") {
+        Some(rest) => (rest, true),
+        None => (name, false),
+    };
+    let (hash, size) = rest.split_once('-')?;
+    if !hash.starts_with(shard) || hash.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    let digest = Digest::from_hex(hash, size.parse().ok()?).ok()?;
+    Some(CacheKey { digest, executable })
+}
+
 /// The cache; shared by all slots of a worker.
 #[derive(Debug)]
 pub(crate) struct FileCache {
@@ -138,30 +184,78 @@ pub(crate) struct FileCache {
 }
 
 impl FileCache {
-    /// Empties and recreates `dir`.
+    /// Opens the cache in `dir`, keeping the well-formed files of an
+    /// earlier run as unverified entries (oldest first in line for
+    /// eviction) and deleting everything else there.
     pub(crate) fn open(
         dir: PathBuf,
         max_size: u64,
         metrics: Arc<WorkerMetrics>,
     ) -> std::io::Result<FileCache> {
-        if dir.exists() {
-            crate::fs_util::remove_tree(&dir)?;
-        }
         let tmp = dir.join("tmp");
+        crate::fs_util::remove_any(&tmp)?;
         std::fs::create_dir_all(&tmp)?;
+        let mut found = Vec::new();
+        if let Ok(listing) = std::fs::read_dir(&dir) {
+            for item in listing {
+                let item = item?;
+                let path = item.path();
+                let name = item.file_name();
+                let shard = name.to_str().filter(|n| {
+                    n.len() == 2
+                        && n.bytes()
+                            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                });
+                match shard {
+                    Some(shard) if item.file_type()?.is_dir() => {
+                        found.extend(restore_shard(&path, shard)?)
+                    }
+                    _ if path == tmp => {}
+                    _ => crate::fs_util::remove_any(&path)?,
+                }
+            }
+        }
         for shard in 0..=255u8 {
             std::fs::create_dir_all(dir.join(format!("{shard:02x}")))?;
         }
+        // Least recently modified first: the first to go if over budget.
+        found.sort_by_key(|(_, stamp)| stamp.modified);
+        let mut state = CacheState::default();
+        for (key, stamp) in found {
+            state.tick += 1;
+            state.entries.insert(
+                key,
+                Entry {
+                    size: key.digest.size(),
+                    tick: state.tick,
+                    pins: 0,
+                    stamp,
+                    verified: false,
+                },
+            );
+            state.lru.insert(state.tick, key);
+            state.total += key.digest.size();
+        }
+        if !state.entries.is_empty() {
+            tracing::info!(
+                files = state.entries.len(),
+                bytes = state.total,
+                "reusing the input file cache of an earlier run; each file is hashed before its first use"
+            );
+        }
         metrics
             .cache_bytes
-            .store(0, std::sync::atomic::Ordering::Relaxed);
-        Ok(FileCache {
+            .store(state.total, std::sync::atomic::Ordering::Relaxed);
+        let cache = FileCache {
             dir,
             tmp,
             max_size,
-            state: Mutex::new(CacheState::default()),
+            state: Mutex::new(state),
             metrics,
-        })
+        };
+        // The budget may have shrunk since.
+        cache.unpin_and_evict(&[]);
+        Ok(cache)
     }
 
     fn path_of(&self, key: &CacheKey) -> PathBuf {
@@ -211,7 +305,7 @@ impl FileCache {
                 }
                 if let Some(entry) = state.entries.get_mut(&key) {
                     entry.pins += 1;
-                    hits.push((key, entry.stamp));
+                    hits.push((key, entry.stamp, entry.verified));
                     pins.keys.push(key);
                     state.touch(key);
                 } else {
@@ -220,19 +314,36 @@ impl FileCache {
             }
         }
         // Drop entries an earlier action changed instead of spreading them
-        // (see FileStamp).
-        let hits: Vec<(CacheKey, PathBuf, FileStamp)> = hits
+        // (see FileStamp); hash those an earlier run left.
+        let hits: Vec<(CacheKey, PathBuf, FileStamp, bool)> = hits
             .into_iter()
-            .map(|(key, stamp)| (key, self.path_of(&key), stamp))
+            .map(|(key, stamp, verified)| (key, self.path_of(&key), stamp, verified))
             .collect();
-        let damaged = tokio::task::spawn_blocking(move || {
-            hits.into_iter()
-                .filter(|(_, path, stamp)| FileStamp::of(path).ok() != Some(*stamp))
-                .map(|(key, _, _)| key)
-                .collect::<Vec<_>>()
+        let (damaged, newly_verified) = tokio::task::spawn_blocking(move || {
+            let mut damaged = Vec::new();
+            let mut newly_verified = Vec::new();
+            for (key, path, stamp, verified) in hits {
+                let intact = FileStamp::of(&path).ok() == Some(stamp)
+                    && (verified
+                        || crate::outputs::hash_file(&path).is_ok_and(|d| d == key.digest));
+                match (intact, verified) {
+                    (false, _) => damaged.push(key),
+                    (true, false) => newly_verified.push(key),
+                    (true, true) => {}
+                }
+            }
+            (damaged, newly_verified)
         })
         .await
         .expect("stat task panicked");
+        {
+            let mut state = self.state.lock().unwrap();
+            for key in &newly_verified {
+                if let Some(entry) = state.entries.get_mut(key) {
+                    entry.verified = true;
+                }
+            }
+        }
         for key in damaged {
             tracing::warn!(digest = %key.digest, "cached input file was modified, chmod-ed or removed (by an action writing to its inputs?); fetching it again");
             pins.keys.retain(|k| *k != key);
@@ -446,6 +557,7 @@ impl FileCache {
                 // The rename replaced the file: a new inode.
                 entry.pins += 1;
                 entry.stamp = stamp;
+                entry.verified = true;
                 let old = entry.tick;
                 entry.tick = tick;
                 state.lru.remove(&old);
@@ -458,6 +570,7 @@ impl FileCache {
                         tick,
                         pins: 1,
                         stamp,
+                        verified: true,
                     },
                 );
                 state.total += key.digest.size();
@@ -690,6 +803,88 @@ mod tests {
         assert!(matches!(err, FetchError::Cas { .. }), "{err:?}");
         assert!(!out.join("a").exists());
         assert!(!cache.contains(&key));
+    }
+
+    /// A restarted worker keeps the files an earlier run cached, hashes each
+    /// before its first use, and deletes whatever is not a cache file.
+    #[tokio::test]
+    async fn files_of_an_earlier_run_are_kept_and_verified_before_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (intact, exec, corrupted) = {
+            let earlier = cache(dir.path(), 1 << 20);
+            let keys = (
+                put(&earlier, b"intact", false),
+                put(&earlier, b"tool", true),
+                put(&earlier, b"ruined", false),
+            );
+            std::fs::write(earlier.temp_path(), b"half a download").unwrap();
+            keys
+        };
+        let root = dir.path().join("cache");
+        // Same length, other bytes, mode restored: only a hash can tell.
+        let ruined = root
+            .join(&corrupted.digest.hash_hex()[..2])
+            .join(format!("{}-6", corrupted.digest.hash_hex()));
+        std::fs::set_permissions(&ruined, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&ruined, b"RUINED").unwrap();
+        std::fs::set_permissions(&ruined, std::fs::Permissions::from_mode(0o444)).unwrap();
+        // Junk: a wrong size, a file in the wrong shard, a stray file.
+        let hash = Digest::of_bytes(b"junk").hash_hex();
+        std::fs::write(root.join(&hash[..2]).join(format!("{hash}-99")), b"junk").unwrap();
+        let wrong_shard = if &hash[..2] == "00" { "01" } else { "00" };
+        std::fs::write(root.join(wrong_shard).join(format!("{hash}-4")), b"junk").unwrap();
+        std::fs::write(root.join("stray"), b"?").unwrap();
+
+        let cache = cache(dir.path(), 1 << 20);
+        assert_eq!(cache.total_bytes(), 6 + 4 + 6);
+        assert!(!root.join("stray").exists());
+        assert!(!root.join(wrong_shard).join(format!("{hash}-4")).exists());
+        assert!(!root.join(&hash[..2]).join(format!("{hash}-99")).exists());
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+
+        let out = dir.path().join("action");
+        std::fs::create_dir(&out).unwrap();
+        // No CAS: what links came from the cache, after hashing.
+        link_cached_only(&cache, intact, out.join("a"))
+            .await
+            .unwrap();
+        link_cached_only(&cache, exec, out.join("t")).await.unwrap();
+        assert_eq!(std::fs::read(out.join("a")).unwrap(), b"intact");
+        assert_eq!(
+            std::fs::metadata(out.join("t"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o111,
+            0o111
+        );
+        let err = link_cached_only(&cache, corrupted, out.join("r"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Cas { .. }), "{err:?}");
+        assert!(!out.join("r").exists());
+        assert!(!cache.contains(&corrupted));
+        assert_eq!(cache.total_bytes(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_smaller_budget_at_restart_evicts_the_oldest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = {
+            let earlier = cache(dir.path(), 1 << 20);
+            let old = put(&earlier, b"older", false);
+            let path = earlier.path_of(&old);
+            let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+            std::fs::File::open(&path)
+                .unwrap()
+                .set_modified(past)
+                .unwrap();
+            (old, put(&earlier, b"newer", false))
+        };
+        let cache = cache(dir.path(), 5);
+        assert!(!cache.contains(&old));
+        assert!(cache.contains(&new));
+        assert_eq!(cache.total_bytes(), 5);
     }
 
     /// Rewritten in place with the same length, or only made writable:

@@ -19,6 +19,20 @@ pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Removes whatever is at `path`: a file, a symlink or a directory tree
+/// (as [`remove_tree`]); nothing there is fine.
+pub(crate) fn remove_any(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => remove_tree(path),
+        Ok(_) => match std::fs::remove_file(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 fn make_dirs_writable(path: &Path) {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return;
@@ -49,5 +63,18 @@ mod tests {
         remove_tree(&root).unwrap();
         assert!(!root.exists());
         remove_tree(&root).unwrap();
+    }
+
+    #[test]
+    fn removes_files_links_and_trees_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join("l")).unwrap();
+        std::fs::create_dir_all(dir.path().join("d/e")).unwrap();
+        for name in ["f", "l", "d", "absent"] {
+            remove_any(&dir.path().join(name)).unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
