@@ -99,6 +99,11 @@ pub struct PostgresStore {
         serialize_with = "ser_opt_size"
     )]
     pub max_size: Option<u64>,
+    /// Action cache only: entries neither read nor written for this many
+    /// seconds are deleted (checked every minute). Unset: kept until
+    /// deleted by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_unused_after_secs: Option<u64>,
 }
 
 /// A Redis server.

@@ -888,6 +888,7 @@ pub fn external_storage_config(spec: &StackSpec) -> StorageConfig {
                     pool_size: 8,
                     max_blob_size: POSTGRES_BLOB_LIMIT,
                     max_size: Some(postgres_cas_max_size(spec)),
+                    expire_unused_after_secs: None,
                 }),
             })),
             large: StoreConfig::Filesystem(FilesystemStore {

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use buildkube_config::storage::{StorageConfig, StoreConfig};
@@ -75,6 +76,12 @@ fn blob_store<'a>(
             }
             StoreConfig::Postgres(pg) => {
                 let field = format!("{field}.postgres");
+                if pg.expire_unused_after_secs.is_some() {
+                    bail!(
+                        "{field}.expire_unused_after_secs: only an action cache expires entries; \
+                         a CAS has max_size"
+                    );
+                }
                 let password = read_password(&field, pg.password_file.as_ref())?;
                 let pool = PostgresPool::connect(&pg.url, password.as_deref(), pg.pool_size)
                     .await
@@ -126,11 +133,12 @@ async fn action_store(
             if pg.max_size.is_some() {
                 bail!("{field}.max_size: only a CAS has a size budget");
             }
+            let expire_unused_after = pg.expire_unused_after_secs.map(Duration::from_secs);
             let password = read_password(&field, pg.password_file.as_ref())?;
             let pool = PostgresPool::connect(&pg.url, password.as_deref(), pg.pool_size)
                 .await
                 .with_context(|| format!("{field}: opening the database"))?;
-            Arc::new(PostgresActionCache::new(pool))
+            Arc::new(PostgresActionCache::new(pool, expire_unused_after))
         }
         StoreConfig::Redis(redis) => {
             let field = format!("{field}.redis");
@@ -213,6 +221,16 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "action_cache.postgres.max_size: only a CAS has a size budget"
+        );
+        let config = StorageConfig::from_yaml(
+            "cas: {postgres: {url: 'postgres://u@h/d', expire_unused_after_secs: 60}}\naction_cache: {filesystem: {path: a}}\n",
+        )
+        .unwrap();
+        let err = open(&config, dir.path(), 1).await.err().unwrap();
+        assert!(
+            err.to_string()
+                .starts_with("cas.postgres.expire_unused_after_secs: only an action cache"),
+            "{err:#}"
         );
     }
 }

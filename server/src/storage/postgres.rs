@@ -23,7 +23,9 @@
 //! deletes the least recently accessed blobs until 90% of `max_size` is
 //! left; chunks go with their blob. Servers sharing a database take turns
 //! through an advisory lock. Action results whose outputs are deleted
-//! become cache misses. The action cache is never pruned by the server.
+//! become cache misses. Action results carry `accessed` too; with
+//! `expire_unused_after_secs` those unused that long are deleted every
+//! [`AC_EXPIRY_INTERVAL`].
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -80,6 +82,8 @@ CREATE TABLE IF NOT EXISTS buildkube_action_results (
     updated timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (instance, hash, size)
 );
+ALTER TABLE buildkube_action_results ADD COLUMN IF NOT EXISTS accessed timestamptz NOT NULL DEFAULT now();
+CREATE INDEX IF NOT EXISTS buildkube_action_results_by_access ON buildkube_action_results (accessed);
 COMMIT;
 ";
 
@@ -217,6 +221,9 @@ fn size_param(digest: &Digest) -> i64 {
 fn new_content_id() -> i64 {
     uuid::Uuid::new_v4().as_u64_pair().0 as i64
 }
+
+/// How often unused action results are looked for.
+const AC_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Uploads started longer ago than this will not be finished by any server.
 const UPLOAD_LIFETIME: &str = "6 hours";
@@ -968,16 +975,72 @@ impl Maintainer {
     }
 }
 
-/// The action cache in PostgreSQL. Eviction: none by the server (see the module docs).
+/// The action cache in PostgreSQL; entries unused for `expire_unused_after`
+/// are deleted (see the module docs).
 #[derive(Clone)]
 pub struct PostgresActionCache {
     pool: PostgresPool,
+    expire_unused_after: Option<Duration>,
+    /// Stops the expiry task when the last clone is dropped.
+    _expiry: Option<Arc<AbortOnDrop>>,
 }
 
 impl PostgresActionCache {
-    /// The action cache over `pool`.
-    pub fn new(pool: PostgresPool) -> PostgresActionCache {
-        PostgresActionCache { pool }
+    /// The action cache over `pool`; with `expire_unused_after`, starts the
+    /// task that deletes entries unused that long (needs a Tokio runtime).
+    pub fn new(pool: PostgresPool, expire_unused_after: Option<Duration>) -> PostgresActionCache {
+        let expiry = expire_unused_after.map(|_| {
+            let cache = PostgresActionCache {
+                pool: pool.clone(),
+                expire_unused_after,
+                _expiry: None,
+            };
+            Arc::new(AbortOnDrop(tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(AC_EXPIRY_INTERVAL);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    if let Err(e) = cache.expire_unused().await {
+                        tracing::warn!(error = %e, "expiring unused action results failed; retrying at the next interval");
+                    }
+                }
+            })))
+        });
+        PostgresActionCache {
+            pool,
+            expire_unused_after,
+            _expiry: expiry,
+        }
+    }
+
+    /// Deletes the entries unused for `expire_unused_after` now, as the
+    /// expiry task does every minute; returns how many went.
+    pub async fn expire_unused(&self) -> Result<u64, StorageError> {
+        let Some(after) = self.expire_unused_after else {
+            return Ok(0);
+        };
+        let deleted = self
+            .pool
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM buildkube_action_results
+                 WHERE accessed < now() - make_interval(secs => $1)",
+                &[&after.as_secs_f64()],
+            )
+            .await
+            .map_err(StorageError::backend(
+                STORE,
+                "expiring unused action results",
+            ))?;
+        if deleted > 0 {
+            tracing::info!(
+                deleted,
+                unused_for_secs = after.as_secs(),
+                "deleted unused action results"
+            );
+        }
+        Ok(deleted)
     }
 }
 
@@ -993,7 +1056,13 @@ impl ActionResultStore for PostgresActionCache {
             .client()
             .await?
             .query_opt(
-                "SELECT result FROM buildkube_action_results
+                // Read and keep (refresh the access time, at most once a minute).
+                "WITH touched AS (
+                     UPDATE buildkube_action_results SET accessed = now()
+                     WHERE instance = $1 AND hash = $2 AND size = $3
+                       AND accessed < now() - interval '1 minute'
+                 )
+                 SELECT result FROM buildkube_action_results
                  WHERE instance = $1 AND hash = $2 AND size = $3",
                 &[
                     &instance,
@@ -1027,7 +1096,7 @@ impl ActionResultStore for PostgresActionCache {
                 "INSERT INTO buildkube_action_results (instance, hash, size, result)
                  VALUES ($1, $2, $3, $4)
                  ON CONFLICT (instance, hash, size)
-                 DO UPDATE SET result = EXCLUDED.result, updated = now()",
+                 DO UPDATE SET result = EXCLUDED.result, updated = now(), accessed = now()",
                 &[
                     &instance,
                     &action.hash_bytes().as_slice(),
@@ -1063,7 +1132,7 @@ mod tests {
     });
 
     crate::storage::conformance::action_store_conformance!(async {
-        let ac = PostgresActionCache::new(pool().await);
+        let ac = PostgresActionCache::new(pool().await, None);
         (Arc::new(ac) as Arc<dyn ActionResultStore>, ())
     });
 
@@ -1203,6 +1272,49 @@ mod tests {
             err.to_string().contains("earlier buildkube version"),
             "{err}"
         );
+        schema.drop_schema().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn action_results_unused_too_long_expire() {
+        let schema = IsolatedSchema::new("ac_expiry").await;
+        let ac = PostgresActionCache::new(schema.pool.clone(), Some(Duration::from_secs(86400)));
+        let result = |code| ActionResult {
+            exit_code: code,
+            ..Default::default()
+        };
+        let (old, read, fresh) = (
+            Digest::of_bytes(b"unused for two days"),
+            Digest::of_bytes(b"old but read today"),
+            Digest::of_bytes(b"written today"),
+        );
+        for (i, d) in [old, read, fresh].iter().enumerate() {
+            ac.put("main", d, &result(i as i32)).await.unwrap();
+        }
+        schema
+            .pool
+            .client()
+            .await
+            .unwrap()
+            .execute(
+                "UPDATE buildkube_action_results SET accessed = now() - interval '2 days'
+                 WHERE hash = ANY($1)",
+                &[&vec![
+                    old.hash_bytes().as_slice(),
+                    read.hash_bytes().as_slice(),
+                ]],
+            )
+            .await
+            .unwrap();
+        assert_eq!(ac.get("main", &read).await.unwrap(), Some(result(1)));
+        assert_eq!(ac.expire_unused().await.unwrap(), 1);
+        assert_eq!(ac.get("main", &old).await.unwrap(), None);
+        assert_eq!(ac.get("main", &read).await.unwrap(), Some(result(1)));
+        assert_eq!(ac.get("main", &fresh).await.unwrap(), Some(result(2)));
+        // Without an expiry nothing is deleted.
+        let keep_all = PostgresActionCache::new(schema.pool.clone(), None);
+        assert_eq!(keep_all.expire_unused().await.unwrap(), 0);
+        drop((ac, keep_all));
         schema.drop_schema().await;
     }
 

@@ -33,6 +33,7 @@ pub(crate) fn postgres() -> StoreConfig {
         pool_size: 2,
         max_blob_size: 64 << 20,
         max_size: None,
+        expire_unused_after_secs: None,
     })
 }
 
