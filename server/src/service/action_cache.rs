@@ -8,6 +8,10 @@ use crate::error::bad_digest;
 use crate::farm::Farm;
 use crate::metrics::Metrics;
 
+/// Bytes of blobs inlined into one GetActionResult answer at most: well
+/// under gRPC's default 4 MiB message limit, whatever else the result holds.
+const INLINE_BUDGET: u64 = 1 << 20;
+
 /// GetActionResult / UpdateActionResult over the persistent action cache.
 pub struct ActionCacheService {
     farm: Arc<Farm>,
@@ -17,6 +21,49 @@ impl ActionCacheService {
     /// The service over `farm`.
     pub fn new(farm: Arc<Farm>) -> Self {
         ActionCacheService { farm }
+    }
+
+    /// Fills `stdout_raw`, `stderr_raw` and the `contents` of the output
+    /// files the request asks for, in that order, while they fit in
+    /// [`INLINE_BUDGET`]. Inlining is a hint: what does not fit, or was
+    /// evicted meanwhile, stays a digest for the client to fetch.
+    async fn inline_requested(
+        &self,
+        result: &mut reapi::ActionResult,
+        request: &reapi::GetActionResultRequest,
+    ) -> Result<(), Status> {
+        let mut budget = INLINE_BUDGET;
+        let mut wanted: Vec<(Option<Digest>, &mut bytes::Bytes)> = Vec::new();
+        if request.inline_stdout && result.stdout_raw.is_empty() {
+            let digest = result
+                .stdout_digest
+                .as_ref()
+                .and_then(|d| Digest::try_from(d).ok());
+            wanted.push((digest, &mut result.stdout_raw));
+        }
+        if request.inline_stderr && result.stderr_raw.is_empty() {
+            let digest = result
+                .stderr_digest
+                .as_ref()
+                .and_then(|d| Digest::try_from(d).ok());
+            wanted.push((digest, &mut result.stderr_raw));
+        }
+        for file in result.output_files.iter_mut() {
+            if request.inline_output_files.contains(&file.path) && file.contents.is_empty() {
+                let digest = file.digest.as_ref().and_then(|d| Digest::try_from(d).ok());
+                wanted.push((digest, &mut file.contents));
+            }
+        }
+        for (digest, slot) in wanted {
+            let Some(digest) = digest.filter(|d| !d.is_empty_blob() && d.size() <= budget) else {
+                continue;
+            };
+            if let Some(data) = self.farm.cas.get(&digest).await? {
+                budget -= digest.size();
+                *slot = data;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -67,8 +114,9 @@ impl ActionCache for ActionCacheService {
             .get(&request.instance_name, &digest)
             .await?;
         match result {
-            Some(result) if self.farm.result_is_complete(&result).await? => {
+            Some(mut result) if self.farm.result_is_complete(&result).await? => {
                 Metrics::add(&self.farm.metrics.ac_hits, 1);
+                self.inline_requested(&mut result, &request).await?;
                 Ok(Response::new(result))
             }
             Some(_) => {

@@ -534,6 +534,69 @@ async fn action_cache_round_trip_and_missing_outputs_are_a_miss() {
 }
 
 #[tokio::test]
+async fn get_action_result_inlines_what_is_asked_within_its_budget() {
+    let server = Server::start().unwrap();
+    let mut c = Clients::connect(&server, None);
+    let action = Digest::of_bytes(b"an action with outputs to inline");
+    let (stdout, stderr, small) = (b"out".to_vec(), b"err".to_vec(), b"a small output".to_vec());
+    // Larger than the whole inlining budget (1 MiB): always a digest.
+    let large: Vec<u8> = (0..(1u32 << 20) + 1).map(|i| i as u8).collect();
+    upload(&mut c, &[&stdout, &stderr, &small]).await;
+    c.cas_client()
+        .upload_blobs(vec![(Digest::of_bytes(&large), Bytes::from(large.clone()))])
+        .await
+        .unwrap();
+    let file = |path: &str, data: &[u8]| reapi::OutputFile {
+        path: path.into(),
+        digest: Some(Digest::of_bytes(data).to_proto()),
+        ..Default::default()
+    };
+    let stored = reapi::ActionResult {
+        stdout_digest: Some(Digest::of_bytes(&stdout).to_proto()),
+        stderr_digest: Some(Digest::of_bytes(&stderr).to_proto()),
+        output_files: vec![
+            file("small", &small),
+            file("large", &large),
+            file("unasked", &small),
+        ],
+        ..Default::default()
+    };
+    update_action_result(&mut c, action, stored.clone())
+        .await
+        .unwrap();
+
+    // Not asked: nothing inlined.
+    assert_eq!(get_action_result(&mut c, action).await.unwrap(), stored);
+
+    let got =
+        c.ac.get_action_result(reapi::GetActionResultRequest {
+            instance_name: INSTANCE.into(),
+            action_digest: Some(action.to_proto()),
+            inline_stdout: true,
+            inline_stderr: true,
+            inline_output_files: vec!["small".into(), "large".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.stdout_raw, stdout);
+    assert_eq!(got.stderr_raw, stderr);
+    let contents: Vec<(&str, usize)> = got
+        .output_files
+        .iter()
+        .map(|f| (f.path.as_str(), f.contents.len()))
+        .collect();
+    assert_eq!(
+        contents,
+        vec![("small", small.len()), ("large", 0), ("unasked", 0)]
+    );
+    assert_eq!(got.output_files[0].contents, small);
+    // Digests stay, so a client can always fetch.
+    assert_eq!(got.output_files[1].digest, stored.output_files[1].digest);
+}
+
+#[tokio::test]
 async fn get_tree_pages_through_every_directory() {
     let server = Server::start().unwrap();
     let mut c = Clients::connect(&server, None);
