@@ -744,63 +744,175 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
     bad
 }
 
-/// PromQL functions and keywords the load queries may use.
-const PROMQL_WORDS: &[&str] = &["sum", "vector", "or"];
+/// Aggregations, functions and operators the load queries may use.
+const PROMQL_WORDS: &[&str] = &["sum", "vector", "or", "+"];
 
-/// Problems with one load query: a name that is not a metric of
-/// `buildkube-config` or not an allowed function. Returns the matchers'
-/// `(instance, platform labels)` of each selector.
+/// Problems with one load query, parsed as PromQL by a real parser: a parse
+/// error, a metric that is not a load metric of `buildkube-config`, an
+/// operation other than [`PROMQL_WORDS`], matchers other than
+/// `instance="…"` and `platform=~"…"`, or a platform regex that does not
+/// match the labels it lists. Returns each selector's `(instance, platform
+/// labels)`.
 fn query_problems(query: &str, bad: &mut Vec<String>, what: &str) -> Vec<(String, Vec<String>)> {
-    let metrics = [
-        buildkube_config::METRIC_QUEUE_DEPTH,
-        buildkube_config::METRIC_ACTIONS_RUNNING,
-    ];
-    // Selectors `NAME{instance="…",platform=~"…"}` with PromQL-escaped strings.
-    let selector_re = regex::Regex::new(
-        r#"([A-Za-z_:][A-Za-z0-9_:]*)\{instance="((?:[^"\\]|\\.)*)",platform=~"((?:[^"\\]|\\.)*)"\}"#,
-    )
-    .unwrap();
-    let unescape = |text: &str| {
-        let mut out = String::new();
-        let mut chars = text.chars();
-        while let Some(c) = chars.next() {
-            out.push(if c == '\\' {
-                chars.next().unwrap_or(c)
-            } else {
-                c
-            });
+    use promql_parser::label::MatchOp;
+    use promql_parser::parser::Expr;
+
+    fn visit(
+        expr: &Expr,
+        query: &str,
+        what: &str,
+        bad: &mut Vec<String>,
+        selectors: &mut Vec<(String, Vec<String>)>,
+    ) {
+        let mut word = |w: String| {
+            if !PROMQL_WORDS.contains(&w.as_str()) {
+                bad.push(format!("{what}: unexpected `{w}` in `{query}`"));
+            }
+        };
+        match expr {
+            Expr::Aggregate(a) => {
+                word(a.op.to_string());
+                visit(&a.expr, query, what, bad, selectors);
+            }
+            Expr::Binary(b) => {
+                word(b.op.to_string());
+                visit(&b.lhs, query, what, bad, selectors);
+                visit(&b.rhs, query, what, bad, selectors);
+            }
+            Expr::Call(c) => {
+                word(c.func.name.to_string());
+                for arg in &c.args.args {
+                    visit(arg, query, what, bad, selectors);
+                }
+            }
+            Expr::Paren(p) => visit(&p.expr, query, what, bad, selectors),
+            Expr::NumberLiteral(_) => {}
+            Expr::VectorSelector(v) => {
+                let metric = v.name.clone().unwrap_or_default();
+                let load_metrics = [
+                    buildkube_config::METRIC_QUEUE_DEPTH,
+                    buildkube_config::METRIC_ACTIONS_RUNNING,
+                ];
+                if !load_metrics.contains(&metric.as_str()) {
+                    bad.push(format!(
+                        "{what}: `{metric}` is not a load metric of buildkube-config"
+                    ));
+                }
+                let mut instance = None;
+                let mut platforms = None;
+                for m in &v.matchers.matchers {
+                    match (m.name.as_str(), &m.op) {
+                        ("__name__", MatchOp::Equal) => {}
+                        ("instance", MatchOp::Equal) => instance = Some(m.value.clone()),
+                        ("platform", MatchOp::Re(_)) => {
+                            // The alternatives, each a regex-escaped label.
+                            let labels: Vec<String> =
+                                m.value.split('|').map(unescape_regex).collect();
+                            for label in &labels {
+                                if !m.is_match(label) {
+                                    bad.push(format!(
+                                        "{what}: platform regex `{}` does not match `{label}`",
+                                        m.value
+                                    ));
+                                }
+                            }
+                            platforms = Some(labels);
+                        }
+                        _ => bad.push(format!("{what}: unexpected matcher `{m}` in `{query}`")),
+                    }
+                }
+                match (instance, platforms) {
+                    (Some(instance), Some(platforms)) => selectors.push((instance, platforms)),
+                    _ => bad.push(format!(
+                        "{what}: `{metric}` lacks an instance or platform matcher in `{query}`"
+                    )),
+                }
+            }
+            other => bad.push(format!("{what}: unexpected `{other}` in `{query}`")),
         }
-        out
+    }
+
+    let expr = match promql_parser::parser::parse(query) {
+        Ok(expr) => expr,
+        Err(e) => {
+            bad.push(format!("{what}: `{query}` is not PromQL: {e}"));
+            return Vec::new();
+        }
     };
     let mut selectors = Vec::new();
-    for capture in selector_re.captures_iter(query) {
-        let metric = &capture[1];
-        if !metrics.contains(&metric) {
-            bad.push(format!(
-                "{what}: `{metric}` is not a load metric of buildkube-config"
-            ));
-        }
-        // PromQL string escapes, then the regex escapes of each alternative.
-        let platforms = unescape(&capture[3]).split('|').map(unescape).collect();
-        selectors.push((unescape(&capture[2]), platforms));
-    }
-    // Every other word is an allowed function or keyword.
-    let rest = selector_re.replace_all(query, " ");
-    let word_re = regex::Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").unwrap();
-    for word in word_re.find_iter(&rest) {
-        if !PROMQL_WORDS.contains(&word.as_str()) {
-            bad.push(format!(
-                "{what}: unexpected `{}` in `{query}`",
-                word.as_str()
-            ));
-        }
-    }
-    if selectors.len() != metrics.len() {
+    visit(&expr, query, what, bad, &mut selectors);
+    if selectors.len() != 2 {
         bad.push(format!(
             "{what}: expected one selector per load metric in `{query}`"
         ));
     }
     selectors
+}
+
+/// The query check itself: a good query passes, each kind of bad one is named.
+#[test]
+fn load_query_check_parses_promql_and_names_problems() {
+    let good = r#"(sum(buildkube_queue_depth{instance="main",platform=~"|runner=plain"}) or vector(0)) + (sum(buildkube_actions_running{instance="main",platform=~"|runner=plain"}) or vector(0))"#;
+    let mut bad = Vec::new();
+    let selectors = query_problems(good, &mut bad, "good");
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(
+        selectors,
+        vec![
+            (
+                "main".to_string(),
+                vec![String::new(), "runner=plain".to_string()]
+            );
+            2
+        ]
+    );
+    for (query, expected) in [
+        (
+            "sum(buildkube_queue_depth{instance=\"main\"",
+            "is not PromQL",
+        ),
+        (
+            r#"sum(rate(buildkube_queue_depth{instance="main",platform=~"a"}[5m])) + sum(buildkube_actions_running{instance="main",platform=~"a"})"#,
+            "unexpected",
+        ),
+        (
+            r#"sum(up{instance="main",platform=~"a"}) + sum(buildkube_actions_running{instance="main",platform=~"a"})"#,
+            "`up` is not a load metric",
+        ),
+        (
+            r#"sum(buildkube_queue_depth{instance="main",platform="a"}) + sum(buildkube_actions_running{instance="main",platform=~"a"})"#,
+            "unexpected matcher",
+        ),
+        (
+            r#"sum(buildkube_queue_depth{instance="main",platform=~"a.b|c"}) + sum(buildkube_actions_running{instance="main",platform=~"a"})"#,
+            "",
+        ),
+    ] {
+        let mut bad = Vec::new();
+        query_problems(query, &mut bad, "q");
+        if expected.is_empty() {
+            assert!(bad.is_empty(), "{query}: {bad:?}");
+        } else {
+            assert!(
+                bad.iter().any(|b| b.contains(expected)),
+                "{query}: expected `{expected}` in {bad:?}"
+            );
+        }
+    }
+}
+
+/// Undoes `regex::escape` of one alternative.
+fn unescape_regex(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        out.push(if c == '\\' {
+            chars.next().unwrap_or(c)
+        } else {
+            c
+        });
+    }
+    out
 }
 
 /// Issue 4: every autoscaler paces its scale-down (a stabilization window, a

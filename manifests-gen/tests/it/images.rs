@@ -23,8 +23,20 @@ fn builder_image_rust_is_new_enough_for_every_locked_dependency() {
         dockerfile.contains(&format!("ARG RUST_IMAGE=rust:{ours}-bookworm")),
         "images/Dockerfile does not build with the workspace rust-version {ours}; run `cargo run -p manifests-gen`"
     );
+    // Only the packages built for this (Linux) host, as in the image: the
+    // sources of other platforms' dependencies are never downloaded by a
+    // build, so --offline could not read them.
+    let rustc = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV runs");
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("host: ").map(str::to_string))
+        .expect("rustc -vV names the host");
     let output = Command::new(env!("CARGO"))
         .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        .args(["--filter-platform", &host])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
