@@ -123,15 +123,11 @@ impl ByteStreamService {
                         next_offset = Some(expected + message.data.len() as i64);
                         let what = format!("compressed upload of {digest}");
                         let mut consumed = 0;
-                        loop {
-                            let before = consumed;
-                            let piece = decoder.step(&message.data, &mut consumed, &what)?;
-                            if !piece.is_empty() {
-                                let at = writer.committed_size() as i64;
-                                writer.append(at, piece).await?;
-                            } else if consumed == message.data.len() || consumed == before {
-                                break;
-                            }
+                        while let Some(piece) =
+                            decoder.next_piece(&message.data, &mut consumed, &what)?
+                        {
+                            let at = writer.committed_size() as i64;
+                            writer.append(at, piece).await?;
                         }
                     }
                 }

@@ -14,6 +14,7 @@ use super::MAX_BATCH_TOTAL_BYTES;
 use crate::error::bad_digest;
 use crate::farm::Farm;
 use crate::metrics::Metrics;
+use crate::storage::cpu_work;
 
 /// Directories per GetTree page when the client does not say.
 const DEFAULT_TREE_PAGE: usize = 1000;
@@ -101,12 +102,11 @@ impl CasService {
 /// A zstd-compressed batch item, decompressed (on a blocking thread when large).
 async fn decompress(digest: Digest, data: bytes::Bytes) -> Result<bytes::Bytes, Status> {
     let what = format!("blob {digest}");
-    if data.len() <= 64 * 1024 {
-        return decompress_exact(&data, digest.size(), &what);
-    }
-    tokio::task::spawn_blocking(move || decompress_exact(&data, digest.size(), &what))
-        .await
-        .map_err(|e| Status::internal(format!("decompression task failed: {e}")))?
+    cpu_work(data.len(), move || {
+        decompress_exact(&data, digest.size(), &what)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("decompression task failed: {e}")))?
 }
 
 #[tonic::async_trait]

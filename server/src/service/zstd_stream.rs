@@ -36,21 +36,31 @@ impl ZstdDecoder {
         })
     }
 
-    /// Decompresses as much of `input[*consumed..]` as gives at most one
-    /// step of output, advancing `consumed`. Returns the output (empty when
-    /// the decoder needs more input).
-    pub(crate) fn step(
+    /// The next piece (at most one step) of what `input` decompresses to,
+    /// advancing `consumed`; `None` once `input` is used up and everything
+    /// it holds was returned, or the decoder makes no more progress.
+    pub(crate) fn next_piece(
         &mut self,
         input: &[u8],
         consumed: &mut usize,
         what: &str,
-    ) -> Result<Bytes, Status> {
-        let status = self
-            .raw
-            .run_on_buffers(&input[*consumed..], &mut self.out)
-            .map_err(zstd_error(what))?;
-        *consumed += status.bytes_read;
-        Ok(Bytes::copy_from_slice(&self.out[..status.bytes_written]))
+    ) -> Result<Option<Bytes>, Status> {
+        loop {
+            let before = *consumed;
+            let status = self
+                .raw
+                .run_on_buffers(&input[*consumed..], &mut self.out)
+                .map_err(zstd_error(what))?;
+            *consumed += status.bytes_read;
+            if status.bytes_written > 0 {
+                return Ok(Some(Bytes::copy_from_slice(
+                    &self.out[..status.bytes_written],
+                )));
+            }
+            if *consumed == input.len() || *consumed == before {
+                return Ok(None);
+            }
+        }
     }
 }
 
@@ -60,12 +70,7 @@ pub(crate) fn decompress_exact(data: &[u8], size: u64, what: &str) -> Result<Byt
     let mut decoder = ZstdDecoder::new()?;
     let mut consumed = 0;
     let mut out = Vec::with_capacity(size.min(64 << 20) as usize);
-    loop {
-        let before = consumed;
-        let piece = decoder.step(data, &mut consumed, what)?;
-        if piece.is_empty() && (consumed == data.len() || consumed == before) {
-            break;
-        }
+    while let Some(piece) = decoder.next_piece(data, &mut consumed, what)? {
         if (out.len() + piece.len()) as u64 > size {
             return Err(Status::invalid_argument(format!(
                 "{what}: decompresses to more than its {size} bytes"
@@ -162,6 +167,16 @@ mod tests {
             .collect()
     }
 
+    /// The whole compressed stream of `chunks`.
+    async fn compress_all(chunks: BlobStream) -> Vec<u8> {
+        let pieces: Vec<Bytes> = compress_stream(chunks)
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        pieces.concat()
+    }
+
     #[tokio::test]
     async fn compressed_stream_decodes_to_the_blob() {
         let data = sample(3 * STEP + 17);
@@ -170,12 +185,7 @@ mod tests {
                 .map(|c| Ok(Bytes::copy_from_slice(c)))
                 .collect::<Vec<_>>(),
         ));
-        let compressed: Vec<Bytes> = compress_stream(chunks)
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        let compressed = compressed.concat();
+        let compressed = compress_all(chunks).await;
         assert!(compressed.len() < data.len() / 2);
         assert_eq!(zstd::decode_all(&compressed[..]).unwrap(), data);
         assert_eq!(
@@ -187,12 +197,7 @@ mod tests {
     #[tokio::test]
     async fn empty_blob_is_one_empty_frame() {
         let chunks: BlobStream = Box::pin(futures::stream::empty());
-        let compressed: Vec<Bytes> = compress_stream(chunks)
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        let compressed = compressed.concat();
+        let compressed = compress_all(chunks).await;
         assert!(!compressed.is_empty());
         assert!(zstd::decode_all(&compressed[..]).unwrap().is_empty());
     }

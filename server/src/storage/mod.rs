@@ -32,8 +32,9 @@ use buildkube_reapi::{Digest, Hasher};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-/// Blobs at most this large are verified inline; larger ones on a blocking thread.
-const INLINE_HASH_LIMIT: usize = 64 * 1024;
+/// Work on at most this many bytes (hashing, decompressing) runs inline;
+/// on more, on a blocking thread.
+const INLINE_CPU_LIMIT: usize = 64 * 1024;
 
 /// Largest chunk a [`BlobStore::read`] stream yields.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -232,14 +233,10 @@ const fn libc_enospc() -> i32 {
 
 /// Checks that `data` hashes to `digest` (on a blocking thread when large).
 pub(crate) async fn verify(digest: Digest, data: &Bytes) -> Result<(), StorageError> {
-    let actual = if data.len() <= INLINE_HASH_LIMIT {
-        Digest::of_bytes(data)
-    } else {
-        let data = data.clone();
-        tokio::task::spawn_blocking(move || Digest::of_bytes(&data))
-            .await
-            .expect("hash task panicked")
-    };
+    let hashed = data.clone();
+    let actual = cpu_work(data.len(), move || Digest::of_bytes(&hashed))
+        .await
+        .expect("hash task panicked");
     if actual != digest {
         return Err(StorageError::DigestMismatch {
             expected: digest,
@@ -247,6 +244,19 @@ pub(crate) async fn verify(digest: Digest, data: &Bytes) -> Result<(), StorageEr
         });
     }
     Ok(())
+}
+
+/// Runs CPU work over `len` bytes inline when small, else on a blocking
+/// thread so that it does not stall the async workers.
+pub(crate) async fn cpu_work<T: Send + 'static>(
+    len: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    if len <= INLINE_CPU_LIMIT {
+        Ok(work())
+    } else {
+        tokio::task::spawn_blocking(work).await
+    }
 }
 
 /// The bookkeeping every streaming write shares: offsets, length, hash.
