@@ -297,26 +297,23 @@ impl PostgresCas {
             stored_blobs: AtomicUsize::new(0),
             measured: AtomicBool::new(false),
         });
-        let task = tokio::spawn({
-            let maintainer = maintainer.clone();
-            let interval = options.maintenance_interval;
-            async move {
-                let mut ticks = tokio::time::interval(interval);
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    ticks.tick().await;
-                    if let Err(e) = maintainer.pass().await {
-                        tracing::warn!(error = %e, "PostgreSQL CAS maintenance failed; retrying at the next interval");
-                    }
+        let task = every(
+            options.maintenance_interval,
+            "PostgreSQL CAS maintenance",
+            {
+                let maintainer = maintainer.clone();
+                move || {
+                    let maintainer = maintainer.clone();
+                    async move { maintainer.pass().await.map(drop) }
                 }
-            }
-        });
+            },
+        );
         PostgresCas {
             pool,
             max_blob_size: options.max_blob_size,
             touch_after_secs: options.touch_after.as_secs_f64(),
             maintainer,
-            _maintenance: Arc::new(AbortOnDrop(task)),
+            _maintenance: Arc::new(task),
         }
     }
 
@@ -620,7 +617,14 @@ struct PostgresSink {
 }
 
 impl PostgresSink {
+    /// Writes the next chunk; a failure makes the upload unusable.
     async fn stage(&mut self, data: &[u8]) -> Result<(), StorageError> {
+        let staged = self.write_chunk(data).await;
+        self.failed |= staged.is_err();
+        staged
+    }
+
+    async fn write_chunk(&mut self, data: &[u8]) -> Result<(), StorageError> {
         let digest = self.progress.digest();
         let idx = self.staged_chunks;
         // The first chunk registers the upload, so that the chunks of one
@@ -721,10 +725,7 @@ impl BlobSink for PostgresSink {
         self.pending.extend_from_slice(&data);
         while self.pending.len() as u64 >= PG_CHUNK {
             let chunk = self.pending.split_to(PG_CHUNK as usize);
-            if let Err(e) = self.stage(&chunk).await {
-                self.failed = true;
-                return Err(e);
-            }
+            self.stage(&chunk).await?;
         }
         Ok(())
     }
@@ -734,11 +735,7 @@ impl BlobSink for PostgresSink {
             return Ok(());
         }
         self.check_usable()?;
-        let result = self.progress.finish();
-        if let Err(e) = result {
-            self.failed = true;
-            return Err(e);
-        }
+        self.progress.finish().inspect_err(|_| self.failed = true)?;
         let digest = self.progress.digest();
         if self.staged_chunks == 0 {
             // At most one chunk: published straight from memory.
@@ -747,21 +744,12 @@ impl BlobSink for PostgresSink {
         }
         if !self.pending.is_empty() {
             let last = std::mem::take(&mut self.pending);
-            if let Err(e) = self.stage(&last).await {
-                self.failed = true;
-                return Err(e);
-            }
+            self.stage(&last).await?;
         }
         let published = self.publish_staged().await;
         // Claimed either way: the chunks are the blob's now, or deleted.
         self.staged_chunks = 0;
-        let inserted = match published {
-            Ok(inserted) => inserted,
-            Err(e) => {
-                self.failed = true;
-                return Err(e);
-            }
-        };
+        let inserted = published.inspect_err(|_| self.failed = true)?;
         if !inserted {
             self.cas.touch(&[digest]).await?;
         }
@@ -807,6 +795,25 @@ impl Drop for PostgresSink {
 
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+/// Runs `pass` now and then every `interval` (a late pass delays the next
+/// rather than bunching up), logging failures as `what`; until dropped.
+fn every<F, Fut>(interval: Duration, what: &'static str, pass: F) -> AbortOnDrop
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), StorageError>> + Send,
+{
+    AbortOnDrop(tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Err(e) = pass().await {
+                tracing::warn!(error = %e, "{what} failed; retrying at the next interval");
+            }
+        }
+    }))
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -995,16 +1002,14 @@ impl PostgresActionCache {
                 expire_unused_after,
                 _expiry: None,
             };
-            Arc::new(AbortOnDrop(tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(AC_EXPIRY_INTERVAL);
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    ticks.tick().await;
-                    if let Err(e) = cache.expire_unused().await {
-                        tracing::warn!(error = %e, "expiring unused action results failed; retrying at the next interval");
-                    }
-                }
-            })))
+            Arc::new(every(
+                AC_EXPIRY_INTERVAL,
+                "expiring unused action results",
+                move || {
+                    let cache = cache.clone();
+                    async move { cache.expire_unused().await.map(drop) }
+                },
+            ))
         });
         PostgresActionCache {
             pool,
