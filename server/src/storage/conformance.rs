@@ -132,6 +132,8 @@ pub(crate) async fn streaming_write_with_wrong_digest_leaves_nothing(store: &dyn
     sink.append(0, wrong.into()).await.unwrap();
     let err = sink.commit().await.unwrap_err();
     assert!(matches!(err, StorageError::DigestMismatch { .. }), "{err}");
+    // Committing again does not turn the failed upload into a success.
+    assert!(sink.commit().await.is_err());
     drop(sink);
     assert_eq!(store.get(&d).await.unwrap(), None);
     assert!(store.read(&d, 0, 1).await.unwrap().is_none());

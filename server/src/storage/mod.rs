@@ -262,7 +262,11 @@ pub(crate) async fn cpu_work<T: Send + 'static>(
 /// The bookkeeping every streaming write shares: offsets, length, hash.
 pub(crate) struct UploadProgress {
     digest: Digest,
+    /// `None` once finished.
     hasher: Option<Hasher>,
+    /// What the bytes hashed to when they did not match: the upload stays
+    /// failed, however often it is finished again.
+    mismatch: Option<Digest>,
 }
 
 impl UploadProgress {
@@ -270,6 +274,7 @@ impl UploadProgress {
         UploadProgress {
             digest,
             hasher: Some(Hasher::new()),
+            mismatch: None,
         }
     }
 
@@ -284,14 +289,15 @@ impl UploadProgress {
             .map_or(self.digest.size(), Hasher::size)
     }
 
+    /// Finished, and every byte hashed to the digest.
     pub(crate) fn is_committed(&self) -> bool {
-        self.hasher.is_none()
+        self.hasher.is_none() && self.mismatch.is_none()
     }
 
     /// Checks that `len` bytes at `offset` continue the upload within its size.
     pub(crate) fn check(&self, offset: i64, len: usize) -> Result<(), StorageError> {
         let committed = self.committed_size();
-        if self.is_committed() || offset < 0 || offset as u64 != committed {
+        if self.hasher.is_none() || offset < 0 || offset as u64 != committed {
             return Err(StorageError::BadOffset {
                 digest: self.digest,
                 offset,
@@ -317,17 +323,19 @@ impl UploadProgress {
 
     /// Ends hashing: Ok if everything received hashes to the digest.
     pub(crate) fn finish(&mut self) -> Result<(), StorageError> {
-        let Some(hasher) = self.hasher.take() else {
-            return Ok(());
-        };
-        let actual = hasher.finish();
-        if actual != self.digest {
-            return Err(StorageError::DigestMismatch {
+        if let Some(hasher) = self.hasher.take() {
+            let actual = hasher.finish();
+            if actual != self.digest {
+                self.mismatch = Some(actual);
+            }
+        }
+        match self.mismatch {
+            Some(actual) => Err(StorageError::DigestMismatch {
                 expected: self.digest,
                 actual,
-            });
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
