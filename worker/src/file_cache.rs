@@ -120,6 +120,24 @@ struct CacheState {
 }
 
 impl CacheState {
+    /// Records a file not yet in the cache as the most recently used.
+    fn insert(&mut self, key: CacheKey, pins: u32, stamp: FileStamp, verified: bool) {
+        self.tick += 1;
+        let size = key.digest.size();
+        self.entries.insert(
+            key,
+            Entry {
+                size,
+                tick: self.tick,
+                pins,
+                stamp,
+                verified,
+            },
+        );
+        self.lru.insert(self.tick, key);
+        self.total += size;
+    }
+
     fn touch(&mut self, key: CacheKey) {
         self.tick += 1;
         let tick = self.tick;
@@ -222,19 +240,7 @@ impl FileCache {
         found.sort_by_key(|(_, stamp)| stamp.modified);
         let mut state = CacheState::default();
         for (key, stamp) in found {
-            state.tick += 1;
-            state.entries.insert(
-                key,
-                Entry {
-                    size: key.digest.size(),
-                    tick: state.tick,
-                    pins: 0,
-                    stamp,
-                    verified: false,
-                },
-            );
-            state.lru.insert(state.tick, key);
-            state.total += key.digest.size();
+            state.insert(key, 0, stamp, false);
         }
         if !state.entries.is_empty() {
             tracing::info!(
@@ -550,33 +556,16 @@ impl FileCache {
                 source: e,
             });
         }
-        state.tick += 1;
-        let tick = state.tick;
         match state.entries.get_mut(&key) {
             Some(entry) => {
                 // The rename replaced the file: a new inode.
                 entry.pins += 1;
                 entry.stamp = stamp;
                 entry.verified = true;
-                let old = entry.tick;
-                entry.tick = tick;
-                state.lru.remove(&old);
+                state.touch(key);
             }
-            None => {
-                state.entries.insert(
-                    key,
-                    Entry {
-                        size: key.digest.size(),
-                        tick,
-                        pins: 1,
-                        stamp,
-                        verified: true,
-                    },
-                );
-                state.total += key.digest.size();
-            }
+            None => state.insert(key, 1, stamp, true),
         }
-        state.lru.insert(tick, key);
         self.metrics
             .cache_bytes
             .store(state.total, std::sync::atomic::Ordering::Relaxed);
