@@ -27,7 +27,6 @@
 //! `expire_unused_after_secs` those unused that long are deleted every
 //! [`AC_EXPIRY_INTERVAL`].
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -547,9 +546,11 @@ impl BlobStore for PostgresCas {
             .client()
             .await?
             .query(
-                "SELECT b.hash, b.size, b.accessed < now() - make_interval(secs => $3)
+                // Which of the wanted are stored (by their position in the
+                // request), and whether their access time needs refreshing.
+                "SELECT w.i, b.accessed < now() - make_interval(secs => $3)
                  FROM buildkube_cas_blobs b
-                 JOIN unnest($1::bytea[], $2::bigint[]) AS w(hash, size)
+                 JOIN unnest($1::bytea[], $2::bigint[]) WITH ORDINALITY AS w(hash, size, i)
                    ON b.hash = w.hash AND b.size = w.size",
                 &[&hashes, &sizes, &self.touch_after_secs],
             )
@@ -558,28 +559,22 @@ impl BlobStore for PostgresCas {
                 STORE,
                 format!("looking up {} blobs", wanted.len()),
             ))?;
-        let mut present: HashSet<(Vec<u8>, i64)> = HashSet::with_capacity(rows.len());
+        let mut present = vec![false; wanted.len()];
         let mut stale = Vec::new();
         for row in &rows {
-            let key = (row.get::<_, Vec<u8>>(0), row.get::<_, i64>(1));
-            if row.get::<_, bool>(2) {
-                stale.extend(
-                    wanted
-                        .iter()
-                        .find(|d| {
-                            d.hash_bytes().as_slice() == key.0.as_slice() && size_param(d) == key.1
-                        })
-                        .copied(),
-                );
+            let i = row.get::<_, i64>(0) as usize - 1;
+            present[i] = true;
+            if row.get::<_, bool>(1) {
+                stale.push(*wanted[i]);
             }
-            present.insert(key);
         }
         // The client is about to use what it was told exists: keep it.
         self.touch(&stale).await?;
         Ok(wanted
             .into_iter()
-            .filter(|d| !present.contains(&(d.hash_bytes().to_vec(), size_param(d))))
-            .copied()
+            .zip(present)
+            .filter(|(_, present)| !present)
+            .map(|(d, _)| *d)
             .collect())
     }
 
