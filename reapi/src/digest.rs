@@ -11,7 +11,7 @@ pub struct Digest {
 }
 
 /// Why a wire digest was rejected.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DigestError {
     /// The hash is not 64 lowercase hex characters.
     #[error("digest hash `{0}` is not 64 lowercase hex characters (SHA-256)")]

@@ -45,17 +45,27 @@ impl Farm {
         })
     }
 
-    /// Every directory of the tree under `root`, root first (breadth first).
-    /// Missing directories are collected in `missing` instead of failing.
+    /// Every directory of the tree under `root`, root first (breadth first),
+    /// each distinct directory once, at most `max_depth` levels below the
+    /// root (INVALID_ARGUMENT beyond). Missing directories are collected in
+    /// `missing` instead of failing.
     pub async fn walk_tree(
         &self,
         root: Digest,
+        max_depth: usize,
         missing: &mut Vec<Digest>,
     ) -> Result<Vec<(Digest, reapi::Directory)>, Status> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut frontier = vec![root];
+        let mut depth = 0;
         while !frontier.is_empty() {
+            if depth > max_depth {
+                return Err(Status::invalid_argument(format!(
+                    "input root {root}: the input tree is more than {max_depth} directories deep"
+                )));
+            }
+            depth += 1;
             let mut next = Vec::new();
             for digest in frontier {
                 if !seen.insert(digest) {
@@ -83,8 +93,17 @@ impl Farm {
     /// Fails with FAILED_PRECONDITION (and a PreconditionFailure listing every
     /// missing blob) unless the input root and all it references are stored.
     pub async fn check_inputs(&self, input_root: Digest) -> Result<(), Status> {
+        let limits = buildkube_reapi::TreeLimits::default();
         let mut missing = Vec::new();
-        let tree = self.walk_tree(input_root, &mut missing).await?;
+        let tree = self
+            .walk_tree(input_root, limits.max_depth, &mut missing)
+            .await?;
+        // The worker checks the same rules; a tree it would refuse is the
+        // client's mistake, answered before the action is queued.
+        let directories: std::collections::HashMap<Digest, reapi::Directory> =
+            tree.iter().cloned().collect();
+        buildkube_reapi::validate_tree(input_root, &directories, &limits)
+            .map_err(|e| Status::invalid_argument(format!("input root {input_root}: {e}")))?;
         let mut files = Vec::new();
         for (digest, directory) in &tree {
             for file in &directory.files {

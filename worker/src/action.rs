@@ -259,9 +259,7 @@ async fn execute_in(
         .or_else(|| command.platform.clone())
         .unwrap_or_default();
     let runner = select_runner(&platform, ctx.sandbox_available)?;
-    let outputs = outputs::declared_outputs(&command)?;
-    let working_dir =
-        outputs::validate_relative_path(&command.working_directory, "working directory")?;
+    let (working_dir, outputs) = outputs::command_paths(&command)?;
     let input_root_digest = Digest::from_field(action.input_root_digest.as_ref())
         .map_err(|e| ActionError::invalid(format!("action's input root digest: {e}")))?;
     let timeout = match action.timeout.as_ref() {

@@ -1,11 +1,11 @@
 //! Materializes an action's input root: directories and symlinks are
 //! created, files are hardlinked from the [`FileCache`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use buildkube_proto::reapi::Directory;
-use buildkube_reapi::{CasClient, CasClientError, Digest};
+use buildkube_reapi::{validate_tree, CasClient, CasClientError, Digest, TreeLimits};
 use prost::Message as _;
 
 use crate::action_error::ActionError;
@@ -33,25 +33,21 @@ impl From<FetchError> for ActionError {
     }
 }
 
-fn check_name(name: &str, directory: &Digest) -> Result<(), ActionError> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(ActionError::invalid(format!(
-            "input directory {directory} has an entry with the invalid name `{name}`"
-        )));
-    }
-    Ok(())
-}
-
 /// The input tree as lists of what to create, in creation order.
 #[derive(Debug, Default)]
 struct Plan {
     directories: Vec<PathBuf>,
     files: Vec<FileRequest>,
     symlinks: Vec<(PathBuf, String)>,
-    missing: Vec<Digest>,
 }
 
-async fn plan(cas: &CasClient, root: Digest, dest: &Path) -> Result<Plan, ActionError> {
+/// Every directory of the tree under `root` by digest; those the CAS lacks
+/// are listed in `missing`.
+async fn fetch_tree(
+    cas: &CasClient,
+    root: Digest,
+    missing: &mut Vec<Digest>,
+) -> Result<HashMap<Digest, Directory>, ActionError> {
     let directories = cas.get_tree(root).await.map_err(|e| match e {
         CasClientError::Missing(d) => ActionError::missing_inputs(vec![d]),
         e => ActionError::cas("fetching the input tree", &e),
@@ -62,34 +58,51 @@ async fn plan(cas: &CasClient, root: Digest, dest: &Path) -> Result<Plan, Action
         .into_iter()
         .map(|d| (Digest::of_message(&d), d))
         .collect();
-    let mut plan = Plan::default();
-    let mut queue = VecDeque::from([(root, dest.to_path_buf())]);
-    while let Some((digest, path)) = queue.pop_front() {
-        let directory = match index.get(&digest) {
-            Some(directory) => directory.clone(),
-            None if digest.size() == 0 => Directory::default(),
-            None => match cas.read_blob(digest).await {
+    let mut seen = HashSet::from([root]);
+    let mut queue = VecDeque::from([root]);
+    while let Some(digest) = queue.pop_front() {
+        if !index.contains_key(&digest) && digest.size() != 0 {
+            match cas.read_blob(digest).await {
                 Ok(bytes) => {
                     let directory = Directory::decode(bytes).map_err(|e| {
                         ActionError::invalid(format!(
                             "input directory {digest} is not a Directory message: {e}"
                         ))
                     })?;
-                    index.insert(digest, directory.clone());
-                    directory
+                    index.insert(digest, directory);
                 }
                 Err(CasClientError::Missing(d)) => {
-                    plan.missing.push(d);
+                    missing.push(d);
                     continue;
                 }
                 Err(e) => return Err(ActionError::cas("fetching an input directory", &e)),
-            },
+            }
+        }
+        let Some(directory) = index.get(&digest) else {
+            continue; // the empty directory
         };
+        for sub in &directory.directories {
+            // Bad digests are reported by the validation that follows.
+            if let Ok(sub) = Digest::from_field(sub.digest.as_ref()) {
+                if seen.insert(sub) {
+                    queue.push_back(sub);
+                }
+            }
+        }
+    }
+    Ok(index)
+}
+
+/// What to create for a tree that passed [`validate_tree`]: every
+/// occurrence of every directory.
+fn plan(index: &HashMap<Digest, Directory>, root: Digest, dest: &Path) -> Plan {
+    let empty = Directory::default();
+    let mut plan = Plan::default();
+    let mut queue = VecDeque::from([(root, dest.to_path_buf())]);
+    while let Some((digest, path)) = queue.pop_front() {
+        let directory = index.get(&digest).unwrap_or(&empty);
         for file in &directory.files {
-            check_name(&file.name, &digest)?;
-            let file_digest = Digest::from_field(file.digest.as_ref()).map_err(|e| {
-                ActionError::invalid(format!("input file `{}` in {digest}: {e}", file.name))
-            })?;
+            let file_digest = Digest::from_field(file.digest.as_ref()).expect("validated");
             plan.files.push(FileRequest {
                 key: CacheKey {
                     digest: file_digest,
@@ -99,20 +112,16 @@ async fn plan(cas: &CasClient, root: Digest, dest: &Path) -> Result<Plan, Action
             });
         }
         for link in &directory.symlinks {
-            check_name(&link.name, &digest)?;
             plan.symlinks
                 .push((path.join(&link.name), link.target.clone()));
         }
         for sub in &directory.directories {
-            check_name(&sub.name, &digest)?;
-            let sub_digest = Digest::from_field(sub.digest.as_ref()).map_err(|e| {
-                ActionError::invalid(format!("input directory `{}` in {digest}: {e}", sub.name))
-            })?;
+            let sub_digest = Digest::from_field(sub.digest.as_ref()).expect("validated");
             plan.directories.push(path.join(&sub.name));
             queue.push_back((sub_digest, path.join(&sub.name)));
         }
     }
-    Ok(plan)
+    plan
 }
 
 /// Creates the input root `root_digest` at `dest` (an existing, empty
@@ -127,10 +136,16 @@ pub(crate) async fn materialize(
     if root_digest.size() == 0 {
         return Ok(InputStats::default()); // the empty Directory
     }
-    let plan = plan(cas, root_digest, dest).await?;
-    if !plan.missing.is_empty() {
-        return Err(ActionError::missing_inputs(plan.missing));
+    let mut missing = Vec::new();
+    let index = fetch_tree(cas, root_digest, &mut missing).await?;
+    if !missing.is_empty() {
+        return Err(ActionError::missing_inputs(missing));
     }
+    // The rules the server checked at Execute (the same function): a tree
+    // that breaks them is refused before anything is created.
+    validate_tree(root_digest, &index, &TreeLimits::default())
+        .map_err(|e| ActionError::invalid(format!("input root {root_digest}: {e}")))?;
+    let plan = plan(&index, root_digest, dest);
     let stats = InputStats {
         directories: plan.directories.len(),
         files: plan.files.len(),

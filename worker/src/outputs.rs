@@ -8,14 +8,14 @@
 use std::collections::HashSet;
 use std::io::Read as _;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use buildkube_proto::reapi::{
     self, ActionResult, Command, DirectoryNode, FileNode, OutputDirectory, OutputFile,
     OutputSymlink, SymlinkNode,
 };
-use buildkube_reapi::{CasClient, CasClientError, Digest, Hasher};
+use buildkube_reapi::{CasClient, CasClientError, CommandPathField, Digest, Hasher};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use prost::Message as _;
@@ -43,77 +43,38 @@ pub(crate) struct DeclaredOutput {
     pub(crate) kind: OutputKind,
 }
 
-/// Checks a path that must stay inside the directory it is relative to: not
-/// absolute, no `..`, no empty components. `.` components are dropped.
-pub(crate) fn validate_relative_path(path: &str, what: &str) -> Result<PathBuf, ActionError> {
-    let reject = |why: &str| ActionError::invalid(format!("{what} `{path}` {why}"));
-    if path.starts_with('/') {
-        return Err(reject(
-            "is absolute; it must be relative to the working directory",
-        ));
-    }
-    if path.contains('\0') {
-        return Err(reject("contains a NUL byte"));
-    }
-    let mut relative = PathBuf::new();
-    for part in path.split('/') {
-        match part {
-            "" if path.is_empty() => {}
-            "" => return Err(reject("has an empty component (`//` or a trailing `/`)")),
-            "." => {}
-            ".." => {
-                return Err(reject(
-                    "contains `..` and could escape the working directory",
-                ))
-            }
-            part => relative.push(part),
-        }
-    }
-    debug_assert!(relative
-        .components()
-        .all(|c| matches!(c, Component::Normal(_))));
-    Ok(relative)
+/// The command's working directory (relative to the input root) and its
+/// declared outputs: `output_paths` when set, else the legacy
+/// `output_files` and `output_directories`. The rules are those the server
+/// applied at Execute ([`buildkube_reapi::command_outputs`]).
+pub(crate) fn command_paths(
+    command: &Command,
+) -> Result<(PathBuf, Vec<DeclaredOutput>), ActionError> {
+    let outputs = buildkube_reapi::command_outputs(command)
+        .map_err(|e| ActionError::invalid(e.to_string()))?;
+    let working_dir = buildkube_reapi::relative_path(&command.working_directory)
+        .expect("checked by command_outputs");
+    let outputs = outputs
+        .into_iter()
+        .map(|output| DeclaredOutput {
+            kind: match output.field {
+                CommandPathField::OutputFiles => OutputKind::File,
+                CommandPathField::OutputDirectories => OutputKind::Directory,
+                CommandPathField::OutputPaths | CommandPathField::WorkingDirectory => {
+                    OutputKind::Path
+                }
+            },
+            path: output.path,
+            relative: output.relative,
+        })
+        .collect();
+    Ok((working_dir, outputs))
 }
 
-/// The command's declared outputs: `output_paths` when set, else the legacy
-/// `output_files` and `output_directories`.
+/// The command's declared outputs (see [`command_paths`]).
+#[cfg(test)]
 pub(crate) fn declared_outputs(command: &Command) -> Result<Vec<DeclaredOutput>, ActionError> {
-    let declared: Vec<(&String, OutputKind)> = if !command.output_paths.is_empty() {
-        command
-            .output_paths
-            .iter()
-            .map(|p| (p, OutputKind::Path))
-            .collect()
-    } else {
-        command
-            .output_files
-            .iter()
-            .map(|p| (p, OutputKind::File))
-            .chain(
-                command
-                    .output_directories
-                    .iter()
-                    .map(|p| (p, OutputKind::Directory)),
-            )
-            .collect()
-    };
-    declared
-        .into_iter()
-        .map(|(path, kind)| {
-            let relative = validate_relative_path(path, "output path")?;
-            if relative.as_os_str().is_empty()
-                && kind != OutputKind::Directory
-                && kind != OutputKind::Path
-            {
-                return Err(ActionError::invalid("output file path is empty"));
-            }
-            Ok(DeclaredOutput {
-                path: path.clone(),
-                relative,
-                kind,
-            })
-        })
-        .collect()
+    command_paths(command).map(|(_, outputs)| outputs)
 }
 
 /// Fails if a proper ancestor of `relative` below `base` is a symlink (the
@@ -445,14 +406,12 @@ mod tests {
 
     #[test]
     fn output_paths_must_stay_inside() {
-        assert_eq!(
-            validate_relative_path("a/b.o", "output path").unwrap(),
-            PathBuf::from("a/b.o")
-        );
-        assert_eq!(
-            validate_relative_path("./a/./b", "output path").unwrap(),
-            PathBuf::from("a/b")
-        );
+        let command = |path: &str| Command {
+            output_paths: vec![path.into()],
+            ..Default::default()
+        };
+        let (_, outputs) = command_paths(&command("./a/./b")).unwrap();
+        assert_eq!(outputs[0].relative, PathBuf::from("a/b"));
         for bad in [
             "/etc/passwd",
             "../x",
@@ -462,10 +421,16 @@ mod tests {
             "a/",
             "a\0b",
         ] {
-            let e = validate_relative_path(bad, "output path").unwrap_err();
+            let e = command_paths(&command(bad)).unwrap_err();
             assert_eq!(e.code, Code::InvalidArgument, "{bad}");
-            assert!(e.message.contains(bad), "{bad}: {}", e.message);
+            assert!(e.message.contains("output_paths"), "{bad}: {}", e.message);
         }
+        let e = command_paths(&Command {
+            working_directory: "../up".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.message.contains("working_directory"), "{}", e.message);
     }
 
     #[test]

@@ -224,7 +224,7 @@ impl ContentAddressableStorage for CasService {
             })?
         };
         let mut missing = Vec::new();
-        let tree = self.farm.walk_tree(root, &mut missing).await?;
+        let tree = self.farm.walk_tree(root, usize::MAX, &mut missing).await?;
         if missing.first() == Some(&root) {
             return Err(Status::not_found(format!(
                 "root directory {root} not found"

@@ -73,64 +73,13 @@ fn follow(
     .boxed()
 }
 
-/// Rejects output paths that are absolute or climb out of the input root.
-pub(crate) fn validate_output_path(
-    working_directory: &str,
-    path: &str,
-    field: &str,
-) -> Result<(), Status> {
-    let bad = |why: &str| Status::invalid_argument(format!("command.{field} {path:?}: {why}"));
-    if path.is_empty() {
-        return Err(bad("is empty"));
-    }
-    if path.starts_with('/') {
-        return Err(bad("must be relative to the working directory"));
-    }
-    let mut depth: i64 = 0;
-    for part in working_directory.split('/').chain(path.split('/')) {
-        match part {
-            "" | "." => {}
-            ".." => {
-                depth -= 1;
-                if depth < 0 {
-                    return Err(bad("escapes the input root"));
-                }
-            }
-            _ => depth += 1,
-        }
-    }
-    if depth == 0 {
-        return Err(bad("names the input root itself"));
-    }
-    Ok(())
-}
-
 fn validate_command(command: &reapi::Command) -> Result<(), Status> {
     if command.arguments.is_empty() {
         return Err(Status::invalid_argument("command.arguments is empty"));
     }
-    if command.working_directory.starts_with('/') {
-        return Err(Status::invalid_argument(format!(
-            "command.working_directory {:?} must be relative",
-            command.working_directory
-        )));
-    }
-    if !command.working_directory.is_empty() {
-        validate_output_path(
-            "",
-            &format!("{}/x", command.working_directory),
-            "working_directory",
-        )?;
-    }
-    for (field, paths) in [
-        ("output_files", &command.output_files),
-        ("output_directories", &command.output_directories),
-        ("output_paths", &command.output_paths),
-    ] {
-        for path in paths {
-            validate_output_path(&command.working_directory, path, field)?;
-        }
-    }
+    // The worker applies the same rules (buildkube_reapi::command_outputs).
+    buildkube_reapi::command_outputs(command)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     Ok(())
 }
 
@@ -231,17 +180,32 @@ impl Execution for ExecutionService {
 mod tests {
     use super::*;
 
+    /// Issue 8, finding 11: `pkg` + `../other/a.o` and `sub/../x` passed
+    /// Execute and failed later on the worker.
     #[test]
-    fn output_paths_must_stay_inside_the_input_root() {
-        assert!(validate_output_path("", "out/a.o", "output_files").is_ok());
-        assert!(validate_output_path("pkg", "../other/a.o", "output_files").is_ok());
-        assert!(validate_output_path("", "./a/../b", "output_files").is_ok());
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", ".", "a/.."] {
-            let err = validate_output_path("", bad, "output_files").unwrap_err();
+    fn output_paths_the_worker_rejects_are_rejected_here() {
+        let command = |working_directory: &str, path: &str| reapi::Command {
+            arguments: vec!["true".into()],
+            working_directory: working_directory.into(),
+            output_paths: vec![path.into()],
+            ..Default::default()
+        };
+        assert!(validate_command(&command("", "out/a.o")).is_ok());
+        assert!(validate_command(&command("pkg", "./a.o")).is_ok());
+        for (dir, bad) in [
+            ("pkg", "../other/a.o"),
+            ("", "sub/../x"),
+            ("", "/etc/passwd"),
+            ("", "a//b"),
+        ] {
+            let err = validate_command(&command(dir, bad)).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
-            assert!(err.message().contains("output_files"), "{}", err.message());
+            assert!(
+                err.message().contains("command.output_paths"),
+                "{}",
+                err.message()
+            );
         }
-        assert!(validate_output_path("pkg", "../../x", "output_paths").is_err());
     }
 
     #[test]
