@@ -48,6 +48,8 @@ pub(crate) struct ActionContext {
     pub(crate) actions_dir: PathBuf,
     /// Hidden from sandboxed actions.
     pub(crate) work_dir: PathBuf,
+    /// The worker's credentials (its token file): unreadable in the sandbox.
+    pub(crate) credential_files: Vec<PathBuf>,
     pub(crate) env_script: Option<PathBuf>,
     pub(crate) sandbox_available: bool,
     pub(crate) limits: Limits,
@@ -341,6 +343,7 @@ async fn execute_in(
         stderr: dir.join("stderr"),
         runner,
         hidden: vec![ctx.work_dir.clone()],
+        masked: ctx.credential_files.clone(),
     };
     debug!(?runner, ?timeout, "running");
     let run = runner::run(&spec, &mut signals.kill).await?;

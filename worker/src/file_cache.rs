@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -88,26 +88,71 @@ struct Entry {
     verified: bool,
 }
 
-/// A cached file as installed. An action running as root (or as the
-/// worker's user, after a chmod) can write through a read-only hardlink:
-/// that changes the file's length or modification time, a chmod its mode.
-/// An entry whose stamp changed is dropped and fetched again.
+/// A cached file as last verified. An action running as root (or as the
+/// worker's user, after a chmod) can write through a read-only hardlink and
+/// then put back the length, modification time and mode (`touch -r`,
+/// `chmod 0444`); it cannot put back the change time (ctime), which the
+/// kernel sets on every write, chmod, utimes, link and unlink and which an
+/// unprivileged process cannot set. An entry whose identity (device,
+/// inode), length, mtime or mode changed is dropped; one whose ctime moved
+/// is hashed again before it is linked, and dropped if its bytes differ.
+/// The hardlinks that hand a file to an action move its ctime too, so in
+/// practice every reuse after an action had the file hashes it once more:
+/// a read of the file, far cheaper than fetching it, and the only check
+/// that no finished action can defeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileStamp {
+    dev: u64,
+    ino: u64,
     len: u64,
     modified: std::time::SystemTime,
     mode: u32,
+    /// ctime as (seconds, nanoseconds).
+    changed: (i64, i64),
 }
 
 impl FileStamp {
     fn of(path: &Path) -> std::io::Result<FileStamp> {
         let meta = std::fs::symlink_metadata(path)?;
         Ok(FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
             len: meta.len(),
             modified: meta.modified()?,
             mode: meta.permissions().mode() & 0o7777,
+            changed: (meta.ctime(), meta.ctime_nsec()),
         })
     }
+
+    /// Same file, same length, mtime and mode: at most its ctime differs.
+    fn same_but_ctime(&self, other: &FileStamp) -> bool {
+        FileStamp {
+            changed: other.changed,
+            ..*self
+        } == *other
+    }
+}
+
+/// Whether the cached file at `path`, last verified as `recorded` (if
+/// `verified`), still holds `digest`: `Some(stamp)` with the stamp to record
+/// if so, `None` if it must be fetched again. A file whose ctime moved is
+/// hashed, and accepted only if it did not change while being hashed.
+fn check_cached(
+    path: &Path,
+    digest: Digest,
+    recorded: FileStamp,
+    verified: bool,
+) -> Option<FileStamp> {
+    let before = FileStamp::of(path).ok()?;
+    if !recorded.same_but_ctime(&before) {
+        return None;
+    }
+    if verified && before == recorded {
+        return Some(before);
+    }
+    let hashed = crate::outputs::hash_file(path).ok()?;
+    let after = FileStamp::of(path).ok()?;
+    (hashed == digest && after == before).then_some(before)
 }
 
 #[derive(Debug, Default)]
@@ -320,33 +365,36 @@ impl FileCache {
             }
         }
         // Drop entries an earlier action changed instead of spreading them
-        // (see FileStamp); hash those an earlier run left.
+        // (see FileStamp); hash those an earlier run left, or whose ctime moved.
         let hits: Vec<(CacheKey, PathBuf, FileStamp, bool)> = hits
             .into_iter()
             .map(|(key, stamp, verified)| (key, self.path_of(&key), stamp, verified))
             .collect();
-        let (damaged, newly_verified) = tokio::task::spawn_blocking(move || {
+        let (damaged, restamped) = tokio::task::spawn_blocking(move || {
             let mut damaged = Vec::new();
-            let mut newly_verified = Vec::new();
-            for (key, path, stamp, verified) in hits {
-                let intact = FileStamp::of(&path).ok() == Some(stamp)
-                    && (verified
-                        || crate::outputs::hash_file(&path).is_ok_and(|d| d == key.digest));
-                match (intact, verified) {
-                    (false, _) => damaged.push(key),
-                    (true, false) => newly_verified.push(key),
-                    (true, true) => {}
+            let mut restamped = Vec::new();
+            for (key, path, recorded, verified) in hits {
+                match check_cached(&path, key.digest, recorded, verified) {
+                    None => damaged.push(key),
+                    Some(stamp) if stamp != recorded || !verified => {
+                        restamped.push((key, recorded, stamp))
+                    }
+                    Some(_) => {}
                 }
             }
-            (damaged, newly_verified)
+            (damaged, restamped)
         })
         .await
         .expect("stat task panicked");
         {
             let mut state = self.state.lock().unwrap();
-            for key in &newly_verified {
+            for (key, recorded, stamp) in &restamped {
                 if let Some(entry) = state.entries.get_mut(key) {
-                    entry.verified = true;
+                    // Unless another slot re-installed it meanwhile.
+                    if entry.stamp == *recorded {
+                        entry.stamp = *stamp;
+                        entry.verified = true;
+                    }
                 }
             }
         }
@@ -536,17 +584,6 @@ impl FileCache {
                 source: e,
             });
         }
-        let stamp = match FileStamp::of(tmp) {
-            Ok(stamp) => stamp,
-            Err(e) => {
-                let _ = std::fs::remove_file(tmp);
-                return Err(FetchError::Io {
-                    action: "reading the metadata of",
-                    path: tmp.to_path_buf(),
-                    source: e,
-                });
-            }
-        };
         let mut state = self.state.lock().unwrap();
         if let Err(e) = std::fs::rename(tmp, &path) {
             let _ = std::fs::remove_file(tmp);
@@ -556,6 +593,18 @@ impl FileCache {
                 source: e,
             });
         }
+        // After the rename, which sets the ctime.
+        let stamp = match FileStamp::of(&path) {
+            Ok(stamp) => stamp,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(FetchError::Io {
+                    action: "reading the metadata of",
+                    path,
+                    source: e,
+                });
+            }
+        };
         match state.entries.get_mut(&key) {
             Some(entry) => {
                 // The rename replaced the file: a new inode.
@@ -874,6 +923,92 @@ mod tests {
         assert!(!cache.contains(&old));
         assert!(cache.contains(&new));
         assert_eq!(cache.total_bytes(), 5);
+    }
+
+    /// Issue 8, finding 4: an action rewrites a hardlinked input in place at
+    /// the same length, then restores its mtime (`touch -r`) and mode 0444.
+    /// Length, mtime and mode are as recorded; only the ctime tells, and the
+    /// next action must not get the poisoned file. An input the action left
+    /// alone is still reused (hashed again: its ctime moved with the links).
+    #[tokio::test]
+    async fn an_input_rewritten_with_its_mtime_and_mode_restored_is_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), 1 << 20);
+        let poisoned = put(&cache, b"int main() { return 0; }", false);
+        let untouched = put(&cache, b"fine", false);
+        let first = dir.path().join("first");
+        std::fs::create_dir(&first).unwrap();
+        let requests = [
+            FileRequest {
+                key: poisoned,
+                dest: first.join("main.c"),
+            },
+            FileRequest {
+                key: untouched,
+                dest: first.join("other"),
+            },
+        ];
+        cache
+            .link_into(&unreachable_cas(), &requests)
+            .await
+            .unwrap();
+
+        // The first action, through its own hardlink.
+        let input = first.join("main.c");
+        let original = std::fs::metadata(&input).unwrap();
+        let saved = dir.path().join("saved-mtime");
+        std::fs::write(&saved, b"").unwrap();
+        let touch = |from: &Path, to: &Path| {
+            let status = std::process::Command::new("touch")
+                .arg("-r")
+                .arg(from)
+                .arg(to)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        };
+        touch(&input, &saved);
+        std::fs::set_permissions(&input, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&input)
+            .unwrap()
+            .write_all(b"int main() { return 1; }")
+            .unwrap();
+        touch(&saved, &input);
+        std::fs::set_permissions(&input, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let after = std::fs::metadata(&input).unwrap();
+        assert_eq!(
+            (after.len(), after.modified().unwrap(), after.mode()),
+            (
+                original.len(),
+                original.modified().unwrap(),
+                original.mode()
+            ),
+            "the attack restores everything but the ctime"
+        );
+        std::fs::remove_dir_all(&first).unwrap();
+
+        // The next action: the poisoned entry is fetched again (and the
+        // fetch fails here: no CAS), never linked.
+        let next = dir.path().join("next");
+        std::fs::create_dir(&next).unwrap();
+        let err = link_cached_only(&cache, poisoned, next.join("main.c"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Cas { .. }), "{err:?}");
+        assert!(!next.join("main.c").exists());
+        assert!(!cache.contains(&poisoned));
+        link_cached_only(&cache, untouched, next.join("other"))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(next.join("other")).unwrap(), b"fine");
+        // Verified again, it is reused without another hash until it changes.
+        let third = dir.path().join("third");
+        std::fs::create_dir(&third).unwrap();
+        link_cached_only(&cache, untouched, third.join("other"))
+            .await
+            .unwrap();
     }
 
     /// Rewritten in place with the same length, or only made writable:

@@ -19,8 +19,10 @@
 //! `runner=sandbox`; with the sandbox, and no `network` configured, also
 //! `network=off` and `network=on`. An action's `runner=sandbox` runs with a
 //! read-only root filesystem, only its input root writable, a fresh `/tmp`,
-//! `/proc` and `/dev`, the worker's directory hidden, and no network unless
-//! its platform has `network=on`.
+//! `/proc` and `/dev`, the worker's directory hidden, its credential files
+//! (`--auth-token-file`) masked by an empty file, and no network unless its
+//! platform has `network=on`. A `runner=plain` action runs as the worker's
+//! user and can read whatever the worker can, its token file included.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), buildkube_worker::WorkerError> {
@@ -304,6 +306,7 @@ impl Worker {
             cache: Arc::new(cache),
             actions_dir,
             work_dir: work_dir.clone(),
+            credential_files: args.auth_token_file.iter().cloned().collect(),
             env_script: args.env_script.clone(),
             sandbox_available,
             limits: Limits {

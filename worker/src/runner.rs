@@ -69,6 +69,10 @@ pub(crate) struct RunSpec {
     pub(crate) runner: Runner,
     /// Directories hidden from sandboxed commands (the worker's work dir).
     pub(crate) hidden: Vec<PathBuf>,
+    /// Files a sandboxed command sees as empty (the worker's credentials).
+    /// A symlinked path (a Kubernetes Secret volume) masks the file it
+    /// points to when the sandbox starts.
+    pub(crate) masked: Vec<PathBuf>,
 }
 
 /// How the command ended.
@@ -100,6 +104,7 @@ pub(crate) fn command_line(spec: &RunSpec) -> Vec<String> {
         line.extend(sandbox_options(
             &spec.input_root,
             &spec.hidden,
+            &spec.masked,
             spec.env_script.as_deref(),
             network,
         ));
@@ -124,6 +129,7 @@ pub(crate) fn command_line(spec: &RunSpec) -> Vec<String> {
 fn sandbox_options(
     writable: &Path,
     hidden: &[PathBuf],
+    masked: &[PathBuf],
     env_script: Option<&Path>,
     network: bool,
 ) -> Vec<String> {
@@ -145,6 +151,13 @@ fn sandbox_options(
     }
     let writable = writable.display().to_string();
     options.extend(["--bind".into(), writable.clone(), writable]);
+    // After the binds above, so that nothing mounted later uncovers them. A
+    // file that is gone needs no mask (and bubblewrap could not create its
+    // mount point on the read-only root).
+    for path in masked.iter().filter(|p| p.exists()) {
+        let path = path.display().to_string();
+        options.extend(["--ro-bind".into(), "/dev/null".into(), path]);
+    }
     if let Some(script) = env_script {
         let script = script.display().to_string();
         options.extend(["--ro-bind".into(), script.clone(), script]);
@@ -162,7 +175,7 @@ fn sandbox_options(
 pub(crate) async fn probe_sandbox(scratch: &Path) -> Result<(), String> {
     let mut command = tokio::process::Command::new(BWRAP);
     command
-        .args(sandbox_options(scratch, &[], None, false))
+        .args(sandbox_options(scratch, &[], &[], None, false))
         .args([
             "--chdir",
             &scratch.display().to_string(),
@@ -366,6 +379,7 @@ mod tests {
             stderr: dir.join("stderr"),
             runner: Runner::Plain,
             hidden: vec![],
+            masked: vec![],
         }
     }
 
@@ -599,6 +613,44 @@ mod tests {
         assert!(interfaces >= 1);
     }
 
+    /// Issue 8, finding 10: any action could read the worker's token file.
+    /// Laid out as a Kubernetes Secret volume (`token -> ..data/token`,
+    /// `..data -> ..2026_12_01`), outside /tmp (the sandbox's /tmp is its
+    /// own): masked, it reads as empty by every path.
+    #[tokio::test]
+    async fn sandbox_masks_the_worker_credentials() {
+        if !sandbox_available().await {
+            return;
+        }
+        let outside_tmp =
+            tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).unwrap();
+        let secrets = outside_tmp.path().join("secrets");
+        std::fs::create_dir_all(secrets.join("..2026_12_01")).unwrap();
+        std::fs::write(secrets.join("..2026_12_01/token"), "s3cret").unwrap();
+        std::os::unix::fs::symlink("..2026_12_01", secrets.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/token", secrets.join("token")).unwrap();
+        let token = secrets.join("token");
+        let script = format!(
+            "cat {0}/token; echo; cat {0}/..2026_12_01/token; echo",
+            secrets.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(dir.path(), &["sh", "-c", &script]);
+        spec.runner = Runner::Sandbox { network: false };
+
+        run(&spec, &mut no_kill().1).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&spec.stdout).unwrap(),
+            "s3cret\ns3cret\n",
+            "unmasked, the sandbox reads it (so the check below can fail)"
+        );
+        spec.masked = vec![token.clone(), secrets.join("gone")];
+        let outcome = run(&spec, &mut no_kill().1).await.unwrap();
+        assert_eq!(outcome.end, RunEnd::Exited(0));
+        assert_eq!(std::fs::read_to_string(&spec.stdout).unwrap(), "\n\n");
+        assert_eq!(std::fs::read_to_string(&token).unwrap(), "s3cret");
+    }
+
     #[tokio::test]
     async fn sandbox_timeout_kills_everything_inside() {
         if !sandbox_available().await {
@@ -672,6 +724,7 @@ mod disk_full_tests {
             stderr: fs.0.join("stderr"),
             runner: Runner::Plain,
             hidden: vec![],
+            masked: vec![],
         };
         let begin = std::time::Instant::now();
         let outcome = run(&spec, &mut watch::channel(None).1).await.unwrap();
