@@ -27,6 +27,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         // Blob payloads are shared, not copied, on their way to and from disk.
         .bytes(["."])
+        // Undecodable requests are INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::codec::ProtoCodec")
         .file_descriptor_set_path(out_dir.join("file_descriptor_set.bin"))
         .compile_protos(PROTOS, &[PathBuf::from("protos"), well_known])?;
     Ok(())

@@ -1,8 +1,11 @@
 //! Generated protobuf and gRPC types for buildkube.
 //!
-//! Generated code only: the module tree mirrors the protobuf packages under
-//! `protos/`, and the short aliases below are what the other crates use.
+//! Generated code, and the [codec](codec) it uses: the module tree mirrors
+//! the protobuf packages under `protos/`, and the short aliases below are
+//! what the other crates use.
 //! Well-known types (`Any`, `Duration`, `Timestamp`, ...) are [`prost_types`].
+
+pub mod codec;
 
 pub use prost;
 pub use prost_types;

@@ -76,3 +76,160 @@ pub(crate) fn to_tonic(status: rpc::Status) -> Status {
     let details = status.encode_to_vec();
     Status::with_details(Code::from(status.code), status.message, details.into())
 }
+
+/// Longest status message sent back, in bytes. Messages name what they are
+/// about, and what a client sent can be long (a 16 KiB file name, a forged
+/// digest): echoed in full it could pass HTTP/2's header size limit and
+/// break the stream instead of answering.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// `message` cut to [`MAX_STATUS_MESSAGE`] bytes (at a character boundary),
+/// saying how long it was.
+pub fn truncate_message(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message.into();
+    }
+    let mut end = MAX_STATUS_MESSAGE - 40;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… (message cut, {} bytes in all)",
+        &message[..end],
+        message.len()
+    )
+    .into()
+}
+
+/// The edge where every gRPC status leaves the server: a tower layer over
+/// all services that applies [`truncate_message`] to `grpc-message`, in
+/// response headers (errors before any message) and trailers (errors in a
+/// stream).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TruncateStatusLayer;
+
+impl<S> tower_layer::Layer<S> for TruncateStatusLayer {
+    type Service = TruncateStatus<S>;
+
+    fn layer(&self, inner: S) -> TruncateStatus<S> {
+        TruncateStatus(inner)
+    }
+}
+
+/// See [`TruncateStatusLayer`].
+#[derive(Debug, Clone)]
+pub struct TruncateStatus<S>(S);
+
+type HeaderMap = tonic::codegen::http::HeaderMap;
+
+fn truncate_status_header(headers: &mut HeaderMap) {
+    let too_long = headers
+        .get("grpc-message")
+        .is_some_and(|value| value.len() > MAX_STATUS_MESSAGE);
+    if !too_long {
+        return;
+    }
+    let Some(status) = Status::from_header_map(headers) else {
+        return;
+    };
+    let short = Status::new(status.code(), truncate_message(status.message()));
+    let mut short_headers = HeaderMap::new();
+    match short.add_header(&mut short_headers) {
+        Ok(()) => match short_headers.get("grpc-message") {
+            Some(message) => {
+                headers.insert("grpc-message", message.clone());
+            }
+            None => {
+                headers.remove("grpc-message");
+            }
+        },
+        Err(_) => {
+            headers.remove("grpc-message");
+        }
+    }
+}
+
+impl<S, Request, ResponseBody> tonic::codegen::Service<Request> for TruncateStatus<S>
+where
+    S: tonic::codegen::Service<Request, Response = tonic::codegen::http::Response<ResponseBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<TruncatedTrailers<ResponseBody>>;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<
+        S::Future,
+        fn(tonic::codegen::http::Response<ResponseBody>) -> Self::Response,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        use futures::TryFutureExt as _;
+        self.0.call(request).map_ok(|response| {
+            let (mut parts, body) = response.into_parts();
+            truncate_status_header(&mut parts.headers);
+            tonic::codegen::http::Response::from_parts(parts, TruncatedTrailers(body))
+        })
+    }
+}
+
+/// A response body whose trailers pass through [`truncate_status_header`].
+#[derive(Debug)]
+pub struct TruncatedTrailers<B>(B);
+
+impl<B: http_body::Body + Unpin> http_body::Body for TruncatedTrailers<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.0).poll_frame(cx).map(|frame| {
+            frame.map(|frame| {
+                frame.map(|mut frame| {
+                    if let Some(trailers) = frame.trailers_mut() {
+                        truncate_status_header(trailers);
+                    }
+                    frame
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(truncate_message("short"), "short");
+        let long = format!("name {:?} is bad", "é".repeat(8 << 10));
+        let cut = truncate_message(&long);
+        assert!(cut.len() <= MAX_STATUS_MESSAGE, "{}", cut.len());
+        assert!(cut.ends_with(&format!("({} bytes in all)", long.len())));
+        let mut headers = HeaderMap::new();
+        Status::invalid_argument(long)
+            .add_header(&mut headers)
+            .unwrap();
+        truncate_status_header(&mut headers);
+        let status = Status::from_header_map(&headers).unwrap();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("name \"éé"));
+        assert!(headers.get("grpc-message").unwrap().len() <= 3 * MAX_STATUS_MESSAGE);
+    }
+}

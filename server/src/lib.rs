@@ -159,6 +159,8 @@ pub async fn run(
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Outermost: every status, the interceptor's included, leaves through it.
+        .layer(crate::error::TruncateStatusLayer)
         .layer(tonic::service::interceptor(auth))
         .add_service(health_service)
         .add_service(CapabilitiesServer::new(service::CapabilitiesService::new(

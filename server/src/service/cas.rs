@@ -9,6 +9,7 @@ use buildkube_reapi::Digest;
 use futures::stream::BoxStream;
 use tonic::{Code, Request, Response, Status};
 
+use super::get_tree::{stream_tree, PageToken, TreeOrders, DEFAULT_PAGE_SIZE};
 use super::zstd_stream::decompress_exact;
 use super::MAX_BATCH_TOTAL_BYTES;
 use crate::error::bad_digest;
@@ -16,18 +17,19 @@ use crate::farm::Farm;
 use crate::metrics::Metrics;
 use crate::storage::cpu_work;
 
-/// Directories per GetTree page when the client does not say.
-const DEFAULT_TREE_PAGE: usize = 1000;
-
 /// FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree.
 pub struct CasService {
     farm: Arc<Farm>,
+    tree_orders: Arc<TreeOrders>,
 }
 
 impl CasService {
     /// The service over `farm`.
     pub fn new(farm: Arc<Farm>) -> Self {
-        CasService { farm }
+        CasService {
+            farm,
+            tree_orders: Arc::default(),
+        }
     }
 }
 
@@ -213,41 +215,28 @@ impl ContentAddressableStorage for CasService {
                 request.page_size
             )));
         }
-        let offset: usize = if request.page_token.is_empty() {
-            0
-        } else {
-            request.page_token.parse().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "page_token {:?} was not issued by this server",
-                    request.page_token
-                ))
-            })?
-        };
-        let mut missing = Vec::new();
-        let tree = self.farm.walk_tree(root, usize::MAX, &mut missing).await?;
-        if missing.first() == Some(&root) {
+        let start = PageToken::parse(&request.page_token, root)?;
+        // Answered before the stream starts, as clients expect.
+        if !self.farm.cas.find_missing(&[root]).await?.is_empty() {
             return Err(Status::not_found(format!(
                 "root directory {root} not found"
             )));
         }
         let page_size = match request.page_size {
-            0 => DEFAULT_TREE_PAGE,
+            0 => DEFAULT_PAGE_SIZE,
             n => n as usize,
         };
-        if offset > tree.len() {
-            return Err(Status::invalid_argument(format!(
-                "page_token {offset} is past the end of the tree"
-            )));
-        }
-        let end = (offset + page_size).min(tree.len());
-        let page = reapi::GetTreeResponse {
-            directories: tree[offset..end].iter().map(|(_, d)| d.clone()).collect(),
-            next_page_token: if end < tree.len() {
-                end.to_string()
-            } else {
-                String::new()
-            },
-        };
-        Ok(Response::new(Box::pin(futures::stream::iter([Ok(page)]))))
+        // Two pages in flight at most: the walk waits for a slow client.
+        let (pages, stream) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(stream_tree(
+            self.farm.clone(),
+            self.tree_orders.clone(),
+            start,
+            page_size,
+            pages,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(stream),
+        )))
     }
 }

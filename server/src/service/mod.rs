@@ -5,6 +5,7 @@ mod bytestream;
 mod capabilities;
 mod cas;
 mod execution;
+mod get_tree;
 mod operations;
 mod worker;
 mod zstd_stream;

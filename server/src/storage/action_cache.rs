@@ -7,7 +7,9 @@ use buildkube_proto::reapi::ActionResult;
 use buildkube_reapi::Digest;
 use prost::Message;
 
-use super::{decode_stored_result, write_atomically, ActionResultStore, StorageError};
+use super::{
+    create_dir_durably, decode_stored_result, write_atomically, ActionResultStore, StorageError,
+};
 
 /// Action results on the local file system, kept apart per instance name.
 #[derive(Clone)]
@@ -71,7 +73,7 @@ impl ActionResultStore for FsActionCache {
         let data = result.encode_to_vec();
         tokio::task::spawn_blocking(move || {
             let parent = path.parent().expect("entry path has a parent");
-            std::fs::create_dir_all(parent).map_err(StorageError::io("creating", parent))?;
+            create_dir_durably(parent)?;
             write_atomically(&tmp_dir, &path, &data)
         })
         .await

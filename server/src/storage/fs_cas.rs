@@ -15,8 +15,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{
-    stream_slice, verify, write_atomically, BlobSink, BlobStore, BlobStream, StorageError,
-    UploadProgress, READ_CHUNK,
+    create_dir_durably, rename_durably, stream_slice, verify, write_atomically, BlobSink,
+    BlobStore, BlobStream, StorageError, UploadProgress, READ_CHUNK,
 };
 
 /// Content-addressable storage on the local file system.
@@ -278,7 +278,7 @@ impl BlobStore for FsCas {
         tokio::task::spawn_blocking(move || {
             let path = cas.path_of(&digest);
             let shard = path.parent().expect("blob path has a shard directory");
-            std::fs::create_dir_all(shard).map_err(StorageError::io("creating", shard))?;
+            create_dir_durably(shard)?;
             write_atomically(&cas.inner.tmp_dir, &path, &data)?;
             cas.admit(digest);
             Ok(())
@@ -380,8 +380,8 @@ impl BlobSink for FsBlobWriter {
             drop(file);
             let path = cas.path_of(&digest);
             let shard = path.parent().expect("blob path has a shard directory");
-            std::fs::create_dir_all(shard).map_err(StorageError::io("creating", shard))?;
-            std::fs::rename(&tmp, &path).map_err(StorageError::io("renaming into", &path))?;
+            create_dir_durably(shard)?;
+            rename_durably(&tmp, &path)?;
             cas.admit(digest);
             Ok::<_, StorageError>(())
         })

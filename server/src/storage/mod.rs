@@ -15,6 +15,8 @@ mod size_partitioned;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+mod durability_tests;
 
 use std::sync::Arc;
 
@@ -364,12 +366,44 @@ pub(crate) fn write_atomically(
         file.write_all(data)
             .map_err(StorageError::io("writing", &tmp))?;
         file.sync_all().map_err(StorageError::io("syncing", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(StorageError::io("renaming into", path))
+        rename_durably(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Renames a fully written, fsynced `tmp` to `path`, then fsyncs `path`'s
+/// directory: until then a crash can lose the new name (the rename is
+/// only in memory), and a blob or action result that a client was told is
+/// stored would be gone after a restart.
+pub(crate) fn rename_durably(
+    tmp: &std::path::Path,
+    path: &std::path::Path,
+) -> Result<(), StorageError> {
+    std::fs::rename(tmp, path).map_err(StorageError::io("renaming into", path))?;
+    let parent = path.parent().expect("a renamed file has a directory");
+    sync_directory(parent)
+}
+
+/// Creates `dir` (and missing ancestors) if it does not exist, fsyncing
+/// the directory that holds it, so its name survives a crash too.
+pub(crate) fn create_dir_durably(dir: &std::path::Path) -> Result<(), StorageError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(StorageError::io("creating", dir))?;
+    match dir.parent() {
+        Some(parent) => sync_directory(parent),
+        None => Ok(()),
+    }
+}
+
+fn sync_directory(dir: &std::path::Path) -> Result<(), StorageError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StorageError::io("syncing the directory", dir))
 }
 
 /// A shared handle is a store too, so decorators can hold `Arc<dyn BlobStore>`.

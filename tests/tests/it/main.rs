@@ -10,3 +10,4 @@ mod external_stores;
 mod faults;
 mod protocol;
 mod reapi_client;
+mod right_answers;

@@ -612,35 +612,41 @@ async fn get_tree_pages_through_every_directory() {
     )
     .encode_to_vec();
     upload(&mut c, &[&leaf1, &leaf2, &root, b"f"]).await;
-    let mut token = String::new();
-    let mut pages = 0;
-    let mut seen = 0;
-    loop {
-        let mut stream = c
-            .cas
-            .get_tree(reapi::GetTreeRequest {
-                instance_name: INSTANCE.into(),
-                root_digest: Some(Digest::of_bytes(&root).to_proto()),
-                page_size: 1,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut next = String::new();
-        while let Some(page) = stream.next().await {
-            let page = page.unwrap();
-            seen += page.directories.len();
-            next = page.next_page_token;
+    let get_tree = |c: &mut Clients, token: &str| {
+        let request = reapi::GetTreeRequest {
+            instance_name: INSTANCE.into(),
+            root_digest: Some(Digest::of_bytes(&root).to_proto()),
+            page_size: 1,
+            page_token: token.into(),
+            ..Default::default()
+        };
+        let mut cas = c.cas.clone();
+        async move {
+            let mut stream = cas.get_tree(request).await?.into_inner();
+            let mut pages = Vec::new();
+            while let Some(page) = stream.next().await {
+                pages.push(page?);
+            }
+            Ok::<_, tonic::Status>(pages)
         }
-        pages += 1;
-        if next.is_empty() {
-            break;
-        }
-        token = next;
+    };
+    // One call streams every page, each naming where the next starts.
+    let pages = get_tree(&mut c, "").await.unwrap();
+    assert_eq!(pages.len(), 3);
+    assert!(pages.iter().all(|p| p.directories.len() == 1));
+    assert_eq!(pages[2].next_page_token, "");
+    // A call resumed from a token streams the pages after it.
+    let resumed = get_tree(&mut c, &pages[0].next_page_token).await.unwrap();
+    assert_eq!(resumed, pages[1..].to_vec());
+    // A token this server did not issue for this root is refused.
+    for forged in [
+        "1",
+        "not a token",
+        &pages[0].next_page_token.replace('-', "+"),
+    ] {
+        let status = get_tree(&mut c, forged).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{forged}: {status:?}");
     }
-    assert_eq!((pages, seen), (3, 3));
     let absent = Digest::of_bytes(b"no tree");
     let status = c
         .cas
