@@ -144,11 +144,17 @@ impl std::str::FromStr for Digest {
         let (hash, size) = text
             .split_once('/')
             .ok_or_else(|| DigestError::BadHash(text.to_string()))?;
-        let size: i64 = size
-            .parse()
-            .map_err(|_| DigestError::BadHash(text.to_string()))?;
+        let size = parse_size(size).ok_or_else(|| DigestError::BadHash(text.to_string()))?;
         Digest::from_hex(hash, size)
     }
+}
+
+/// Parses a size written in text (resource names, `HASH/SIZE`) as the REAPI
+/// prints it: decimal digits without a `+` or leading zeros, so that one
+/// blob has one name. A leading `-` parses, for the negative-size error.
+pub(crate) fn parse_size(text: &str) -> Option<i64> {
+    let size: i64 = text.parse().ok()?;
+    (size.to_string() == text).then_some(size)
 }
 
 /// Incremental digest computation.
@@ -223,6 +229,28 @@ mod tests {
         ));
         assert_eq!(Digest::from_field(None), Err(DigestError::Missing));
         assert!("nonsense".parse::<Digest>().is_err());
+    }
+
+    #[test]
+    fn text_sizes_are_canonical_decimal() {
+        let hash = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        assert_eq!(
+            format!("{hash}/5").parse::<Digest>().map(|d| d.size()),
+            Ok(5)
+        );
+        assert_eq!(
+            format!("{hash}/0").parse::<Digest>().map(|d| d.size()),
+            Ok(0)
+        );
+        // Found by the resource_names fuzz target: these parsed as size 5
+        // (or 0) and printed back differently.
+        for size in ["05", "+5", "-0", "00", " 5", ""] {
+            assert_eq!(
+                format!("{hash}/{size}").parse::<Digest>(),
+                Err(DigestError::BadHash(format!("{hash}/{size}"))),
+                "{size:?}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! place of `blobs`, `compressed-blobs/zstd` names the same blob carried
 //! zstd-compressed (hash and size stay those of the uncompressed bytes).
 
-use crate::digest::{Digest, DigestError};
+use crate::digest::{parse_size, Digest, DigestError};
 
 /// Why a resource name was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -122,7 +122,7 @@ fn parse_digest(
     size: &str,
     expected: &'static str,
 ) -> Result<Digest, ResourceError> {
-    let size: i64 = size.parse().map_err(|_| ResourceError::Malformed {
+    let size = parse_size(size).ok_or_else(|| ResourceError::Malformed {
         name: name.to_string(),
         expected,
     })?;
@@ -280,6 +280,12 @@ mod tests {
             "main/compressed-blobs".to_string(),
             format!("main/compressed-blobs/zstd/{HASH}"),
             format!("main/uploads/u/compressed-blobs/zstd/{HASH}"),
+            // Sizes as the REAPI prints them only (found by the
+            // resource_names fuzz target: these named the blob of size 12).
+            format!("main/blobs/{HASH}/012"),
+            format!("main/blobs/{HASH}/+12"),
+            format!("main/uploads/u/blobs/{HASH}/012"),
+            format!("main/uploads/u/compressed-blobs/zstd/{HASH}/+12"),
         ] {
             assert!(
                 matches!(
