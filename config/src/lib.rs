@@ -16,7 +16,9 @@ pub mod storage;
 pub const DEFAULT_GRPC_PORT: u16 = 8980;
 /// Default HTTP port of the server (`/healthz`, `/readyz`, `/metrics`, `/operations`).
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
-/// Default HTTP port of a worker (`/healthz`, `/metrics`).
+/// HTTP port of a worker in a pod (`/healthz`, `/readyz`, `/metrics`), where
+/// probes need a fixed port. The binary's own default is an ephemeral port,
+/// so several workers can share a host.
 pub const DEFAULT_WORKER_HTTP_PORT: u16 = 8081;
 /// Instance name served when none is configured.
 pub const DEFAULT_INSTANCE: &str = "main";
@@ -34,6 +36,15 @@ pub const METRIC_ACTIONS_RUNNING: &str = "buildkube_actions_running";
 pub const METRIC_WORKERS_CONNECTED: &str = "buildkube_workers_connected";
 /// Prometheus gauge: workers with at least one running action.
 pub const METRIC_WORKERS_BUSY: &str = "buildkube_workers_busy";
+/// Environment variable the worker reads its `--worker-id` from; pods set it
+/// from their name (`metadata.name`).
+pub const WORKER_ID_ENV: &str = "BUILDKUBE_WORKER_ID";
+/// In `--git-credentials-dir`: git's credential store (`https://USER:TOKEN@HOST` lines).
+pub const GIT_CREDENTIALS_FILE: &str = "git-credentials";
+/// In `--git-credentials-dir`: the private SSH key for git over SSH.
+pub const SSH_KEY_FILE: &str = "ssh-private-key";
+/// In `--git-credentials-dir`: the host keys SSH trusts; others are refused.
+pub const KNOWN_HOSTS_FILE: &str = "known_hosts";
 /// Worker platform property that selects how an action is run.
 pub const PLATFORM_RUNNER_KEY: &str = "runner";
 /// gRPC metadata key carrying the bearer token when auth is enabled.
@@ -137,6 +148,7 @@ pub struct ServerArgs {
     pub log_format: LogFormat,
     /// Write the bound gRPC and HTTP addresses to this file once listening
     /// (lines `grpc=ADDR` and `http=ADDR`); for tests and scripts that bind port 0.
+    /// It is written before storage opens: /readyz answers 200 once the server serves.
     #[arg(long, env = "BUILDKUBE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
 }
@@ -199,8 +211,10 @@ pub struct WorkerArgs {
     /// Platform property `key=value` this worker offers (repeatable, or comma separated in the env).
     #[arg(long = "platform", env = "BUILDKUBE_PLATFORM", value_delimiter = ',', value_parser = parse_platform_property)]
     pub platform: Vec<(String, String)>,
-    /// Worker name in logs and metrics (default: hostname-pid).
-    #[arg(long, env = "BUILDKUBE_WORKER_ID")]
+    /// Worker name in logs and metrics (default: hostname-pid). In a pod,
+    /// set `BUILDKUBE_WORKER_ID` from the pod name (the generated manifests
+    /// do), rather than substituting it into the arguments.
+    #[arg(long, env = WORKER_ID_ENV)]
     pub worker_id: Option<String>,
     /// File holding the bearer token sent to the server.
     #[arg(long, env = "BUILDKUBE_AUTH_TOKEN_FILE")]
@@ -208,6 +222,13 @@ pub struct WorkerArgs {
     /// Shell script sourced (by bash) before every command, e.g. to export credentials.
     #[arg(long, env = "BUILDKUBE_ENV_SCRIPT")]
     pub env_script: Option<PathBuf>,
+    /// Directory with git credentials for actions: `git-credentials` (git's
+    /// credential store, for HTTP(S)), `ssh-private-key` and `known_hosts`
+    /// (SSH; unknown hosts are refused). Actions get them through
+    /// GIT_CONFIG_* and GIT_SSH_COMMAND unless they set those themselves.
+    /// Every action on this worker can read them.
+    #[arg(long, env = "BUILDKUBE_GIT_CREDENTIALS_DIR")]
+    pub git_credentials_dir: Option<PathBuf>,
     /// Local input file cache budget.
     #[arg(long, env = "BUILDKUBE_CACHE_MAX_SIZE", default_value = "5GiB", value_parser = parse_byte_size)]
     pub cache_max_size: u64,
@@ -230,9 +251,15 @@ pub struct WorkerArgs {
     )]
     pub max_action_timeout_secs: u64,
     /// HTTP listen address of the worker (/healthz, /readyz, /metrics); readiness
-    /// turns false while draining.
-    #[arg(long, env = "BUILDKUBE_HTTP_LISTEN", default_value_t = loopback(DEFAULT_WORKER_HTTP_PORT))]
+    /// turns false while draining. The default is an ephemeral loopback port,
+    /// so several workers share a host; the bound address is logged and
+    /// written to --addr-file.
+    #[arg(long, env = "BUILDKUBE_HTTP_LISTEN", default_value_t = loopback(0))]
     pub http_listen: SocketAddr,
+    /// Write the bound HTTP address to this file once listening (a line
+    /// `http=ADDR`); for scripts and tests that bind port 0.
+    #[arg(long, env = "BUILDKUBE_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "BUILDKUBE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -268,6 +295,9 @@ impl WorkerArgs {
         if let Some(path) = &self.env_script {
             args.push(format!("--env-script={}", path.display()));
         }
+        if let Some(path) = &self.git_credentials_dir {
+            args.push(format!("--git-credentials-dir={}", path.display()));
+        }
         args.push(format!("--cache-max-size={}", self.cache_max_size));
         args.push(format!("--drain-timeout-secs={}", self.drain_timeout_secs));
         args.push(format!("--max-output-size={}", self.max_output_size));
@@ -277,6 +307,9 @@ impl WorkerArgs {
             self.max_action_timeout_secs
         ));
         args.push(format!("--http-listen={}", self.http_listen));
+        if let Some(path) = &self.addr_file {
+            args.push(format!("--addr-file={}", path.display()));
+        }
         args.push(format!("--log-format={}", self.log_format.as_arg()));
         args
     }
@@ -373,9 +406,18 @@ mod tests {
         args.max_output_size = 1 << 30;
         args.max_stdio_size = 1 << 20;
         args.max_action_timeout_secs = 900;
+        args.addr_file = Some("/run/buildkube-worker.addr".into());
+        args.git_credentials_dir = Some("/etc/buildkube/credentials".into());
         let mut cmd = vec!["buildkube-worker".to_string()];
         cmd.extend(args.to_args());
         assert_eq!(WorkerArgs::try_parse_from(cmd).unwrap(), args);
+    }
+
+    #[test]
+    fn workers_bind_an_ephemeral_http_port_by_default() {
+        // Several workers on one host must not fight over one port.
+        let args = WorkerArgs::default();
+        assert_eq!(args.http_listen, loopback(0));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use crate::action_error::{is_transient, ActionError};
 use crate::backoff::Backoff;
 use crate::file_cache::FileCache;
+use crate::git_credentials::GitCredentials;
 use crate::metrics::{Outcome, WorkerMetrics};
 use crate::outputs::{self, BlobSource};
 use crate::runner::{self, KillReason, RunEnd, RunSpec, Runner};
@@ -51,6 +52,8 @@ pub(crate) struct ActionContext {
     /// The worker's credentials (its token file): unreadable in the sandbox.
     pub(crate) credential_files: Vec<PathBuf>,
     pub(crate) env_script: Option<PathBuf>,
+    /// Variables giving actions the git credentials, if configured.
+    pub(crate) git: Option<GitCredentials>,
     pub(crate) sandbox_available: bool,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<WorkerMetrics>,
@@ -327,13 +330,17 @@ async fn execute_in(
 
     // Run.
     tracker.set(Stage::Executing);
+    let mut env: Vec<(String, String)> = command
+        .environment_variables
+        .iter()
+        .map(|v| (v.name.clone(), v.value.clone()))
+        .collect();
+    if let Some(git) = &ctx.git {
+        git.apply(&mut env);
+    }
     let spec = RunSpec {
         arguments: command.arguments.clone(),
-        env: command
-            .environment_variables
-            .iter()
-            .map(|v| (v.name.clone(), v.value.clone()))
-            .collect(),
+        env,
         input_root: root.clone(),
         working_dir: exec_root.clone(),
         timeout,

@@ -39,6 +39,7 @@ mod action_error;
 mod backoff;
 mod file_cache;
 mod fs_util;
+mod git_credentials;
 mod http;
 mod inputs;
 mod leftovers;
@@ -67,6 +68,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, info_span, warn, Instrument as _};
 
 pub use action_error::{ACTION_RESULT_TYPE_URL, PRECONDITION_FAILURE_TYPE_URL};
+pub use git_credentials::GitCredentialsError;
 pub use http::ACTIONS_PATH;
 pub use metrics::{
     METRIC_ACTIONS_COMPLETED, METRIC_ACTIONS_RUNNING, METRIC_BYTES_DOWNLOADED,
@@ -124,6 +126,17 @@ pub enum WorkerError {
     /// `--concurrency 0`.
     #[error("--concurrency must be at least 1")]
     NoSlots,
+    /// `--git-credentials-dir` cannot be used.
+    #[error(transparent)]
+    GitCredentials(#[from] GitCredentialsError),
+    /// `--addr-file` could not be written.
+    #[error("writing --addr-file {}: {source}", path.display())]
+    AddrFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The env script does not exist.
     #[error("the env script {} cannot be read: {source}", path.display())]
     EnvScript {
@@ -178,6 +191,13 @@ impl std::fmt::Debug for Worker {
             .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
+}
+
+/// Writes `http=ADDR` to `path` atomically (a reader never sees half a line).
+async fn write_addr_file(path: &std::path::Path, http: SocketAddr) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    tokio::fs::write(&tmp, format!("http={http}\n")).await?;
+    tokio::fs::rename(&tmp, path).await
 }
 
 fn default_worker_id() -> String {
@@ -245,6 +265,11 @@ impl Worker {
                     source,
                 })?;
         }
+        let git = args
+            .git_credentials_dir
+            .as_deref()
+            .map(git_credentials::GitCredentials::from_dir)
+            .transpose()?;
         let work_dir =
             std::path::absolute(&args.work_dir).map_err(|source| WorkerError::WorkDir {
                 path: args.work_dir.clone(),
@@ -308,6 +333,7 @@ impl Worker {
             work_dir: work_dir.clone(),
             credential_files: args.auth_token_file.iter().cloned().collect(),
             env_script: args.env_script.clone(),
+            git,
             sandbox_available,
             limits: Limits {
                 max_output_bytes: args.max_output_size,
@@ -340,6 +366,14 @@ impl Worker {
             addr: args.http_listen,
             source,
         })?;
+        if let Some(path) = &args.addr_file {
+            write_addr_file(path, http_addr)
+                .await
+                .map_err(|source| WorkerError::AddrFile {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
         let router = http::router(shared.clone());
         let http_task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {

@@ -5,6 +5,7 @@
 #![allow(deprecated)]
 
 mod fake_server;
+mod git_clone;
 
 use std::time::Duration;
 
@@ -617,4 +618,36 @@ fn running_with(marker: &str) -> bool {
                 .replace('\0', " ")
                 .contains(marker)
     })
+}
+
+/// Issue 7: two workers with the default `--http-listen` on one host both
+/// start (each on its own ephemeral port), and `--addr-file` names the port
+/// each one serves.
+#[tokio::test]
+async fn two_workers_with_default_http_listen_share_a_host() {
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let addr_file = dir.path().join(format!("worker-{i}.addr"));
+        let argv = [
+            "buildkube-worker".to_string(),
+            format!("--server={}", server.endpoint()),
+            format!(
+                "--work-dir={}",
+                dir.path().join(format!("work-{i}")).display()
+            ),
+            format!("--addr-file={}", addr_file.display()),
+        ];
+        let worker = Worker::start(WorkerArgs::parse_from(argv))
+            .await
+            .unwrap_or_else(|e| panic!("worker {i} with the default --http-listen: {e}"));
+        let written = std::fs::read_to_string(&addr_file).unwrap();
+        assert_eq!(written, format!("http={}\n", worker.http_addr()));
+        assert!(worker.http_addr().ip().is_loopback());
+        let (status, body) = http_get(worker.http_addr(), "/healthz").await;
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+        workers.push(worker);
+    }
+    assert_ne!(workers[0].http_addr(), workers[1].http_addr());
 }
