@@ -1,7 +1,7 @@
 //! The HTTP side: probes, Prometheus metrics and operation timelines.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -12,13 +12,20 @@ use buildkube_config as names;
 
 use crate::farm::Farm;
 
-/// What the HTTP handlers read.
-#[derive(Clone)]
+/// What the HTTP handlers read. The HTTP port serves from the start, before
+/// storage is open (which can take long on a large CAS), so that liveness
+/// holds while readiness waits: `farm` is set once storage is open.
+#[derive(Clone, Default)]
 pub struct HttpState {
-    /// Shared server state.
-    pub farm: Arc<Farm>,
+    /// Shared server state, once storage is open.
+    pub farm: Arc<OnceLock<Arc<Farm>>>,
     /// True once the gRPC listener serves.
     pub ready: Arc<AtomicBool>,
+}
+
+/// The answer of the routes that need the farm while storage is opening.
+fn opening() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "opening storage\n").into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -41,17 +48,25 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         "ready\n".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+        let stage = if state.farm.get().is_some() {
+            "starting\n"
+        } else {
+            "opening storage\n"
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, stage).into_response()
     }
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
-    let stats = state.farm.scheduler.stats();
+    let Some(farm) = state.farm.get() else {
+        return opening();
+    };
+    let stats = farm.scheduler.stats();
     // Remote stores do not report usage cheaply: their gauges read 0.
-    let (bytes, blobs) = state.farm.cas.usage().unwrap_or((0, 0));
+    let (bytes, blobs) = farm.cas.usage().unwrap_or((0, 0));
     (
         [("content-type", "text/plain; version=0.0.4")],
-        state.farm.metrics.render(&stats, bytes, blobs),
+        farm.metrics.render(&stats, bytes, blobs),
     )
         .into_response()
 }
@@ -60,12 +75,18 @@ async fn recent_operations(
     State(state): State<HttpState>,
     Query(query): Query<RecentQuery>,
 ) -> Response {
-    Json(state.farm.scheduler.recent(query.limit.unwrap_or(100))).into_response()
+    let Some(farm) = state.farm.get() else {
+        return opening();
+    };
+    Json(farm.scheduler.recent(query.limit.unwrap_or(100))).into_response()
 }
 
 async fn operation(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    let Some(farm) = state.farm.get() else {
+        return opening();
+    };
     let name = format!("operations/{id}");
-    match state.farm.scheduler.summary_of(&name) {
+    match farm.scheduler.summary_of(&name) {
         Some(summary) => Json(summary).into_response(),
         None => (
             StatusCode::NOT_FOUND,

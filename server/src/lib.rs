@@ -23,7 +23,7 @@ pub mod storage;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,26 +99,10 @@ pub async fn run(
         }
         None => buildkube_config::storage::StorageConfig::embedded(),
     };
-    let storage::factory::Stores { cas, action_cache } =
-        storage::factory::open(&storage_config, &args.data_dir, args.cas_max_size)
-            .await
-            .context("opening storage (--storage-config)")?;
-    let scheduler = Arc::new(Scheduler::new(SchedulerConfig {
-        lease_timeout: Duration::from_secs(args.lease_timeout_secs.max(1)),
-        max_attempts: args.max_attempts.max(1),
-        orphan_timeout: Duration::from_secs(args.orphan_timeout_secs.max(1)),
-        ..Default::default()
-    }));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let farm = Arc::new(Farm {
-        cas,
-        action_cache,
-        scheduler: scheduler.clone(),
-        instances,
-        metrics: Metrics::default(),
-        stopping: stop_rx.clone(),
-    });
 
+    // Both ports are bound, and HTTP serves (/healthz live, /readyz 503),
+    // before storage opens: opening a large CAS stats every blob, and a
+    // liveness probe must not kill the server meanwhile.
     let grpc_listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
@@ -128,6 +112,7 @@ pub async fn run(
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
+    let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -135,6 +120,41 @@ pub async fn run(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+
+    let http_state = http::HttpState::default();
+    let http_server = axum::serve(http_listener, http::router(http_state.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http = tokio::spawn(async move { http_server.await });
+    if let Some(path) = &args.addr_file {
+        write_addr_file(path, grpc_addr, http_addr)?;
+    }
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, "listening; opening storage");
+
+    let opened = tokio::select! {
+        opened = storage::factory::open(&storage_config, &args.data_dir, args.cas_max_size) => opened,
+        () = stopped(stop_rx.clone()) => {
+            tracing::info!("stopped while opening storage");
+            http.await?.context("HTTP server failed")?;
+            return Ok(());
+        }
+    };
+    let storage::factory::Stores { cas, action_cache } =
+        opened.context("opening storage (--storage-config)")?;
+    let scheduler = Arc::new(Scheduler::new(SchedulerConfig {
+        lease_timeout: Duration::from_secs(args.lease_timeout_secs.max(1)),
+        max_attempts: args.max_attempts.max(1),
+        orphan_timeout: Duration::from_secs(args.orphan_timeout_secs.max(1)),
+        ..Default::default()
+    }));
+    let farm = Arc::new(Farm {
+        cas,
+        action_cache,
+        scheduler: scheduler.clone(),
+        instances,
+        metrics: Metrics::default(),
+        stopping: stop_rx.clone(),
+    });
+    let _ = http_state.farm.set(farm.clone());
 
     let reaper = {
         let scheduler = scheduler.clone();
@@ -200,15 +220,6 @@ pub async fn run(
     let grpc =
         tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
 
-    let ready = Arc::new(AtomicBool::new(false));
-    let http_state = http::HttpState {
-        farm: farm.clone(),
-        ready: ready.clone(),
-    };
-    let http_server = axum::serve(http_listener, http::router(http_state))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let http = tokio::spawn(async move { http_server.await });
-
     let mut local_workers = Vec::new();
     for i in 0..args.local_workers {
         let worker_args = WorkerArgs {
@@ -228,10 +239,7 @@ pub async fn run(
         local_workers.push(tokio::spawn(worker.run(stopped(stop_rx.clone()))));
     }
 
-    ready.store(true, Ordering::Release);
-    if let Some(path) = &args.addr_file {
-        write_addr_file(path, grpc_addr, http_addr)?;
-    }
+    http_state.ready.store(true, Ordering::Release);
     tracing::info!(grpc = %grpc_addr, http = %http_addr, data_dir = %args.data_dir.display(),
         instances = ?farm.instances.names().collect::<Vec<_>>(), local_workers = args.local_workers, "buildkube server ready");
 

@@ -58,6 +58,24 @@ impl Server {
     /// has already set loopback port-0 listeners, a temp data dir and the addr
     /// file; `configure` may change any of them.
     pub fn start_with(configure: impl FnOnce(&mut ServerArgs)) -> Result<Server> {
+        Server::spawn(configure, Readiness::Ready)
+    }
+
+    /// Like [`Server::start_with`], but returns once the server listens
+    /// (its addr file is written), before it is ready: storage may still be
+    /// opening. [`Server::wait_ready`] waits for the rest.
+    pub fn start_listening_with(configure: impl FnOnce(&mut ServerArgs)) -> Result<Server> {
+        Server::spawn(configure, Readiness::Listening)
+    }
+
+    /// Waits until /readyz answers 200.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let daemon = self.daemon.as_mut().context("the server is not running")?;
+        wait_until_ready(daemon, self.http_addr)
+            .with_context(|| format!("server logs:\n{}", self.logs.tail(40)))
+    }
+
+    fn spawn(configure: impl FnOnce(&mut ServerArgs), readiness: Readiness) -> Result<Server> {
         let scratch = tempfile::Builder::new()
             .prefix("buildkube-server-")
             .tempdir()
@@ -71,7 +89,7 @@ impl Server {
         };
         configure(&mut args);
         let logs = LogFiles::in_dir(scratch.path(), "server");
-        let (daemon, grpc_addr, http_addr) = launch(&args, &logs)?;
+        let (daemon, grpc_addr, http_addr) = launch(&args, &logs, readiness)?;
         Ok(Server {
             args,
             daemon: Some(daemon),
@@ -212,7 +230,7 @@ impl Server {
         let mut args = self.args.clone();
         args.listen = self.grpc_addr;
         args.http_listen = self.http_addr;
-        let (daemon, grpc_addr, http_addr) = match launch(&args, &self.logs) {
+        let (daemon, grpc_addr, http_addr) = match launch(&args, &self.logs, Readiness::Ready) {
             Ok(started) => started,
             Err(same_ports) => {
                 // Most likely a port was taken meanwhile: any port will do.
@@ -221,7 +239,7 @@ impl Server {
                 );
                 args.listen = loopback_any_port();
                 args.http_listen = loopback_any_port();
-                launch(&args, &self.logs)?
+                launch(&args, &self.logs, Readiness::Ready)?
             }
         };
         self.daemon = Some(daemon);
@@ -231,8 +249,22 @@ impl Server {
     }
 }
 
-/// Spawns the server and waits for its addr file and a 200 from /readyz.
-fn launch(args: &ServerArgs, logs: &LogFiles) -> Result<(Daemon, SocketAddr, SocketAddr)> {
+/// How far [`launch`] waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readiness {
+    /// Until the addr file names the bound ports.
+    Listening,
+    /// Until /readyz answers 200.
+    Ready,
+}
+
+/// Spawns the server and waits for its addr file and, for
+/// [`Readiness::Ready`], a 200 from /readyz.
+fn launch(
+    args: &ServerArgs,
+    logs: &LogFiles,
+    readiness: Readiness,
+) -> Result<(Daemon, SocketAddr, SocketAddr)> {
     let addr_file = args
         .addr_file
         .clone()
@@ -246,7 +278,12 @@ fn launch(args: &ServerArgs, logs: &LogFiles) -> Result<(Daemon, SocketAddr, Soc
     command.args(args.to_args()).env("RUST_BACKTRACE", "1");
     let mut daemon = Daemon::spawn("buildkube-server", command, logs)?;
 
-    let started = wait_until_ready(&mut daemon, &addr_file);
+    let started = wait_for_addr_file(&mut daemon, &addr_file).and_then(|(grpc, http)| {
+        if readiness == Readiness::Ready {
+            wait_until_ready(&mut daemon, http)?;
+        }
+        Ok((grpc, http))
+    });
     match started {
         Ok((grpc_addr, http_addr)) => Ok((daemon, grpc_addr, http_addr)),
         Err(e) => {
@@ -262,15 +299,19 @@ fn launch(args: &ServerArgs, logs: &LogFiles) -> Result<(Daemon, SocketAddr, Soc
     }
 }
 
-/// Waits for the addr file, then for /readyz to answer 200; fails early if
-/// the server exits.
-fn wait_until_ready(daemon: &mut Daemon, addr_file: &Path) -> Result<(SocketAddr, SocketAddr)> {
-    let (grpc_addr, http_addr) = poll_until("the server's addr file", START_TIMEOUT, || {
+/// Waits for the addr file (written once both ports are bound); fails early
+/// if the server exits.
+fn wait_for_addr_file(daemon: &mut Daemon, addr_file: &Path) -> Result<(SocketAddr, SocketAddr)> {
+    poll_until("the server's addr file", START_TIMEOUT, || {
         if let Some(status) = daemon.exit_status()? {
             bail!("buildkube-server exited with {status} before writing its addr file");
         }
         read_addr_file(addr_file)
-    })?;
+    })
+}
+
+/// Waits for /readyz to answer 200; fails early if the server exits.
+fn wait_until_ready(daemon: &mut Daemon, http_addr: SocketAddr) -> Result<()> {
     poll_until("the server's /readyz to answer 200", START_TIMEOUT, || {
         if let Some(status) = daemon.exit_status()? {
             bail!("buildkube-server exited with {status} before it was ready");
@@ -279,7 +320,7 @@ fn wait_until_ready(daemon: &mut Daemon, addr_file: &Path) -> Result<(SocketAddr
             .ok()
             .filter(|response| response.status == 200))
     })?;
-    Ok((grpc_addr, http_addr))
+    Ok(())
 }
 
 /// Parses the addr file (`grpc=ADDR` and `http=ADDR` lines); `None` until it exists.

@@ -11,3 +11,4 @@ mod faults;
 mod protocol;
 mod reapi_client;
 mod right_answers;
+mod startup;
