@@ -59,20 +59,19 @@ pub const SERVER_CONTAINER: &str = "server";
 pub const WORKER_CONTAINER: &str = "worker";
 /// PersistentVolumeClaim holding the CAS.
 pub const SERVER_DATA_PVC: &str = "buildkube-server-data";
-/// ConfigMap with the workers' git configuration.
-pub const WORKER_GIT_CONFIGMAP: &str = "buildkube-worker-git";
 /// Secret with the bearer token (key [`AUTH_TOKEN_KEY`]).
 pub const AUTH_SECRET: &str = "buildkube-auth";
 /// Key of the token in [`AUTH_SECRET`].
 pub const AUTH_TOKEN_KEY: &str = "token";
 /// Secret with the workers' git credentials, SSH key, known_hosts and env script.
 pub const WORKER_CREDENTIALS_SECRET: &str = "buildkube-worker-credentials";
-/// Keys of [`WORKER_CREDENTIALS_SECRET`].
-pub const GIT_CREDENTIALS_KEY: &str = "git-credentials";
+/// Keys of [`WORKER_CREDENTIALS_SECRET`]: the files the worker's
+/// `--git-credentials-dir` reads.
+pub const GIT_CREDENTIALS_KEY: &str = buildkube_config::GIT_CREDENTIALS_FILE;
 /// SSH private key in [`WORKER_CREDENTIALS_SECRET`].
-pub const SSH_KEY_KEY: &str = "ssh-private-key";
+pub const SSH_KEY_KEY: &str = buildkube_config::SSH_KEY_FILE;
 /// known_hosts in [`WORKER_CREDENTIALS_SECRET`].
-pub const KNOWN_HOSTS_KEY: &str = "known_hosts";
+pub const KNOWN_HOSTS_KEY: &str = buildkube_config::KNOWN_HOSTS_FILE;
 /// Env script in [`WORKER_CREDENTIALS_SECRET`].
 pub const ENV_SCRIPT_KEY: &str = "env.sh";
 /// Secret with PostgreSQL's password (key [`POSTGRES_PASSWORD_KEY`]).
@@ -125,10 +124,6 @@ pub const WORKER_HOME: &str = "/home/buildkube";
 pub const AUTH_MOUNT_DIR: &str = "/etc/buildkube/auth";
 /// Where [`WORKER_CREDENTIALS_SECRET`] is mounted.
 pub const CREDENTIALS_MOUNT_DIR: &str = "/etc/buildkube/credentials";
-/// Where [`WORKER_GIT_CONFIGMAP`] is mounted.
-pub const GIT_CONFIG_MOUNT_DIR: &str = "/etc/buildkube/git";
-/// Key of the git configuration in [`WORKER_GIT_CONFIGMAP`].
-pub const GIT_CONFIG_KEY: &str = "gitconfig";
 
 const LABEL_NAME: &str = "app.kubernetes.io/name";
 const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
@@ -229,7 +224,8 @@ pub fn server_args(spec: &StackSpec, auth: bool, external_stores: bool) -> Serve
     }
 }
 
-/// A worker pool's flags; `auth` adds the token file, `credentials` the env script.
+/// A worker pool's flags; `auth` adds the token file, `credentials` the
+/// git credentials directory and the env script.
 #[allow(clippy::needless_update)]
 pub fn worker_args(
     spec: &StackSpec,
@@ -247,11 +243,14 @@ pub fn worker_args(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        // Kubernetes expands $(POD_NAME) from the container's env.
-        worker_id: Some("$(POD_NAME)".into()),
+        // From the pod name, through the flag's env fallback
+        // (WORKER_ID_ENV): an argument substitution such as `$(POD_NAME)`
+        // is expanded by the kubelet but not by every runtime (podman).
+        worker_id: None,
         auth_token_file: auth.then(|| PathBuf::from(format!("{AUTH_MOUNT_DIR}/{AUTH_TOKEN_KEY}"))),
         env_script: credentials
             .then(|| PathBuf::from(format!("{CREDENTIALS_MOUNT_DIR}/{ENV_SCRIPT_KEY}"))),
+        git_credentials_dir: credentials.then(|| PathBuf::from(CREDENTIALS_MOUNT_DIR)),
         cache_max_size: buildkube_config::parse_byte_size(&pool.cache_max_size)
             .expect("validated: cache_max_size"),
         drain_timeout_secs: pool.drain_timeout_secs,
@@ -274,8 +273,43 @@ pub fn termination_grace_secs(pool: &WorkerPoolSpec) -> i64 {
     (pool.drain_timeout_secs + pool.termination_grace_margin_secs) as i64
 }
 
-fn resources(spec: &ResourcesSpec) -> ResourceRequirements {
-    let mut limits = BTreeMap::from([("memory".to_string(), Quantity(spec.memory_limit.clone()))]);
+/// Ephemeral storage a container gets beyond its emptyDirs: its logs (the
+/// kubelet keeps 5 × 10 MiB by default) and writes to a writable root
+/// filesystem, which the manifests keep read-only by default.
+pub const EPHEMERAL_STORAGE_ALLOWANCE: u64 = 256 << 20;
+/// Size limit of the small scratch emptyDirs of PostgreSQL (its socket) and
+/// Redis (which persists nothing).
+const STORE_SCRATCH_SIZE: &str = "64Mi";
+
+/// A byte count as a Kubernetes quantity (`36Gi`, `1280Mi`, `1000`).
+pub fn quantity(bytes: u64) -> Quantity {
+    let text = if bytes % (1 << 30) == 0 {
+        format!("{}Gi", bytes >> 30)
+    } else if bytes % (1 << 20) == 0 {
+        format!("{}Mi", bytes >> 20)
+    } else {
+        bytes.to_string()
+    };
+    Quantity(text)
+}
+
+/// Bytes of validated Kubernetes quantities, summed.
+fn sum_of(quantities: &[&str]) -> u64 {
+    quantities
+        .iter()
+        .map(|q| quantity_to_bytes(q).expect("validated: a quantity of bytes"))
+        .sum()
+}
+
+/// Requests and limits: CPU and memory from the spec; ephemeral storage
+/// requested and limited at `ephemeral` bytes (the pod's emptyDirs plus
+/// [`EPHEMERAL_STORAGE_ALLOWANCE`]), so the scheduler reserves the disk that
+/// the size limits allow.
+fn resources(spec: &ResourcesSpec, ephemeral: u64) -> ResourceRequirements {
+    let mut limits = BTreeMap::from([
+        ("memory".to_string(), Quantity(spec.memory_limit.clone())),
+        ("ephemeral-storage".to_string(), quantity(ephemeral)),
+    ]);
     if let Some(cpu) = &spec.cpu_limit {
         limits.insert("cpu".into(), Quantity(cpu.clone()));
     }
@@ -283,10 +317,42 @@ fn resources(spec: &ResourcesSpec) -> ResourceRequirements {
         requests: Some(BTreeMap::from([
             ("cpu".to_string(), Quantity(spec.cpu_request.clone())),
             ("memory".to_string(), Quantity(spec.memory_request.clone())),
+            ("ephemeral-storage".to_string(), quantity(ephemeral)),
         ])),
         limits: Some(limits),
         ..Default::default()
     }
+}
+
+/// Ephemeral storage of the server container: its `/tmp` and the allowance.
+pub fn server_ephemeral_bytes(spec: &StackSpec) -> u64 {
+    sum_of(&[&spec.server.tmp_size]) + EPHEMERAL_STORAGE_ALLOWANCE
+}
+
+/// Ephemeral storage of a worker container: the work directory, `/tmp` and
+/// HOME at their size limits, and the allowance.
+pub fn worker_ephemeral_bytes(pool: &WorkerPoolSpec) -> u64 {
+    sum_of(&[&pool.work_dir_size, &pool.tmp_size, &pool.home_size]) + EPHEMERAL_STORAGE_ALLOWANCE
+}
+
+/// The server container's requests and limits.
+pub fn server_resources(spec: &StackSpec) -> ResourceRequirements {
+    resources(&spec.server.resources, server_ephemeral_bytes(spec))
+}
+
+/// A worker container's requests and limits.
+pub fn worker_resources(pool: &WorkerPoolSpec) -> ResourceRequirements {
+    resources(&pool.resources, worker_ephemeral_bytes(pool))
+}
+
+/// The emptyDirs of a worker pod, each with its size limit: work
+/// directory, HOME, `/tmp`.
+pub fn worker_volumes(pool: &WorkerPoolSpec) -> Vec<Volume> {
+    vec![
+        empty_dir("work", Some(&pool.work_dir_size)),
+        empty_dir("home", Some(&pool.home_size)),
+        empty_dir("tmp", Some(&pool.tmp_size)),
+    ]
 }
 
 fn pod_security(id: i64) -> PodSecurityContext {
@@ -444,8 +510,12 @@ pub fn server_deployment(spec: &StackSpec) -> Deployment {
             port(GRPC_PORT_NAME, DEFAULT_GRPC_PORT),
             port(HTTP_PORT_NAME, DEFAULT_HTTP_PORT),
         ]),
-        resources: Some(resources(&spec.server.resources)),
-        // The CAS index is loaded at start; give it a minute before liveness counts.
+        resources: Some(server_resources(spec)),
+        // The HTTP port serves /healthz before storage opens, so a long
+        // open (every blob of a large CAS is stat'ed) never fails liveness;
+        // /readyz answers 503 until the server serves, keeping it out of
+        // the Service meanwhile. The startup probe covers only the process
+        // start.
         startup_probe: Some(http_probe(HEALTHZ_PATH, HTTP_PORT_NAME, 2, 30)),
         liveness_probe: Some(http_probe(HEALTHZ_PATH, HTTP_PORT_NAME, 10, 3)),
         readiness_probe: Some(http_probe(READYZ_PATH, HTTP_PORT_NAME, 5, 2)),
@@ -486,7 +556,7 @@ pub fn server_deployment(spec: &StackSpec) -> Deployment {
                             }),
                             ..Default::default()
                         },
-                        empty_dir("tmp", None),
+                        empty_dir("tmp", Some(&spec.server.tmp_size)),
                     ]),
                     ..Default::default()
                 }),
@@ -539,16 +609,6 @@ pub fn server_load_balancer() -> Service {
     service
 }
 
-/// The workers' git configuration: credentials and SSH key from the
-/// credentials secret, hosts pinned by its known_hosts.
-pub fn worker_git_configmap(gitconfig: String) -> ConfigMap {
-    ConfigMap {
-        metadata: meta(WORKER_GIT_CONFIGMAP, workers_selector()),
-        data: Some(BTreeMap::from([(GIT_CONFIG_KEY.into(), gitconfig)])),
-        ..Default::default()
-    }
-}
-
 /// A ConfigMap of client configuration files, for in-cluster clients.
 pub fn client_configmap(files: &BTreeMap<String, String>) -> ConfigMap {
     ConfigMap {
@@ -570,7 +630,7 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
         args: Some(worker_args(spec, pool, false, false).to_args()),
         env: Some(vec![
             EnvVar {
-                name: "POD_NAME".into(),
+                name: buildkube_config::WORKER_ID_ENV.into(),
                 value_from: Some(EnvVarSource {
                     field_ref: Some(ObjectFieldSelector {
                         field_path: "metadata.name".into(),
@@ -581,13 +641,9 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
                 ..Default::default()
             },
             env("HOME", WORKER_HOME),
-            env(
-                "GIT_CONFIG_GLOBAL",
-                &format!("{GIT_CONFIG_MOUNT_DIR}/{GIT_CONFIG_KEY}"),
-            ),
         ]),
         ports: Some(vec![port(HTTP_PORT_NAME, DEFAULT_WORKER_HTTP_PORT)]),
-        resources: Some(resources(&pool.resources)),
+        resources: Some(worker_resources(pool)),
         liveness_probe: Some(http_probe(HEALTHZ_PATH, HTTP_PORT_NAME, 10, 3)),
         // Not ready while draining, so rollouts wait for the drain.
         readiness_probe: Some(http_probe(READYZ_PATH, HTTP_PORT_NAME, 5, 2)),
@@ -596,7 +652,6 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
             mount("work", WORKER_WORK_DIR, false),
             mount("home", WORKER_HOME, false),
             mount("tmp", "/tmp", false),
-            mount("git-config", GIT_CONFIG_MOUNT_DIR, true),
         ]),
         ..Default::default()
     };
@@ -629,19 +684,7 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
                     // SIGTERM drains: running actions get drain_timeout_secs to finish.
                     termination_grace_period_seconds: Some(termination_grace_secs(pool)),
                     containers: vec![container],
-                    volumes: Some(vec![
-                        empty_dir("work", Some(&pool.work_dir_size)),
-                        empty_dir("home", None),
-                        empty_dir("tmp", None),
-                        Volume {
-                            name: "git-config".into(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: WORKER_GIT_CONFIGMAP.into(),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                    ]),
+                    volumes: Some(worker_volumes(pool)),
                     ..Default::default()
                 }),
             },
@@ -1002,7 +1045,10 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
         }]),
         readiness_probe: Some(exec_probe(&["pg_isready", "-U", POSTGRES_USER], 10)),
         liveness_probe: Some(exec_probe(&["pg_isready", "-U", POSTGRES_USER], 30)),
-        resources: Some(resources(&ResourcesSpec::default())),
+        resources: Some(resources(
+            &ResourcesSpec::default(),
+            sum_of(&[STORE_SCRATCH_SIZE]) + EPHEMERAL_STORAGE_ALLOWANCE,
+        )),
         security_context: Some(container_security(false)),
         volume_mounts: Some(vec![
             mount("data", "/var/lib/postgresql/data", false),
@@ -1016,7 +1062,11 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
             replicas: Some(1),
             service_name: POSTGRES_NAME.into(),
             selector: selector(store_selector(component)),
-            template: store_pod_template(component, container, empty_dir("run", None)),
+            template: store_pod_template(
+                component,
+                container,
+                empty_dir("run", Some(STORE_SCRATCH_SIZE)),
+            ),
             volume_claim_templates: Some(vec![PersistentVolumeClaim {
                 metadata: ObjectMeta {
                     name: Some("data".into()),
@@ -1067,7 +1117,10 @@ pub fn redis(spec: &StackSpec) -> (Deployment, Service, NetworkPolicy) {
         }]),
         readiness_probe: Some(exec_probe(&["redis-cli", "ping"], 10)),
         liveness_probe: Some(exec_probe(&["redis-cli", "ping"], 30)),
-        resources: Some(resources(&ResourcesSpec::default())),
+        resources: Some(resources(
+            &ResourcesSpec::default(),
+            sum_of(&[STORE_SCRATCH_SIZE]) + EPHEMERAL_STORAGE_ALLOWANCE,
+        )),
         security_context: Some(container_security(true)),
         volume_mounts: Some(vec![mount("data", "/data", false)]),
         ..Default::default()
@@ -1077,7 +1130,11 @@ pub fn redis(spec: &StackSpec) -> (Deployment, Service, NetworkPolicy) {
         spec: Some(DeploymentSpec {
             replicas: Some(1),
             selector: selector(store_selector(component)),
-            template: store_pod_template(component, container, empty_dir("data", None)),
+            template: store_pod_template(
+                component,
+                container,
+                empty_dir("data", Some(STORE_SCRATCH_SIZE)),
+            ),
             ..Default::default()
         }),
         ..Default::default()

@@ -21,6 +21,10 @@ use crate::tree::{GeneratedFile, Tree};
 /// (k8s-openapi's `v1_31` feature) and validated against.
 pub const KUBERNETES_VERSION: &str = "1.31";
 
+/// Pod-template annotation `bin/up` sets to the loaded image's ID, so a
+/// rebuilt image of the same tag rolls the pods.
+pub const IMAGE_ID_ANNOTATION: &str = "buildkube.dev/image-id";
+
 /// Regenerate command quoted in headers and errors.
 pub const REGENERATE: &str = "cargo run -p manifests-gen";
 
@@ -58,7 +62,6 @@ fn templates() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_keep_trailing_newline(true);
     for (name, source) in [
-        ("gitconfig", include_str!("../templates/gitconfig.j2")),
         ("env.sh", include_str!("../templates/env.sh.j2")),
         ("bazelrc", include_str!("../templates/bazelrc.j2")),
         ("recc.env", include_str!("../templates/recc.env.j2")),
@@ -143,6 +146,84 @@ pub fn client_endpoint(overlay: &OverlaySpec, spec: &StackSpec) -> ClientEndpoin
         http: format!("{http}://{host}:{port}"),
         note,
     }
+}
+
+/// The endpoint clients running in the cluster use: the ClusterIP Service,
+/// or the Ingress when there is one (TLS, so recc and BuildStream can send
+/// a token).
+pub fn in_cluster_endpoint(overlay: &OverlaySpec, spec: &StackSpec) -> ClientEndpoint {
+    if matches!(overlay.expose, ExposeSpec::Ingress) {
+        return ClientEndpoint {
+            note: Some("through the Ingress, with TLS".into()),
+            ..client_endpoint(overlay, spec)
+        };
+    }
+    let host = format!("{SERVER_NAME}.{}.svc.cluster.local", overlay.namespace);
+    ClientEndpoint {
+        bazel: format!("grpc://{host}:{DEFAULT_GRPC_PORT}"),
+        http: format!("http://{host}:{DEFAULT_GRPC_PORT}"),
+        note: Some("the ClusterIP Service".into()),
+    }
+}
+
+/// Where a client outside the cluster keeps the token (never a path in
+/// this repository): in the syntax of a path, and of a shell variable.
+pub const HOST_TOKEN_PATH: (&str, &str) = (
+    "~/.config/buildkube/auth-token",
+    "$HOME/.config/buildkube/auth-token",
+);
+
+/// The client configuration files (bazelrc, recc.env, buildstream.conf) for
+/// one endpoint; `in_cluster` picks the token path of a client pod (the
+/// Secret mounted where the server reads it) or of a user's machine.
+fn client_files(
+    env: &Environment<'_>,
+    spec: &StackSpec,
+    name: &str,
+    overlay: &OverlaySpec,
+    in_cluster: bool,
+) -> BTreeMap<String, String> {
+    let (endpoint, audience, token_path, token_path_env, token_note) = if in_cluster {
+        let path = format!("{AUTH_MOUNT_DIR}/{AUTH_TOKEN_KEY}");
+        let endpoint = in_cluster_endpoint(overlay, spec);
+        (
+            endpoint,
+            "For clients running in the cluster (ConfigMap buildkube-client-config).".to_string(),
+            path.clone(),
+            path,
+            format!("mount the Secret {AUTH_SECRET} at {AUTH_MOUNT_DIR} in the client's pod"),
+        )
+    } else {
+        let endpoint = client_endpoint(overlay, spec);
+        let audience = match &endpoint.note {
+            Some(note) => format!("For clients outside the cluster: {note}."),
+            None => "For clients outside the cluster.".to_string(),
+        };
+        (
+            endpoint,
+            audience,
+            HOST_TOKEN_PATH.0.to_string(),
+            HOST_TOKEN_PATH.1.to_string(),
+            "copy your overlay's secrets/auth-token there, mode 0600".to_string(),
+        )
+    };
+    let tls = endpoint.http.starts_with("https://");
+    let ctx = context! {
+        overlay => name,
+        audience => audience,
+        endpoint => endpoint,
+        tls => tls,
+        instance => spec.instances[0],
+        auth => overlay.auth,
+        auth_header => AUTHORIZATION_HEADER,
+        token_path => token_path,
+        token_path_env => token_path_env,
+        token_note => token_note,
+    };
+    ["bazelrc", "recc.env", "buildstream.conf"]
+        .into_iter()
+        .map(|file| (file.to_string(), render(env, file, ctx.clone())))
+        .collect()
 }
 
 /// The full image references of an overlay: (server, worker).
@@ -259,7 +340,7 @@ pub fn generate_images(spec: &StackSpec) -> Tree {
 pub fn generate(spec: &StackSpec) -> Tree {
     let env = templates();
     let mut tree = Tree::default();
-    base(spec, &env, &mut tree);
+    base(spec, &mut tree);
     components(spec, &env, &mut tree);
     for (name, overlay) in &spec.overlays {
         overlay_dir(spec, &env, name, overlay, &mut tree);
@@ -276,20 +357,14 @@ pub fn generate(spec: &StackSpec) -> Tree {
     tree
 }
 
-fn git_context() -> minijinja::Value {
+fn credentials_context() -> minijinja::Value {
     context! {
-        git_config_path => format!("{GIT_CONFIG_MOUNT_DIR}/{GIT_CONFIG_KEY}"),
-        credentials_dir => CREDENTIALS_MOUNT_DIR,
         credentials_secret => WORKER_CREDENTIALS_SECRET,
-        git_credentials_key => GIT_CREDENTIALS_KEY,
-        ssh_key_key => SSH_KEY_KEY,
-        known_hosts_key => KNOWN_HOSTS_KEY,
         env_script_path => format!("{CREDENTIALS_MOUNT_DIR}/{ENV_SCRIPT_KEY}"),
-        home => WORKER_HOME,
     }
 }
 
-fn base(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
+fn base(spec: &StackSpec, tree: &mut Tree) {
     let mut files: Vec<(String, GeneratedFile)> = vec![
         (
             "server-serviceaccount.yaml".into(),
@@ -308,14 +383,6 @@ fn base(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
         (
             "worker-serviceaccount.yaml".into(),
             yaml(&service_account(WORKER_NAME, workers_selector())),
-        ),
-        (
-            "worker-git-configmap.yaml".into(),
-            yaml(&worker_git_configmap(render(
-                env,
-                "gitconfig",
-                git_context(),
-            ))),
         ),
         (
             "worker-networkpolicy.yaml".into(),
@@ -530,21 +597,21 @@ fn secret_files(overlay: &OverlaySpec, env: &Environment<'_>) -> Vec<SecretFile>
     }
     if overlay.worker_credentials {
         files.push(SecretFile {
-            file: "git-credentials",
+            file: GIT_CREDENTIALS_KEY,
             secret: WORKER_CREDENTIALS_SECRET,
             key: GIT_CREDENTIALS_KEY,
-            purpose: "HTTPS git credentials, one `https://USER:TOKEN@HOST` per line (git credential-store format)",
+            purpose: "git credentials for HTTP(S), one `https://USER:TOKEN@HOST` per line (git credential-store format)",
             placeholder: "https://REPLACE-ME-user:REPLACE-ME-token@github.com\n".into(),
         });
         files.push(SecretFile {
-            file: "ssh-private-key",
+            file: SSH_KEY_KEY,
             secret: WORKER_CREDENTIALS_SECRET,
             key: SSH_KEY_KEY,
             purpose: "private SSH key for git over SSH (a deploy key or machine user; `ssh-keygen -t ed25519 -N '' -f secrets/ssh-private-key`)",
             placeholder: "REPLACE-ME with a private key (-----BEGIN OPENSSH PRIVATE KEY----- ...)\n".into(),
         });
         files.push(SecretFile {
-            file: "known_hosts",
+            file: KNOWN_HOSTS_KEY,
             secret: WORKER_CREDENTIALS_SECRET,
             key: KNOWN_HOSTS_KEY,
             purpose: "host keys SSH trusts (`ssh-keyscan github.com > secrets/known_hosts`); unknown hosts are refused",
@@ -556,7 +623,7 @@ fn secret_files(overlay: &OverlaySpec, env: &Environment<'_>) -> Vec<SecretFile>
             key: ENV_SCRIPT_KEY,
             purpose:
                 "bash script sourced before every command workers run (exports for build steps)",
-            placeholder: render(env, "env.sh", git_context()),
+            placeholder: render(env, "env.sh", credentials_context()),
         });
     }
     if overlay.external_stores {
@@ -614,17 +681,27 @@ fn overlay_dir(
         })
         .collect();
 
-    // Server: the token, if auth is on.
+    // Server: its resources in this overlay; the token, if auth is on.
+    let mut server_ops = Vec::new();
+    if overlay.server_resources.is_some() {
+        server_ops.push(PatchOp::replace(
+            "/spec/template/spec/containers/0/resources",
+            server_resources(&spec.for_overlay(overlay)),
+        ));
+    }
     if overlay.auth {
         let (volume, mount) = auth_volume();
-        let ops = vec![
+        server_ops.extend([
             PatchOp::replace(
                 "/spec/template/spec/containers/0/args",
                 server_args(spec, true, overlay.external_stores).to_args(),
             ),
             PatchOp::add("/spec/template/spec/volumes/-", volume),
             PatchOp::add("/spec/template/spec/containers/0/volumeMounts/-", mount),
-        ];
+        ]);
+    }
+    if !server_ops.is_empty() {
+        let ops = server_ops;
         let path = "patches/server.yaml".to_string();
         tree.insert(&dir(&path), yaml(&ops));
         kustomization.patches.push(PatchRef {
@@ -633,13 +710,32 @@ fn overlay_dir(
         });
     }
 
-    // Worker pools: token, credentials, spreading, replicas.
-    for pool in &spec.worker_pools {
+    // Worker pools: sizes, token, credentials, spreading, replicas.
+    for base_pool in &spec.worker_pools {
+        let pool = &spec
+            .overlay_pool(overlay, &base_pool.name)
+            .expect("the pool exists");
         let mut ops = Vec::new();
-        if overlay.auth || overlay.worker_credentials {
+        let resized = overlay.pool_sizes.contains_key(&pool.name);
+        if resized {
+            // Before the volumes below are appended.
+            ops.push(PatchOp::replace(
+                "/spec/template/spec/containers/0/resources",
+                worker_resources(pool),
+            ));
+            for (i, volume) in worker_volumes(pool).into_iter().enumerate() {
+                ops.push(PatchOp::replace(
+                    &format!("/spec/template/spec/volumes/{i}"),
+                    volume,
+                ));
+            }
+        }
+        // Credentials only for the pools that opt in: every action there can read them.
+        let credentials = overlay.worker_credentials && pool.git_credentials;
+        if overlay.auth || credentials || resized {
             ops.push(PatchOp::replace(
                 "/spec/template/spec/containers/0/args",
-                worker_args(spec, pool, overlay.auth, overlay.worker_credentials).to_args(),
+                worker_args(spec, pool, overlay.auth, credentials).to_args(),
             ));
         }
         if overlay.auth {
@@ -650,7 +746,7 @@ fn overlay_dir(
                 mount,
             ));
         }
-        if overlay.worker_credentials {
+        if credentials {
             let (volume, mount) = credentials_volume();
             ops.push(PatchOp::add("/spec/template/spec/volumes/-", volume));
             ops.push(PatchOp::add(
@@ -710,28 +806,18 @@ fn overlay_dir(
         split(&worker_image, WORKER_IMAGE),
     ];
 
-    // Client configuration, as files and as a ConfigMap.
+    // Client configuration: files for clients outside the cluster, and a
+    // ConfigMap for clients inside it.
     let endpoint = client_endpoint(overlay, spec);
     let instance = spec.instances[0].clone();
-    let client_ctx = context! {
-        overlay => name,
-        endpoint => endpoint,
-        instance => instance,
-        auth => overlay.auth,
-        auth_header => AUTHORIZATION_HEADER,
-    };
-    let mut client_files = BTreeMap::new();
-    for file in ["bazelrc", "recc.env", "buildstream.conf"] {
-        let text = render(env, file, client_ctx.clone());
-        tree.insert(
-            &dir(&format!("client/{file}")),
-            GeneratedFile::text(text.clone()),
-        );
-        client_files.insert(file.to_string(), text);
+    for (file, text) in client_files(env, spec, name, overlay, false) {
+        tree.insert(&dir(&format!("client/{file}")), GeneratedFile::text(text));
     }
     tree.insert(
         &dir("client-configmap.yaml"),
-        yaml(&client_configmap(&client_files)),
+        yaml(&client_configmap(&client_files(
+            env, spec, name, overlay, true,
+        ))),
     );
 
     if let Some(kind) = &overlay.kind_cluster {
@@ -749,6 +835,7 @@ fn overlay_dir(
             pools => pools,
             endpoint => endpoint.bazel,
             instance => instance,
+            image_annotation => IMAGE_ID_ANNOTATION,
         };
         tree.insert(
             &dir("bin/up"),
@@ -767,6 +854,7 @@ fn overlay_dir(
         );
     }
 
+    let deployed = spec.for_overlay(overlay);
     let readme = render(
         env,
         "overlay-README.md",
@@ -782,12 +870,33 @@ fn overlay_dir(
             kind_cluster => overlay.kind_cluster,
             secrets => secrets,
             endpoint => endpoint,
+            in_cluster_endpoint => in_cluster_endpoint(overlay, spec),
+            server_resources => deployed.server.resources,
+            worker_resources => deployed.worker_pools[0].resources,
+            disk_needed => crate::spec::human_bytes(disk_needed(&deployed, overlay)),
             auth => overlay.auth,
             auth_header => AUTHORIZATION_HEADER,
+            host_token_path => HOST_TOKEN_PATH.0,
+            auth_secret => AUTH_SECRET,
+            auth_mount_dir => AUTH_MOUNT_DIR,
         },
     );
     tree.insert(&dir("README.md"), GeneratedFile::text(readme));
     tree.insert(&dir("kustomization.yaml"), yaml(&kustomization));
+}
+
+/// Ephemeral storage the overlay's pods request, with one extra worker per
+/// pool for a rollout's surge, rounded up to a GiB.
+fn disk_needed(deployed: &StackSpec, overlay: &OverlaySpec) -> u64 {
+    let workers: u64 = deployed
+        .worker_pools
+        .iter()
+        .map(|pool| {
+            let replicas = pool_replicas(overlay, &pool.name).unwrap_or(pool.replicas);
+            (replicas.max(0) as u64 + 1) * worker_ephemeral_bytes(pool)
+        })
+        .sum();
+    (server_ephemeral_bytes(deployed) + workers).div_ceil(1 << 30) << 30
 }
 
 /// kind's cluster configuration (not a Kubernetes object; read by `kind create cluster`).

@@ -59,6 +59,9 @@ pub struct ServerSpec {
     pub lease_timeout_secs: u64,
     /// Attempts before an action fails (`--max-attempts`).
     pub max_attempts: u32,
+    /// Size limit of the server's `/tmp` emptyDir (Kubernetes quantity).
+    #[serde(default = "default_server_tmp_size")]
+    pub tmp_size: String,
     /// CPU and memory of the server container.
     pub resources: ResourcesSpec,
     /// Log format of the server and workers.
@@ -107,14 +110,25 @@ pub struct WorkerPoolSpec {
     pub concurrency: usize,
     /// Input file cache budget (`--cache-max-size`, e.g. `5GiB`).
     pub cache_max_size: String,
-    /// Size limit of the emptyDir work directory (cache plus action
-    /// directories, Kubernetes quantity); must exceed `cache_max_size`.
+    /// Size limit of the emptyDir work directory (Kubernetes quantity). It
+    /// holds the input cache and every running action's outputs, stdout and
+    /// stderr, so it must be at least `cache_max_size` + `concurrency` ×
+    /// (`max_output_size` + 2 × `max_stdio_size`): then an action over its
+    /// limits fails alone, instead of the kubelet evicting the pod and
+    /// every action on it.
     pub work_dir_size: String,
+    /// Size limit of the `/tmp` emptyDir, which actions of the `plain`
+    /// runner share (Kubernetes quantity).
+    #[serde(default = "default_worker_tmp_size")]
+    pub tmp_size: String,
+    /// Size limit of the HOME emptyDir (Kubernetes quantity).
+    #[serde(default = "default_worker_home_size")]
+    pub home_size: String,
     /// Longest an action may run, and the timeout of actions that set none,
     /// in seconds (`--max-action-timeout-secs`).
     pub max_action_timeout_secs: u64,
     /// Largest total size of one action's output files (`--max-output-size`,
-    /// e.g. `16GiB`); must fit in `work_dir_size` beside `cache_max_size`.
+    /// e.g. `6GiB`); `concurrency` of them must fit in `work_dir_size`.
     pub max_output_size: String,
     /// Largest stdout, and largest stderr, of one action (`--max-stdio-size`, e.g. `256MiB`).
     pub max_stdio_size: String,
@@ -130,6 +144,14 @@ pub struct WorkerPoolSpec {
     /// Worker pods the PodDisruptionBudget lets a voluntary disruption
     /// (node drain, cluster autoscaler) take at once; each one drains.
     pub max_unavailable: i32,
+    /// Give this pool's actions the overlay's worker credentials (git's
+    /// credential store, an SSH key with pinned host keys, the env script)
+    /// in overlays with `worker_credentials`. Every action on the pool can
+    /// read them, and any client that can run an action on the pool can
+    /// run one that prints them: opt in only for a pool whose clients may
+    /// all use the credentials. Default: off.
+    #[serde(default)]
+    pub git_credentials: bool,
     /// Whether the container's root filesystem is read-only (the work
     /// directory, HOME and /tmp stay writable).
     pub read_only_root_filesystem: bool,
@@ -204,8 +226,9 @@ pub struct OverlaySpec {
     pub images: ImagesSpec,
     /// Require a bearer token from clients and workers (secret `buildkube-auth`).
     pub auth: bool,
-    /// Mount git credentials, an SSH key, known_hosts and an env script into
-    /// the workers (secret `buildkube-worker-credentials`).
+    /// Generate the secret `buildkube-worker-credentials` (git credentials,
+    /// an SSH key, known_hosts and an env script) and mount it into the
+    /// pools that set `git_credentials`; at least one must.
     pub worker_credentials: bool,
     /// How clients outside the namespace reach the gRPC port.
     pub expose: ExposeSpec,
@@ -220,9 +243,48 @@ pub struct OverlaySpec {
     /// Replicas per pool name, overriding the pool's `replicas`.
     #[serde(default)]
     pub worker_replicas: BTreeMap<String, i32>,
+    /// CPU and memory of the server in this overlay, replacing `server.resources`.
+    #[serde(default)]
+    pub server_resources: Option<ResourcesSpec>,
+    /// Sizes per pool name in this overlay, replacing the pool's (e.g. to fit
+    /// a laptop-sized node); validated like the pool's own.
+    #[serde(default)]
+    pub pool_sizes: BTreeMap<String, PoolSizesSpec>,
     /// Generate `bin/up` and `bin/down` that run this overlay in a local kind cluster.
     #[serde(default)]
     pub kind_cluster: Option<KindClusterSpec>,
+}
+
+/// An overlay's sizes for one worker pool, replacing the pool's fields of the same names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSizesSpec {
+    /// Actions run at once per worker (`--concurrency`).
+    pub concurrency: usize,
+    /// Input file cache budget (`--cache-max-size`).
+    pub cache_max_size: String,
+    /// Size limit of the work directory emptyDir.
+    pub work_dir_size: String,
+    /// Largest total size of one action's output files (`--max-output-size`).
+    pub max_output_size: String,
+    /// Size limit of the `/tmp` emptyDir.
+    pub tmp_size: String,
+    /// Size limit of the HOME emptyDir.
+    pub home_size: String,
+    /// CPU and memory of one worker container.
+    pub resources: ResourcesSpec,
+}
+
+fn default_server_tmp_size() -> String {
+    "1Gi".into()
+}
+
+fn default_worker_tmp_size() -> String {
+    "4Gi".into()
+}
+
+fn default_worker_home_size() -> String {
+    "1Gi".into()
 }
 
 /// Image registry and tag; the images are `REGISTRY/buildkube-server:TAG`
@@ -304,16 +366,21 @@ impl Default for StackSpec {
             replicas: 2,
             concurrency: 4,
             cache_max_size: "10GiB".into(),
+            // 10 GiB cache + 4 × (6 GiB outputs + 2 × 256 MiB stdio) = 36 GiB.
             work_dir_size: "40Gi".into(),
+            tmp_size: default_worker_tmp_size(),
+            home_size: default_worker_home_size(),
             // Bazel's longest test timeout (`eternal`).
             max_action_timeout_secs: 3600,
-            max_output_size: "16GiB".into(),
+            max_output_size: "6GiB".into(),
             max_stdio_size: "256MiB".into(),
             // The longest action plus 5 minutes to fetch its inputs and
             // upload its outputs.
             drain_timeout_secs: 3900,
             termination_grace_margin_secs: 60,
             max_unavailable: 1,
+            // Credentials reach every action of a pool: off unless a stack opts in.
+            git_credentials: false,
             read_only_root_filesystem: true,
             resources: ResourcesSpec {
                 cpu_request: "4".into(),
@@ -337,17 +404,19 @@ impl Default for StackSpec {
             (
                 "example".to_string(),
                 OverlaySpec {
-                    description: "What you copy: auth, worker credentials and images to fill in.".into(),
+                    description: "What you copy: auth and images to fill in.".into(),
                     namespace: "buildkube".into(),
                     images: images(Some("ghcr.io/buildkube"), env!("CARGO_PKG_VERSION")),
                     auth: true,
-                    worker_credentials: true,
+                    worker_credentials: false,
                     expose: ExposeSpec::ClusterIp,
                     autoscaling: AutoscalingKind::None,
                     prometheus: false,
                     external_stores: false,
                     worker_anti_affinity: false,
                     worker_replicas: BTreeMap::new(),
+                    server_resources: None,
+                    pool_sizes: BTreeMap::new(),
                     kind_cluster: None,
                 },
             ),
@@ -365,6 +434,33 @@ impl Default for StackSpec {
                     external_stores: false,
                     worker_anti_affinity: false,
                     worker_replicas: BTreeMap::from([("default".to_string(), 1)]),
+                    // One 4-CPU/8-GiB node, beside kind's control plane
+                    // (about 1 CPU and 0.5 GiB requested): room for the
+                    // server and two workers while a rollout surges.
+                    server_resources: Some(ResourcesSpec {
+                        cpu_request: "500m".into(),
+                        memory_request: "1Gi".into(),
+                        cpu_limit: None,
+                        memory_limit: "2Gi".into(),
+                    }),
+                    pool_sizes: BTreeMap::from([(
+                        "default".to_string(),
+                        PoolSizesSpec {
+                            concurrency: 2,
+                            cache_max_size: "2GiB".into(),
+                            // 2 GiB cache + 2 × (2 GiB outputs + 2 × 256 MiB stdio) = 7 GiB.
+                            work_dir_size: "8Gi".into(),
+                            max_output_size: "2GiB".into(),
+                            tmp_size: "2Gi".into(),
+                            home_size: "512Mi".into(),
+                            resources: ResourcesSpec {
+                                cpu_request: "1".into(),
+                                memory_request: "1536Mi".into(),
+                                cpu_limit: None,
+                                memory_limit: "3Gi".into(),
+                            },
+                        },
+                    )]),
                     kind_cluster: Some(KindClusterSpec { name: "buildkube".into(), host_port: 8980 }),
                 },
             ),
@@ -375,13 +471,15 @@ impl Default for StackSpec {
                     namespace: "buildkube".into(),
                     images: images(Some("ghcr.io/buildkube"), env!("CARGO_PKG_VERSION")),
                     auth: true,
-                    worker_credentials: true,
+                    worker_credentials: false,
                     expose: ExposeSpec::Ingress,
                     autoscaling: AutoscalingKind::Keda,
                     prometheus: true,
                     external_stores: true,
                     worker_anti_affinity: true,
                     worker_replicas: BTreeMap::new(),
+                    server_resources: None,
+                    pool_sizes: BTreeMap::new(),
                     kind_cluster: None,
                 },
             ),
@@ -395,6 +493,7 @@ impl Default for StackSpec {
                 cas_max_size: "90GiB".into(),
                 lease_timeout_secs: 30,
                 max_attempts: 3,
+                tmp_size: default_server_tmp_size(),
                 resources: ResourcesSpec {
                     cpu_request: "2".into(),
                     memory_request: "4Gi".into(),
@@ -487,6 +586,37 @@ impl StackSpec {
         self.worker_pools.iter().find(|pool| pool.name == name)
     }
 
+    /// The pool with this name as `overlay` deploys it: its `pool_sizes`
+    /// replace the pool's.
+    pub fn overlay_pool(&self, overlay: &OverlaySpec, name: &str) -> Option<WorkerPoolSpec> {
+        let mut pool = self.pool(name)?.clone();
+        if let Some(sizes) = overlay.pool_sizes.get(name) {
+            pool.concurrency = sizes.concurrency;
+            pool.cache_max_size = sizes.cache_max_size.clone();
+            pool.work_dir_size = sizes.work_dir_size.clone();
+            pool.max_output_size = sizes.max_output_size.clone();
+            pool.tmp_size = sizes.tmp_size.clone();
+            pool.home_size = sizes.home_size.clone();
+            pool.resources = sizes.resources.clone();
+        }
+        Some(pool)
+    }
+
+    /// The stack as `overlay` deploys it: its server resources and pool
+    /// sizes in place of the spec's.
+    pub fn for_overlay(&self, overlay: &OverlaySpec) -> StackSpec {
+        let mut spec = self.clone();
+        if let Some(resources) = &overlay.server_resources {
+            spec.server.resources = resources.clone();
+        }
+        for pool in &mut spec.worker_pools {
+            *pool = self
+                .overlay_pool(overlay, &pool.name)
+                .expect("the pool exists");
+        }
+        spec
+    }
+
     /// Checks everything that serde cannot: names, references between
     /// fields, bounds. Returns every problem, each naming its field.
     pub fn validate(&self) -> Result<(), SpecErrors> {
@@ -534,6 +664,7 @@ impl StackSpec {
             v.dns_subdomain("server.storage_class", class);
         }
         v.resources("server.resources", &server.resources);
+        v.quantity_bytes("server.tmp_size", &server.tmp_size);
 
         if self.worker_pools.is_empty() {
             v.error("worker_pools", "at least one worker pool is required");
@@ -589,43 +720,10 @@ impl StackSpec {
                 ),
                 Some(_) => {}
             }
-            if pool.concurrency == 0 {
-                v.error(&at("concurrency"), "must be at least 1");
-            }
             if pool.replicas < 0 {
                 v.error(&at("replicas"), "must not be negative");
             }
-            let cache = v.byte_size(&at("cache_max_size"), &pool.cache_max_size);
-            let work = v.quantity_bytes(&at("work_dir_size"), &pool.work_dir_size);
-            if let (Some(cache), Some(work)) = (cache, work) {
-                if cache >= work {
-                    v.error(
-                        &at("cache_max_size"),
-                        format!(
-                            "{} leaves no room for actions in work_dir_size {}",
-                            pool.cache_max_size, pool.work_dir_size
-                        ),
-                    );
-                }
-            }
-            if let (Some(work), Some(cache), Some(output)) = (
-                work,
-                cache,
-                v.byte_size(&at("max_output_size"), &pool.max_output_size),
-            ) {
-                if output > work.saturating_sub(cache) {
-                    v.error(
-                        &at("max_output_size"),
-                        format!(
-                            "{} does not fit in work_dir_size {} beside cache_max_size {}",
-                            pool.max_output_size, pool.work_dir_size, pool.cache_max_size
-                        ),
-                    );
-                }
-            }
-            if v.byte_size(&at("max_stdio_size"), &pool.max_stdio_size) == Some(0) {
-                v.error(&at("max_stdio_size"), "must be at least 1 byte");
-            }
+            v.pool_sizes(&at, pool);
             if pool.max_action_timeout_secs == 0 {
                 v.error(&at("max_action_timeout_secs"), "must be at least 1");
             }
@@ -681,7 +779,6 @@ impl StackSpec {
                     "must be at least 1 or node drains block forever",
                 );
             }
-            v.resources(&at("resources"), &pool.resources);
             let bounds = &pool.autoscaling;
             if bounds.min_replicas < 0 {
                 v.error(&at("autoscaling.min_replicas"), "must not be negative");
@@ -820,6 +917,25 @@ impl StackSpec {
                     "the autoscaler sets the replicas; set worker_pools[].autoscaling bounds instead",
                 );
             }
+            if overlay.worker_credentials && !self.worker_pools.iter().any(|p| p.git_credentials) {
+                v.error(
+                    &at("worker_credentials"),
+                    "no worker pool sets git_credentials, so the credentials would reach nothing",
+                );
+            }
+            if let Some(resources) = &overlay.server_resources {
+                v.resources(&at("server_resources"), resources);
+            }
+            for name in overlay.pool_sizes.keys() {
+                let field = |f: &str| at(&format!("pool_sizes.{name}.{f}"));
+                match self.overlay_pool(overlay, name) {
+                    None => v.error(
+                        &at(&format!("pool_sizes.{name}")),
+                        format!("no worker pool is named `{name}`"),
+                    ),
+                    Some(pool) => v.pool_sizes(&field, &pool),
+                }
+            }
             for (pool, replicas) in &overlay.worker_replicas {
                 match self.pool(pool) {
                     None => v.error(
@@ -944,6 +1060,45 @@ impl Validator {
         }
     }
 
+    /// A pool's sizes: the work directory holds the cache and, for each
+    /// running action, its outputs, stdout and stderr.
+    fn pool_sizes(&mut self, at: &dyn Fn(&str) -> String, pool: &WorkerPoolSpec) {
+        if pool.concurrency == 0 {
+            self.error(&at("concurrency"), "must be at least 1");
+        }
+        let cache = self.byte_size(&at("cache_max_size"), &pool.cache_max_size);
+        let work = self.quantity_bytes(&at("work_dir_size"), &pool.work_dir_size);
+        let output = self.byte_size(&at("max_output_size"), &pool.max_output_size);
+        let stdio = self.byte_size(&at("max_stdio_size"), &pool.max_stdio_size);
+        if stdio == Some(0) {
+            self.error(&at("max_stdio_size"), "must be at least 1 byte");
+        }
+        self.quantity_bytes(&at("tmp_size"), &pool.tmp_size);
+        self.quantity_bytes(&at("home_size"), &pool.home_size);
+        if let (Some(cache), Some(work), Some(output), Some(stdio)) = (cache, work, output, stdio) {
+            let needed = (pool.concurrency as u64)
+                .checked_mul(output.saturating_add(stdio.saturating_mul(2)))
+                .and_then(|actions| actions.checked_add(cache));
+            if needed.is_none_or(|needed| needed > work) {
+                self.error(
+                    &at("work_dir_size"),
+                    format!(
+                        "{} is less than cache_max_size {} + concurrency {} × (max_output_size {} \
+                         + 2 × max_stdio_size {}) = {}: a full work directory would get the pod \
+                         evicted with every action on it",
+                        pool.work_dir_size,
+                        pool.cache_max_size,
+                        pool.concurrency,
+                        pool.max_output_size,
+                        pool.max_stdio_size,
+                        needed.map_or("more than 16 EiB".into(), human_bytes),
+                    ),
+                );
+            }
+        }
+        self.resources(&at("resources"), &pool.resources);
+    }
+
     fn cpu(&mut self, field: &str, value: &str) {
         if !Regex::new(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$")
             .unwrap()
@@ -1009,6 +1164,16 @@ pub fn quantity_to_bytes(value: &str) -> Option<u64> {
         _ => return None,
     };
     number.checked_mul(multiplier)
+}
+
+/// Bytes in binary units, e.g. `36GiB`, `1536MiB`, `100B`.
+pub fn human_bytes(bytes: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes}B")
 }
 
 fn cpu_millis(value: &str) -> Option<u64> {

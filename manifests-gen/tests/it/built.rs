@@ -11,7 +11,7 @@ use std::process::Command;
 use buildkube_config::{ServerArgs, WorkerArgs};
 use clap::Parser;
 use manifests_gen::crd::{ScaledObject, ServiceMonitor};
-use manifests_gen::spec::{AutoscalingKind, ExposeSpec, StackSpec};
+use manifests_gen::spec::{quantity_to_bytes, AutoscalingKind, ExposeSpec, StackSpec};
 use manifests_gen::{generate, owned_roots, KUBERNETES_VERSION};
 use serde_json::Value;
 
@@ -474,6 +474,34 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
                     ));
                 }
             }
+            // Issue 7: every container requests and limits ephemeral
+            // storage, at least the size limits of the pod's emptyDirs.
+            let empty_dirs: u64 = w.pod["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| v["emptyDir"].is_object())
+                .map(|v| {
+                    let limit = quantity_to_bytes(str_of(&v["emptyDir"]["sizeLimit"]));
+                    if limit.is_none() {
+                        bad.push(format!(
+                            "{} {}: emptyDir {} has no sizeLimit",
+                            w.kind, w.name, v["name"]
+                        ));
+                    }
+                    limit.unwrap_or(0)
+                })
+                .sum();
+            for side in ["requests", "limits"] {
+                match quantity_to_bytes(str_of(&c["resources"][side]["ephemeral-storage"])) {
+                    Some(bytes) if bytes >= empty_dirs => {}
+                    other => bad.push(format!(
+                        "{} {}: container {} {side} ephemeral-storage {other:?}, \
+                         below its emptyDirs' {empty_dirs} bytes",
+                        w.kind, w.name, c["name"]
+                    )),
+                }
+            }
             // Non-root, no privilege escalation.
             if c["securityContext"]["allowPrivilegeEscalation"] != false {
                 bad.push(format!(
@@ -667,6 +695,52 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
                 "{name}: --http-listen port is not the container's http port"
             ));
         }
+        // Issue 7: the worker is named after its pod through the flag's env
+        // fallback, never an argument substitution (podman does not expand
+        // `$(VAR)`).
+        if let Some(arg) = args_of(container, "buildkube-worker")
+            .iter()
+            .find(|a| a.contains("$("))
+        {
+            bad.push(format!("{name}: argument {arg} relies on $(VAR) expansion"));
+        }
+        let id_from_pod_name = container["env"].as_array().into_iter().flatten().any(|e| {
+            e["name"] == buildkube_config::WORKER_ID_ENV
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        });
+        if worker.worker_id.is_some() || !id_from_pod_name {
+            bad.push(format!(
+                "{name}: the worker id should come from {} = metadata.name, not --worker-id",
+                buildkube_config::WORKER_ID_ENV
+            ));
+        }
+        // Issue 7: the work directory holds the cache and every running
+        // action's outputs and stdio at their limits, so an action over
+        // them fails alone instead of the pod being evicted.
+        let work_limit = pod["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| {
+                container["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| {
+                        m["name"] == v["name"]
+                            && Path::new(str_of(&m["mountPath"])) == worker.work_dir
+                    })
+            })
+            .and_then(|v| quantity_to_bytes(str_of(&v["emptyDir"]["sizeLimit"])));
+        let concurrency = worker.concurrency.unwrap_or(1) as u64;
+        let needed = worker.cache_max_size
+            + concurrency * (worker.max_output_size + 2 * worker.max_stdio_size);
+        if work_limit.is_none_or(|limit| limit < needed) {
+            bad.push(format!(
+                "{name}: the work dir emptyDir limit {work_limit:?} is below cache + \
+                 concurrency × (max output + 2 × max stdio) = {needed}"
+            ));
+        }
         // Issue 4: a scale-down never kills an action within its timeout.
         // The kubelet waits the grace period after SIGTERM; the worker drains
         // for --drain-timeout-secs, which covers the longest action.
@@ -695,11 +769,28 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
                 bad.push(format!("{name}: --env-script: {e}"));
             }
         }
-        for e in container["env"].as_array().into_iter().flatten() {
-            if e["name"] == "GIT_CONFIG_GLOBAL" {
-                if let Err(err) = file_source(built, pod, container, Path::new(str_of(&e["value"])))
-                {
-                    bad.push(format!("{name}: GIT_CONFIG_GLOBAL: {err}"));
+        // Credentials reach only the pools that opt in, from a Secret.
+        let pool = spec
+            .worker_pools
+            .iter()
+            .find(|p| manifests_gen::objects::worker_deployment_name(&p.name) == name);
+        let opted_in = pool.is_some_and(|p| p.git_credentials)
+            && overlay.is_some_and(|o| o.worker_credentials);
+        if worker.git_credentials_dir.is_some() != opted_in {
+            bad.push(format!(
+                "{name}: --git-credentials-dir {:?}, but the pool opts in: {opted_in}",
+                worker.git_credentials_dir
+            ));
+        }
+        if let Some(dir) = &worker.git_credentials_dir {
+            for file in [
+                buildkube_config::GIT_CREDENTIALS_FILE,
+                buildkube_config::SSH_KEY_FILE,
+                buildkube_config::KNOWN_HOSTS_FILE,
+            ] {
+                match file_source(built, pod, container, &dir.join(file)) {
+                    Ok((kind, _)) if kind == "Secret" => {}
+                    other => bad.push(format!("{name}: --git-credentials-dir {file}: {other:?}")),
                 }
             }
         }
@@ -1093,15 +1184,41 @@ fn client_config_invariants(
     overlay: &manifests_gen::spec::OverlaySpec,
     server: &ServerArgs,
 ) -> Vec<String> {
-    let mut bad = Vec::new();
     let Some(cm) = built.find("ConfigMap", "buildkube-client-config") else {
         return vec!["ConfigMap buildkube-client-config is missing".into()];
     };
-    let data = &cm["data"];
-    let bazelrc = str_of(&data["bazelrc"]);
-    let recc = str_of(&data["recc.env"]);
-    let buildstream: serde_yaml::Value =
-        serde_yaml::from_str(str_of(&data["buildstream.conf"])).unwrap();
+    let in_cluster = |file: &str| str_of(&cm["data"][file]).to_string();
+    let on_host = |file: &str| {
+        std::fs::read_to_string(built.dir.join("client").join(file)).unwrap_or_default()
+    };
+    let mut bad: Vec<String> = client_files_invariants(built, overlay, server, &in_cluster, true)
+        .into_iter()
+        .map(|problem| format!("ConfigMap buildkube-client-config: {problem}"))
+        .collect();
+    bad.extend(
+        client_files_invariants(built, overlay, server, &on_host, false)
+            .into_iter()
+            .map(|problem| format!("client/: {problem}")),
+    );
+    bad
+}
+
+/// The client files of one location (`in_cluster`: the ConfigMap for client
+/// pods; otherwise `client/` for users' machines) agree with each other and
+/// the server, reach its gRPC port from there, and name a token file that
+/// exists there; recc and BuildStream get a token only over TLS.
+fn client_files_invariants(
+    built: &Built,
+    overlay: &manifests_gen::spec::OverlaySpec,
+    server: &ServerArgs,
+    file: &dyn Fn(&str) -> String,
+    in_cluster: bool,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    let bazelrc = &file("bazelrc");
+    let recc = &file("recc.env");
+    let buildstream_text = file("buildstream.conf");
+    let buildstream: serde_yaml::Value = serde_yaml::from_str(&buildstream_text).unwrap();
     let flag = |name: &str| {
         bazelrc
             .lines()
@@ -1167,7 +1284,70 @@ fn client_config_invariants(
             )
         })
         .collect();
-    let reachable = match &overlay.expose {
+    let tls = http_scheme == "https";
+    // A token path that exists where the files are used: the Secret mounted
+    // where the server reads it, in a pod; the user's home, on a machine.
+    let token_ok = |path: &str| {
+        if in_cluster {
+            server.auth_token_file.as_deref() == Some(Path::new(path))
+        } else {
+            path.starts_with("~/") || path.starts_with("$HOME/")
+        }
+    };
+    let recc_token = env("RECC_ACCESS_TOKEN_PATH");
+    let bst_tokens: Vec<String> = [
+        "execution-service",
+        "storage-service",
+        "action-cache-service",
+    ]
+    .iter()
+    .filter_map(|service| {
+        buildstream["remote-execution"][*service]["auth"]["access-token"]
+            .as_str()
+            .map(str::to_string)
+    })
+    .collect();
+    if overlay.auth && tls {
+        if !token_ok(&recc_token) {
+            bad.push(format!(
+                "recc.env RECC_ACCESS_TOKEN_PATH `{recc_token}` does not exist there"
+            ));
+        }
+        if bst_tokens.len() != 3 || !bst_tokens.iter().all(|t| token_ok(t)) {
+            bad.push(format!(
+                "buildstream.conf access-tokens {bst_tokens:?} do not exist there"
+            ));
+        }
+    } else if !recc_token.is_empty() || !bst_tokens.is_empty() {
+        // buildbox: "Secure Channel options cannot be used with this URL".
+        bad.push(format!(
+            "recc.env or buildstream.conf send a token without TLS ({http_url}), which buildbox refuses"
+        ));
+    }
+    if overlay.auth {
+        let path = bazelrc
+            .split("$(cat ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .unwrap_or("");
+        if !token_ok(path) {
+            bad.push(format!(
+                "bazelrc reads the token from `{path}`, which does not exist there"
+            ));
+        }
+    }
+    if buildstream_text.contains("project.conf fragment")
+        || !buildstream_text.contains("user configuration")
+    {
+        bad.push("buildstream.conf is not labelled BuildStream 2 user configuration".into());
+    }
+    let expose = if in_cluster && !matches!(overlay.expose, ExposeSpec::Ingress) {
+        // In the cluster, the ClusterIP Service, however the overlay exposes it.
+        &ExposeSpec::ClusterIp
+    } else {
+        &overlay.expose
+    };
+    let reachable = match expose {
         ExposeSpec::ClusterIp => server_services.iter().any(|s| {
             host == format!(
                 "{}.{}.svc.cluster.local",
@@ -1212,7 +1392,7 @@ fn client_config_invariants(
     if !reachable {
         bad.push(format!(
             "client endpoint {executor} does not reach the server's gRPC port ({:?})",
-            overlay.expose
+            expose
         ));
     }
     bad
@@ -1276,10 +1456,13 @@ fn alternate_stack_builds_validates_and_holds_its_invariants() {
     ci.name = "ci".into();
     ci.instance = "ci/linux".into();
     ci.platform.insert("runner".into(), "sandbox".into());
+    ci.git_credentials = true;
     spec.worker_pools.push(ci);
     let mut second = spec.worker_pools[0].clone();
     second.name = "big".into();
     second.concurrency = 16;
+    // 10 GiB cache + 16 × (6 GiB outputs + 2 × 256 MiB stdio) = 114 GiB.
+    second.work_dir_size = "120Gi".into();
     // A property of its own: the autoscaler counts each platform for one pool.
     second.platform.insert("size".into(), "big".into());
     spec.worker_pools.push(second);
@@ -1297,6 +1480,7 @@ fn alternate_stack_builds_validates_and_holds_its_invariants() {
     node_port.expose = ExposeSpec::NodePort { node_port: 31000 };
     node_port.auth = false;
     node_port.worker_replicas.insert("big".into(), 0);
+    node_port.worker_credentials = true;
     spec.overlays.insert("node-port".into(), node_port);
     spec.validate().unwrap();
     let failures = build_and_check(&spec);
@@ -1323,7 +1507,7 @@ fn invariants_catch_a_broken_overlay() {
             args[1] = "--instance=typo".into();
             doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30.into();
         }
-        if doc["kind"] == "ConfigMap" && name_of(doc) == "buildkube-worker-git" {
+        if doc["kind"] == "Secret" && name_of(doc).starts_with("buildkube-auth") {
             doc["metadata"]["name"] = "renamed".into();
         }
     }
@@ -1332,13 +1516,79 @@ fn invariants_catch_a_broken_overlay() {
         "targetPort 9999 is not a container port",
         "--instance=typo is not served",
         "does not exceed --drain-timeout-secs",
-        "references ConfigMap buildkube-worker-git, which does not exist",
+        "references Secret buildkube-auth-",
     ] {
         assert!(
             failures.contains(expected),
             "`{expected}` not reported in:\n{failures}"
         );
     }
+}
+
+/// Issue 7: the invariants catch an unbounded or too small work directory,
+/// a container without ephemeral storage, a worker id by argument
+/// substitution, a token sent by recc without TLS, and a kind ConfigMap
+/// pointing in-cluster clients at the host's address.
+#[test]
+fn issue_7_invariants_catch_storage_worker_id_and_client_config() {
+    let spec = StackSpec::default();
+    let dir = tempfile::tempdir().unwrap();
+    generate(&spec)
+        .write(dir.path(), &owned_roots(&spec))
+        .unwrap();
+    let mut example = build(dir.path(), "example");
+    for doc in &mut example.docs {
+        if doc["kind"] == "Deployment" && name_of(doc) == "buildkube-worker-default" {
+            let pod = &mut doc["spec"]["template"]["spec"];
+            pod["volumes"][0]["emptyDir"]["sizeLimit"] = "20Gi".into();
+            pod["volumes"][2]["emptyDir"] = serde_json::json!({});
+            let container = &mut pod["containers"][0];
+            container["args"]
+                .as_array_mut()
+                .unwrap()
+                .push("--worker-id=$(POD_NAME)".into());
+            container["resources"]["limits"]
+                .as_object_mut()
+                .unwrap()
+                .remove("ephemeral-storage");
+        }
+        if doc["kind"] == "ConfigMap" && name_of(doc) == "buildkube-client-config" {
+            let recc = str_of(&doc["data"]["recc.env"]).to_string();
+            doc["data"]["recc.env"] =
+                format!("{recc}RECC_ACCESS_TOKEN_PATH=/etc/buildkube/auth/token\n").into();
+        }
+    }
+    let failures = invariants(&example, &spec).join("\n");
+    for expected in [
+        "the work dir emptyDir limit Some(21474836480) is below",
+        "emptyDir \"tmp\" has no sizeLimit",
+        "limits ephemeral-storage None",
+        "relies on $(VAR) expansion",
+        "not --worker-id",
+        "send a token without TLS",
+    ] {
+        assert!(
+            failures.contains(expected),
+            "`{expected}` not reported in:\n{failures}"
+        );
+    }
+
+    let mut kind = build(dir.path(), "kind");
+    let host_files = dir.path().join("kind/client");
+    for doc in &mut kind.docs {
+        if doc["kind"] == "ConfigMap" && name_of(doc) == "buildkube-client-config" {
+            for file in ["bazelrc", "recc.env", "buildstream.conf"] {
+                doc["data"][file] = std::fs::read_to_string(host_files.join(file))
+                    .unwrap()
+                    .into();
+            }
+        }
+    }
+    let failures = invariants(&kind, &spec).join("\n");
+    assert!(
+        failures.contains("ConfigMap buildkube-client-config: client endpoint grpc://localhost:8980 does not reach"),
+        "the host's address in the ConfigMap is not reported:\n{failures}"
+    );
 }
 
 /// Issue 4: the autoscaler invariants catch a query on a foreign metric or

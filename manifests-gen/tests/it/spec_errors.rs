@@ -131,7 +131,6 @@ fn scale_down_pace_and_limits_name_their_fields() {
         pool(v)["autoscaling"]["scale_down_max_pods"] = 0.into();
         pool(v)["autoscaling"]["scale_down_period_secs"] = 0.into();
         pool(v)["autoscaling"]["scale_down_stabilization_secs"] = 7200.into();
-        pool(v)["max_output_size"] = "64GiB".into();
         pool(v)["max_stdio_size"] = "lots".into();
     });
     let error = error_of(&yaml);
@@ -139,7 +138,6 @@ fn scale_down_pace_and_limits_name_their_fields() {
         "worker_pools[0].autoscaling.scale_down_max_pods",
         "worker_pools[0].autoscaling.scale_down_period_secs",
         "worker_pools[0].autoscaling.scale_down_stabilization_secs",
-        "worker_pools[0].max_output_size",
         "worker_pools[0].max_stdio_size",
     ] {
         assert!(
@@ -163,4 +161,46 @@ fn a_pool_shadowed_by_an_earlier_one_is_rejected() {
         error.contains("worker_pools[1].platform: pool `default`, listed before, offers all of it"),
         "{error}"
     );
+}
+
+/// Issue 7: a work directory must hold the cache and every running action's
+/// outputs and stdio at their limits, in the pool and in an overlay's sizes,
+/// or a full disk evicts the pod with every action on it.
+#[test]
+fn issue_7_a_work_dir_smaller_than_its_actions_is_rejected() {
+    let yaml = default_yaml_with(|v| {
+        pool(v)["max_output_size"] = "16GiB".into();
+        v["overlays"]["kind"]["pool_sizes"]["default"]["work_dir_size"] = "6Gi".into();
+    });
+    let error = error_of(&yaml);
+    assert!(
+        error.contains(
+            "  worker_pools[0].work_dir_size: 40Gi is less than cache_max_size 10GiB + \
+             concurrency 4 × (max_output_size 16GiB + 2 × max_stdio_size 256MiB) = 76GiB"
+        ),
+        "{error}"
+    );
+    assert!(
+        error.contains("  overlays.kind.pool_sizes.default.work_dir_size: 6Gi is less than"),
+        "{error}"
+    );
+}
+
+/// Issue 7: credentials reach only pools that opt in; an overlay that
+/// generates them for no pool is rejected.
+#[test]
+fn issue_7_worker_credentials_without_an_opted_in_pool_are_rejected() {
+    let yaml = default_yaml_with(|v| {
+        v["overlays"]["example"]["worker_credentials"] = true.into();
+    });
+    let error = error_of(&yaml);
+    assert!(
+        error.contains("  overlays.example.worker_credentials: no worker pool sets git_credentials"),
+        "{error}"
+    );
+    let yaml = default_yaml_with(|v| {
+        v["overlays"]["example"]["worker_credentials"] = true.into();
+        pool(v)["git_credentials"] = true.into();
+    });
+    StackSpec::from_yaml("stack.yaml", &yaml).unwrap();
 }
