@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 
 pub mod storage;
 
@@ -45,6 +45,9 @@ pub const GIT_CREDENTIALS_FILE: &str = "git-credentials";
 pub const SSH_KEY_FILE: &str = "ssh-private-key";
 /// In `--git-credentials-dir`: the host keys SSH trusts; others are refused.
 pub const KNOWN_HOSTS_FILE: &str = "known_hosts";
+/// Prometheus counter: requests refused because they exceeded a limit,
+/// labelled `limit` (the flag's name, e.g. `max-queued-actions`).
+pub const METRIC_LIMITS_HIT: &str = "buildkube_limits_hit_total";
 /// Worker platform property that selects how an action is run.
 pub const PLATFORM_RUNNER_KEY: &str = "runner";
 /// gRPC metadata key carrying the bearer token when auth is enabled.
@@ -96,6 +99,142 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size `{text}` overflows"))
 }
 
+/// Bounds on what one action may make the server and a worker hold. The
+/// server checks them at Execute, the worker again before it materializes
+/// anything; both take the same flags with the same defaults, which a real
+/// Bazel build fits easily.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct ActionLimits {
+    /// Largest Action, Command or Directory blob that is read and decoded,
+    /// checked against the digest's size before any byte is read.
+    #[arg(long, env = "BUILDKUBE_MAX_MESSAGE_BLOB_SIZE", default_value = "16MiB", value_parser = parse_byte_size)]
+    pub max_message_blob_size: u64,
+    /// Most files in an action's input tree (counted as materialized: a
+    /// directory referenced twice counts twice).
+    #[arg(long, env = "BUILDKUBE_MAX_INPUT_FILES", default_value_t = 1_000_000)]
+    pub max_input_files: u64,
+    /// Most directories in an action's input tree, the root included.
+    #[arg(
+        long,
+        env = "BUILDKUBE_MAX_INPUT_DIRECTORIES",
+        default_value_t = 200_000
+    )]
+    pub max_input_directories: u64,
+    /// Largest total size of an action's input files.
+    #[arg(long, env = "BUILDKUBE_MAX_INPUT_SIZE", default_value = "64GiB", value_parser = parse_byte_size)]
+    pub max_input_size: u64,
+    /// Deepest nesting of directories in an action's input tree (the root is depth 1).
+    #[arg(long, env = "BUILDKUBE_MAX_INPUT_DEPTH", default_value_t = 128)]
+    pub max_input_depth: u64,
+}
+
+impl Default for ActionLimits {
+    fn default() -> Self {
+        ServerArgs::default().action_limits
+    }
+}
+
+/// The size of an action's input tree, as the worker would create it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InputTreeSize {
+    /// Files (every occurrence).
+    pub files: u64,
+    /// Directories, the root included.
+    pub directories: u64,
+    /// Total bytes of the files.
+    pub bytes: u64,
+    /// Deepest nesting (the root alone is 1).
+    pub depth: u64,
+}
+
+impl ActionLimits {
+    /// The first input tree limit `size` exceeds, as a message naming the
+    /// flag and both numbers.
+    pub fn check_input_tree(&self, size: &InputTreeSize) -> Result<(), String> {
+        for (what, flag, value, limit) in [
+            (
+                "files",
+                "--max-input-files",
+                size.files,
+                self.max_input_files,
+            ),
+            (
+                "directories",
+                "--max-input-directories",
+                size.directories,
+                self.max_input_directories,
+            ),
+            ("bytes", "--max-input-size", size.bytes, self.max_input_size),
+            (
+                "levels deep",
+                "--max-input-depth",
+                size.depth,
+                self.max_input_depth,
+            ),
+        ] {
+            if value > limit {
+                return Err(format!(
+                    "the input tree has more than {limit} {what} (at least {value}; limit {flag}={limit})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a message blob larger than `--max-message-blob-size`, before it is read.
+    pub fn check_message_size(
+        &self,
+        what: &str,
+        digest_text: &str,
+        size: u64,
+    ) -> Result<(), String> {
+        if size > self.max_message_blob_size {
+            return Err(format!(
+                "{what} {digest_text} is {size} bytes, more than the {} bytes this farm decodes (--max-message-blob-size)",
+                self.max_message_blob_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// The flags that differ from the defaults (manifests stay short and the
+    /// defaults live only here).
+    fn push_args(&self, args: &mut Vec<String>) {
+        let default = ActionLimits::default();
+        for (flag, value, default) in [
+            (
+                "max-message-blob-size",
+                self.max_message_blob_size,
+                default.max_message_blob_size,
+            ),
+            (
+                "max-input-files",
+                self.max_input_files,
+                default.max_input_files,
+            ),
+            (
+                "max-input-directories",
+                self.max_input_directories,
+                default.max_input_directories,
+            ),
+            (
+                "max-input-size",
+                self.max_input_size,
+                default.max_input_size,
+            ),
+            (
+                "max-input-depth",
+                self.max_input_depth,
+                default.max_input_depth,
+            ),
+        ] {
+            if value != default {
+                args.push(format!("--{flag}={value}"));
+            }
+        }
+    }
+}
+
 /// Command line of `buildkube-server`. Every flag has a `BUILDKUBE_*` env fallback.
 #[derive(Parser, Debug, Clone, PartialEq)]
 #[command(
@@ -143,6 +282,18 @@ pub struct ServerArgs {
     /// File holding the bearer token clients and workers must send; no auth if unset.
     #[arg(long, env = "BUILDKUBE_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// Unfinished (queued or running) actions per instance; beyond it
+    /// Execute answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BUILDKUBE_MAX_QUEUED_ACTIONS", default_value_t = 50_000)]
+    pub max_queued_actions: usize,
+    /// Unfinished ByteStream uploads held at once (their temp files count in
+    /// the CAS budget); beyond it, abandoned ones are dropped oldest first, and
+    /// a new upload is answered RESOURCE_EXHAUSTED while all are active.
+    #[arg(long, env = "BUILDKUBE_MAX_OPEN_UPLOADS", default_value_t = 1024)]
+    pub max_open_uploads: usize,
+    /// Bounds on the Action, Command and input tree of an action.
+    #[command(flatten)]
+    pub action_limits: ActionLimits,
     /// Log format.
     #[arg(long, env = "BUILDKUBE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -175,6 +326,14 @@ impl ServerArgs {
             format!("--orphan-timeout-secs={}", self.orphan_timeout_secs),
             format!("--log-format={}", self.log_format.as_arg()),
         ];
+        let default = ServerArgs::default();
+        if self.max_queued_actions != default.max_queued_actions {
+            args.push(format!("--max-queued-actions={}", self.max_queued_actions));
+        }
+        if self.max_open_uploads != default.max_open_uploads {
+            args.push(format!("--max-open-uploads={}", self.max_open_uploads));
+        }
+        self.action_limits.push_args(&mut args);
         if let Some(path) = &self.auth_token_file {
             args.push(format!("--auth-token-file={}", path.display()));
         }
@@ -250,6 +409,10 @@ pub struct WorkerArgs {
         default_value_t = 3600
     )]
     pub max_action_timeout_secs: u64,
+    /// Bounds on the Command and input tree of a leased action (the server
+    /// checks the same at Execute; a worker may be stricter).
+    #[command(flatten)]
+    pub action_limits: ActionLimits,
     /// HTTP listen address of the worker (/healthz, /readyz, /metrics); readiness
     /// turns false while draining. The default is an ephemeral loopback port,
     /// so several workers share a host; the bound address is logged and
@@ -311,6 +474,7 @@ impl WorkerArgs {
             args.push(format!("--addr-file={}", path.display()));
         }
         args.push(format!("--log-format={}", self.log_format.as_arg()));
+        self.action_limits.push_args(&mut args);
         args
     }
 }
@@ -389,6 +553,10 @@ mod tests {
         args.auth_token_file = Some("/etc/buildkube/token".into());
         args.local_workers = 2;
         args.storage_config = Some("/etc/buildkube/storage.yaml".into());
+        args.max_queued_actions = 7;
+        args.max_open_uploads = 9;
+        args.action_limits.max_input_depth = 12;
+        args.action_limits.max_message_blob_size = 1 << 20;
         let mut cmd = vec!["buildkube-server".to_string()];
         cmd.extend(args.to_args());
         assert_eq!(ServerArgs::try_parse_from(cmd).unwrap(), args);
@@ -408,6 +576,7 @@ mod tests {
         args.max_action_timeout_secs = 900;
         args.addr_file = Some("/run/buildkube-worker.addr".into());
         args.git_credentials_dir = Some("/etc/buildkube/credentials".into());
+        args.action_limits.max_input_files = 10;
         let mut cmd = vec!["buildkube-worker".to_string()];
         cmd.extend(args.to_args());
         assert_eq!(WorkerArgs::try_parse_from(cmd).unwrap(), args);
@@ -418,6 +587,41 @@ mod tests {
         // Several workers on one host must not fight over one port.
         let args = WorkerArgs::default();
         assert_eq!(args.http_listen, loopback(0));
+    }
+
+    #[test]
+    fn default_limits_are_not_rendered() {
+        let args = ServerArgs::default().to_args();
+        for flag in [
+            "--max-queued-actions",
+            "--max-open-uploads",
+            "--max-message-blob-size",
+            "--max-input-",
+        ] {
+            assert!(!args.iter().any(|a| a.starts_with(flag)), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn input_tree_limits_name_the_flag() {
+        let limits = ActionLimits::default();
+        let mut size = InputTreeSize {
+            files: 1,
+            directories: 1,
+            bytes: 1,
+            depth: 1,
+        };
+        assert!(limits.check_input_tree(&size).is_ok());
+        size.depth = 129;
+        let err = limits.check_input_tree(&size).unwrap_err();
+        assert!(err.contains("--max-input-depth=128"), "{err}");
+        let err = limits
+            .check_message_size("command", "abc/99999999", 99_999_999)
+            .unwrap_err();
+        assert!(
+            err.contains("abc/99999999") && err.contains("--max-message-blob-size"),
+            "{err}"
+        );
     }
 
     #[test]

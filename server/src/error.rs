@@ -13,7 +13,9 @@ impl From<StorageError> for Status {
             StorageError::DigestMismatch { .. }
             | StorageError::BadOffset { .. }
             | StorageError::TooLong { .. } => Code::InvalidArgument,
-            StorageError::TooLarge { .. } => Code::ResourceExhausted,
+            StorageError::TooLarge { .. } | StorageError::UploadsFull { .. } => {
+                Code::ResourceExhausted
+            }
             e if e.is_disk_full() => Code::ResourceExhausted,
             StorageError::Io { .. } | StorageError::CorruptEntry { .. } => Code::Internal,
             // The database or cache server is down or failing: clients retry.

@@ -1,7 +1,9 @@
 //! What every service shares: storage, the scheduler, instances, counters.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
+use buildkube_config::ActionLimits;
 use buildkube_proto::reapi;
 use buildkube_reapi::Digest;
 use prost::Message;
@@ -28,6 +30,53 @@ pub struct Farm {
     /// Turns true when the server is shutting down: open Execute streams end
     /// with UNAVAILABLE (clients retry) and waiting Lease calls return empty.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Bounds on Action, Command and Directory blobs and on input trees.
+    pub limits: ActionLimits,
+    /// Commands decoded once and shared by the operations that run them.
+    pub commands: SharedCommands,
+}
+
+/// Decoded Commands by digest, held weakly: a Command stays decoded (once)
+/// while any queued operation or Execute call holds it, and is forgotten
+/// when the last one lets go.
+#[derive(Default)]
+pub struct SharedCommands {
+    decoded: Mutex<HashMap<Digest, Weak<reapi::Command>>>,
+}
+
+impl SharedCommands {
+    fn get(&self, digest: &Digest) -> Option<Arc<reapi::Command>> {
+        self.decoded.lock().unwrap().get(digest)?.upgrade()
+    }
+
+    fn insert(&self, digest: Digest, command: reapi::Command) -> Arc<reapi::Command> {
+        let mut decoded = self.decoded.lock().unwrap();
+        if let Some(shared) = decoded.get(&digest).and_then(Weak::upgrade) {
+            return shared; // decoded meanwhile by another call
+        }
+        let command = Arc::new(command);
+        decoded.insert(digest, Arc::downgrade(&command));
+        // Forget dead entries now and then, so the map stays as small as what is held.
+        if decoded.len().is_power_of_two() {
+            decoded.retain(|_, weak| weak.strong_count() > 0);
+        }
+        command
+    }
+
+    /// Distinct Commands held decoded right now.
+    pub fn len(&self) -> usize {
+        self.decoded
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|weak| weak.strong_count() > 0)
+            .count()
+    }
+
+    /// Whether no Command is held decoded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Farm {
@@ -45,10 +94,41 @@ impl Farm {
         })
     }
 
+    /// Reads and decodes an Action, Command or Directory, refusing (with
+    /// INVALID_ARGUMENT naming the digest and the limit) one larger than
+    /// `--max-message-blob-size` before reading a byte of it.
+    pub async fn read_bounded_message<M: Message + Default>(
+        &self,
+        digest: &Digest,
+        what: &str,
+    ) -> Result<Option<M>, Status> {
+        if let Err(message) =
+            self.limits
+                .check_message_size(what, &digest.to_string(), digest.size())
+        {
+            self.metrics.limit_hit("max-message-blob-size");
+            tracing::warn!(%digest, what, "{message}");
+            return Err(Status::invalid_argument(message));
+        }
+        self.read_message(digest, what).await
+    }
+
+    /// The Command `digest`, decoded once while anything holds it; `None` if absent.
+    pub async fn command(&self, digest: &Digest) -> Result<Option<Arc<reapi::Command>>, Status> {
+        if let Some(command) = self.commands.get(digest) {
+            return Ok(Some(command));
+        }
+        let Some(command) = self.read_bounded_message(digest, "command").await? else {
+            return Ok(None);
+        };
+        Ok(Some(self.commands.insert(*digest, command)))
+    }
+
     /// Every directory of the tree under `root`, root first (breadth first),
     /// each distinct directory once, at most `max_depth` levels below the
     /// root (INVALID_ARGUMENT beyond). Missing directories are collected in
-    /// `missing` instead of failing.
+    /// `missing` instead of failing. More distinct directories than
+    /// `--max-input-directories` is an error.
     pub async fn walk_tree(
         &self,
         root: Digest,
@@ -71,8 +151,15 @@ impl Farm {
                 if !seen.insert(digest) {
                     continue;
                 }
+                if out.len() as u64 >= self.limits.max_input_directories {
+                    self.metrics.limit_hit("max-input-directories");
+                    return Err(Status::invalid_argument(format!(
+                        "the tree under {root} has more than {limit} directories (--max-input-directories={limit})",
+                        limit = self.limits.max_input_directories
+                    )));
+                }
                 let Some(directory) = self
-                    .read_message::<reapi::Directory>(&digest, "directory")
+                    .read_bounded_message::<reapi::Directory>(&digest, "directory")
                     .await?
                 else {
                     missing.push(digest);
@@ -100,10 +187,21 @@ impl Farm {
             .await?;
         // The worker checks the same rules; a tree it would refuse is the
         // client's mistake, answered before the action is queued.
-        let directories: std::collections::HashMap<Digest, reapi::Directory> =
-            tree.iter().cloned().collect();
+        let directories: HashMap<Digest, reapi::Directory> = tree.iter().cloned().collect();
         buildkube_reapi::validate_tree(input_root, &directories, &limits)
             .map_err(|e| Status::invalid_argument(format!("input root {input_root}: {e}")))?;
+        let by_digest: HashMap<Digest, &reapi::Directory> = tree
+            .iter()
+            .map(|(digest, directory)| (*digest, directory))
+            .collect();
+        let size = crate::input_tree::measure(input_root, &by_digest);
+        if let Err(message) = self.limits.check_input_tree(&size) {
+            self.metrics.limit_hit("input-tree");
+            tracing::warn!(input_root = %input_root, ?size, "refusing an action: {message}");
+            return Err(Status::invalid_argument(format!(
+                "input root {input_root}: {message}"
+            )));
+        }
         let mut files = Vec::new();
         for (digest, directory) in &tree {
             for file in &directory.files {

@@ -15,6 +15,7 @@
 pub mod error;
 pub mod farm;
 pub mod http;
+mod input_tree;
 pub mod instances;
 pub mod metrics;
 pub mod scheduler;
@@ -144,6 +145,7 @@ pub async fn run(
         lease_timeout: Duration::from_secs(args.lease_timeout_secs.max(1)),
         max_attempts: args.max_attempts.max(1),
         orphan_timeout: Duration::from_secs(args.orphan_timeout_secs.max(1)),
+        max_unfinished_per_instance: args.max_queued_actions,
         ..Default::default()
     }));
     let farm = Arc::new(Farm {
@@ -153,6 +155,8 @@ pub async fn run(
         instances,
         metrics: Metrics::default(),
         stopping: stop_rx.clone(),
+        limits: args.action_limits.clone(),
+        commands: Default::default(),
     });
     let _ = http_state.farm.set(farm.clone());
 
@@ -192,9 +196,12 @@ pub async fn run(
                 .max_encoding_message_size(MAX_GRPC_MESSAGE),
         )
         .add_service(
-            ByteStreamServer::new(service::ByteStreamService::new(farm.clone()))
-                .max_decoding_message_size(MAX_GRPC_MESSAGE)
-                .max_encoding_message_size(MAX_GRPC_MESSAGE),
+            ByteStreamServer::new(service::ByteStreamService::new(
+                farm.clone(),
+                args.max_open_uploads,
+            ))
+            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE),
         )
         .add_service(
             ActionCacheServer::new(service::ActionCacheService::new(farm.clone()))
@@ -231,6 +238,7 @@ pub async fn run(
             auth_token_file: args.auth_token_file.clone(),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             log_format: args.log_format,
+            action_limits: args.action_limits.clone(),
             ..WorkerArgs::default()
         };
         let worker = buildkube_worker::Worker::start(worker_args)

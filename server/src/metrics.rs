@@ -1,7 +1,9 @@
 //! Counters kept by the services and the Prometheus text rendering of them.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use buildkube_config as names;
 
@@ -22,12 +24,30 @@ pub struct Metrics {
     pub ac_hits: AtomicU64,
     /// Action cache lookups that missed (including results with missing outputs).
     pub ac_misses: AtomicU64,
+    /// Requests refused by a limit, by the limit's name (a fixed set: the
+    /// flags, without `--`).
+    limits_hit: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
     /// Adds to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a request refused because of the limit `flag` (its name without `--`).
+    pub fn limit_hit(&self, flag: &'static str) {
+        *self.limits_hit.lock().unwrap().entry(flag).or_default() += 1;
+    }
+
+    /// Requests refused by `flag` so far.
+    pub fn limit_hits(&self, flag: &str) -> u64 {
+        self.limits_hit
+            .lock()
+            .unwrap()
+            .get(flag)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Renders everything in the Prometheus text format.
@@ -94,6 +114,14 @@ impl Metrics {
                 "buildkube_actions_total{{outcome=\"{}\"}} {n}",
                 outcome.label()
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {0} Requests refused because they exceeded a limit, by limit.\n# TYPE {0} counter",
+            names::METRIC_LIMITS_HIT
+        );
+        for (limit, n) in self.limits_hit.lock().unwrap().iter() {
+            let _ = writeln!(out, "{}{{limit=\"{limit}\"}} {n}", names::METRIC_LIMITS_HIT);
         }
         let hits = get(&self.cas_hits);
         let misses = get(&self.cas_misses);

@@ -28,7 +28,7 @@ use crate::outputs::{self, BlobSource};
 use crate::runner::{self, KillReason, RunEnd, RunSpec, Runner};
 
 /// Limits applied to every action.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Limits {
     /// Total bytes of output files.
     pub(crate) max_output_bytes: u64,
@@ -36,6 +36,8 @@ pub(crate) struct Limits {
     pub(crate) max_stdio_bytes: u64,
     /// Timeout of actions that set none, and the most an action may ask for.
     pub(crate) max_timeout: Duration,
+    /// Largest Command and Directory read, and input tree bounds.
+    pub(crate) action: buildkube_config::ActionLimits,
 }
 
 /// Everything an action needs from its worker.
@@ -222,17 +224,24 @@ pub(crate) async fn execute(
     outcome
 }
 
+/// The leased action's Command, read from the CAS by digest (verified by
+/// the CAS client) after checking its size against --max-message-blob-size.
 async fn command_of(
     ctx: &ActionContext,
     lease: &Lease,
     signals: &mut Signals,
 ) -> Result<Command, Stop> {
-    if let Some(command) = &lease.command {
-        return Ok(command.clone());
-    }
     let action = lease.action.as_ref().expect("checked by the caller");
-    let digest = Digest::from_field(action.command_digest.as_ref())
-        .map_err(|e| ActionError::invalid(format!("action's command digest: {e}")))?;
+    let field = lease
+        .command_digest
+        .as_ref()
+        .or(action.command_digest.as_ref());
+    let digest = Digest::from_field(field)
+        .map_err(|e| ActionError::invalid(format!("the lease's command digest: {e}")))?;
+    ctx.limits
+        .action
+        .check_message_size("command", &digest.to_string(), digest.size())
+        .map_err(ActionError::invalid)?;
     let bytes = with_retries("fetching the command", signals, || async {
         ctx.cas
             .read_blob(digest)
@@ -280,11 +289,13 @@ async fn execute_in(
         ..Default::default()
     };
 
-    // Inputs.
+    // Inputs. Fetching them counts inside the action's timeout: when it
+    // runs out, the fetch is dropped (nothing keeps downloading).
     tracker.set(Stage::FetchingInputs);
+    let deadline = tokio::time::Instant::now() + timeout;
     let root = dir.join("root");
     metadata.input_fetch_start_timestamp = timestamp(SystemTime::now());
-    let stats = with_retries("fetching inputs", signals, || async {
+    let fetch = with_retries("fetching inputs", signals, || async {
         let fresh = root.clone();
         tokio::task::spawn_blocking(move || {
             crate::fs_util::remove_tree(&fresh)?;
@@ -293,9 +304,25 @@ async fn execute_in(
         .await
         .expect("mkdir task panicked")
         .map_err(|e| ActionError::io("creating", &root, &e))?;
-        crate::inputs::materialize(&ctx.cas, &ctx.cache, input_root_digest, &root).await
-    })
-    .await?;
+        crate::inputs::materialize(
+            &ctx.cas,
+            &ctx.cache,
+            input_root_digest,
+            &root,
+            &ctx.limits.action,
+        )
+        .await
+    });
+    let stats = tokio::time::timeout_at(deadline, fetch)
+        .await
+        .map_err(|_| {
+            ActionError::new(
+                Code::DeadlineExceeded,
+                format!(
+                    "fetching the inputs took longer than the action's timeout of {timeout:?}; the command was not run"
+                ),
+            )
+        })??;
     metadata.input_fetch_completed_timestamp = timestamp(SystemTime::now());
     debug!(
         files = stats.files,
@@ -343,7 +370,8 @@ async fn execute_in(
         env,
         input_root: root.clone(),
         working_dir: exec_root.clone(),
-        timeout,
+        // What is left of the timeout after fetching the inputs.
+        timeout: deadline.saturating_duration_since(tokio::time::Instant::now()),
         env_script: ctx.env_script.clone(),
         stdio_limit: ctx.limits.max_stdio_bytes,
         stdout: dir.join("stdout"),

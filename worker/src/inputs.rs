@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
+use buildkube_config::{ActionLimits, InputTreeSize};
 use buildkube_proto::reapi::Directory;
 use buildkube_reapi::{validate_tree, CasClient, CasClientError, Digest, TreeLimits};
 use prost::Message as _;
@@ -42,11 +43,13 @@ struct Plan {
 }
 
 /// Every directory of the tree under `root` by digest; those the CAS lacks
-/// are listed in `missing`.
+/// are listed in `missing`. One read by digest larger than
+/// `--max-message-blob-size` is refused before it is read.
 async fn fetch_tree(
     cas: &CasClient,
     root: Digest,
     missing: &mut Vec<Digest>,
+    limits: &ActionLimits,
 ) -> Result<HashMap<Digest, Directory>, ActionError> {
     let directories = cas.get_tree(root).await.map_err(|e| match e {
         CasClientError::Missing(d) => ActionError::missing_inputs(vec![d]),
@@ -62,6 +65,9 @@ async fn fetch_tree(
     let mut queue = VecDeque::from([root]);
     while let Some(digest) = queue.pop_front() {
         if !index.contains_key(&digest) && digest.size() != 0 {
+            limits
+                .check_message_size("input directory", &digest.to_string(), digest.size())
+                .map_err(ActionError::invalid)?;
             match cas.read_blob(digest).await {
                 Ok(bytes) => {
                     let directory = Directory::decode(bytes).map_err(|e| {
@@ -94,12 +100,24 @@ async fn fetch_tree(
 }
 
 /// What to create for a tree that passed [`validate_tree`]: every
-/// occurrence of every directory.
-fn plan(index: &HashMap<Digest, Directory>, root: Digest, dest: &Path) -> Plan {
+/// occurrence of every directory, counted as it goes: a tree beyond
+/// `limits` (files, directories, bytes, depth) is refused before anything
+/// is created, however few Directory messages describe it.
+fn plan(
+    index: &HashMap<Digest, Directory>,
+    root: Digest,
+    dest: &Path,
+    limits: &ActionLimits,
+) -> Result<Plan, ActionError> {
     let empty = Directory::default();
     let mut plan = Plan::default();
-    let mut queue = VecDeque::from([(root, dest.to_path_buf())]);
-    while let Some((digest, path)) = queue.pop_front() {
+    let mut size = InputTreeSize::default();
+    let over = |e: String| ActionError::invalid(format!("input root {root}: {e}"));
+    let mut queue = VecDeque::from([(root, dest.to_path_buf(), 1u64)]);
+    while let Some((digest, path, depth)) = queue.pop_front() {
+        size.directories += 1;
+        size.depth = size.depth.max(depth);
+        limits.check_input_tree(&size).map_err(over)?;
         let directory = index.get(&digest).unwrap_or(&empty);
         for file in &directory.files {
             let file_digest = Digest::from_field(file.digest.as_ref()).expect("validated");
@@ -110,7 +128,10 @@ fn plan(index: &HashMap<Digest, Directory>, root: Digest, dest: &Path) -> Plan {
                 },
                 dest: path.join(&file.name),
             });
+            size.files += 1;
+            size.bytes = size.bytes.saturating_add(file_digest.size());
         }
+        limits.check_input_tree(&size).map_err(over)?;
         for link in &directory.symlinks {
             plan.symlinks
                 .push((path.join(&link.name), link.target.clone()));
@@ -118,10 +139,10 @@ fn plan(index: &HashMap<Digest, Directory>, root: Digest, dest: &Path) -> Plan {
         for sub in &directory.directories {
             let sub_digest = Digest::from_field(sub.digest.as_ref()).expect("validated");
             plan.directories.push(path.join(&sub.name));
-            queue.push_back((sub_digest, path.join(&sub.name)));
+            queue.push_back((sub_digest, path.join(&sub.name), depth + 1));
         }
     }
-    plan
+    Ok(plan)
 }
 
 /// Creates the input root `root_digest` at `dest` (an existing, empty
@@ -132,12 +153,13 @@ pub(crate) async fn materialize(
     cache: &FileCache,
     root_digest: Digest,
     dest: &Path,
+    limits: &ActionLimits,
 ) -> Result<InputStats, ActionError> {
     if root_digest.size() == 0 {
         return Ok(InputStats::default()); // the empty Directory
     }
     let mut missing = Vec::new();
-    let index = fetch_tree(cas, root_digest, &mut missing).await?;
+    let index = fetch_tree(cas, root_digest, &mut missing, limits).await?;
     if !missing.is_empty() {
         return Err(ActionError::missing_inputs(missing));
     }
@@ -145,7 +167,7 @@ pub(crate) async fn materialize(
     // that breaks them is refused before anything is created.
     validate_tree(root_digest, &index, &TreeLimits::default())
         .map_err(|e| ActionError::invalid(format!("input root {root_digest}: {e}")))?;
-    let plan = plan(&index, root_digest, dest);
+    let plan = plan(&index, root_digest, dest, limits)?;
     let stats = InputStats {
         directories: plan.directories.len(),
         files: plan.files.len(),

@@ -339,6 +339,7 @@ impl Worker {
                 max_output_bytes: args.max_output_size,
                 max_stdio_bytes: args.max_stdio_size,
                 max_timeout: Duration::from_secs(args.max_action_timeout_secs.max(1)),
+                action: args.action_limits.clone(),
             },
             metrics: metrics.clone(),
         };

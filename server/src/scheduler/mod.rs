@@ -11,7 +11,7 @@
 mod platform;
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use buildkube_proto::longrunning::{self, operation};
@@ -35,6 +35,8 @@ pub struct SchedulerConfig {
     pub retain_finished: usize,
     /// An unfinished operation nobody has watched for this long is cancelled.
     pub orphan_timeout: Duration,
+    /// Unfinished operations per instance; [`Scheduler::enqueue`] refuses more.
+    pub max_unfinished_per_instance: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -44,6 +46,7 @@ impl Default for SchedulerConfig {
             max_attempts: 3,
             retain_finished: 10_000,
             orphan_timeout: Duration::from_secs(60),
+            max_unfinished_per_instance: 50_000,
         }
     }
 }
@@ -57,8 +60,9 @@ pub struct NewAction {
     pub action_digest: Digest,
     /// The action.
     pub action: reapi::Action,
-    /// Its command.
-    pub command: reapi::Command,
+    /// Its command, decoded once and shared by every operation that runs it
+    /// (workers fetch it from the CAS by digest).
+    pub command: Arc<reapi::Command>,
     /// Lower runs sooner.
     pub priority: i32,
 }
@@ -128,9 +132,11 @@ impl Outcome {
 /// A point-in-time view of the scheduler for metrics.
 #[derive(Debug, Default, Clone)]
 pub struct SchedulerStats {
-    /// (instance, platform label) → queued actions. Includes every platform seen, zeros too.
+    /// (instance, platform label) → queued actions, for every (instance,
+    /// platform) with an action queued or running (zeros too); a platform
+    /// with neither has no entry, so the series stay bounded.
     pub queue_depth: BTreeMap<(String, String), usize>,
-    /// (instance, platform) → leased actions.
+    /// (instance, platform) → leased actions; the same keys as `queue_depth`.
     pub running: BTreeMap<(String, String), usize>,
     /// Workers that polled or kept alive within the lease timeout.
     pub workers_connected: usize,
@@ -164,7 +170,8 @@ struct Operation {
     instance: String,
     action_digest: Digest,
     action: reapi::Action,
-    command: reapi::Command,
+    /// Held while unfinished, so that Executes of the same Command share one decoding.
+    command: Option<Arc<reapi::Command>>,
     platform: PlatformKey,
     priority: i32,
     seq: u64,
@@ -212,6 +219,34 @@ struct State {
     finished: VecDeque<String>,
     outcomes: BTreeMap<Outcome, u64>,
     next_seq: u64,
+    /// Instance → operations queued or running.
+    unfinished: HashMap<String, usize>,
+}
+
+/// Why [`Scheduler::enqueue`] refused an action.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// The instance already has as many unfinished actions as it may.
+    #[error("instance {instance:?} already has {limit} actions queued or running (--max-queued-actions); retry later")]
+    InstanceFull {
+        /// The instance.
+        instance: String,
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+impl State {
+    /// Takes `name` out of the queue `key`, dropping the queue once empty
+    /// (so that a platform nobody uses any more leaves no queue or metric series).
+    fn unqueue(&mut self, key: &QueueKey, name: &str) {
+        if let Some(queue) = self.queues.get_mut(key) {
+            queue.retain(|q| q.1 != name);
+            if queue.is_empty() {
+                self.queues.remove(key);
+            }
+        }
+    }
 }
 
 /// Operations, queues and leases of every instance this server serves.
@@ -316,8 +351,12 @@ impl Scheduler {
     }
 
     /// Queues an action, or joins an identical one in flight. Returns the
-    /// operation name and a receiver of its updates.
-    pub fn enqueue(&self, new: NewAction) -> (String, watch::Receiver<longrunning::Operation>) {
+    /// operation name and a receiver of its updates; refuses a new operation
+    /// when its instance has `max_unfinished_per_instance` already.
+    pub fn enqueue(
+        &self,
+        new: NewAction,
+    ) -> Result<(String, watch::Receiver<longrunning::Operation>), EnqueueError> {
         let do_not_cache = new.action.do_not_cache;
         let mut state = self.state.lock().unwrap();
         let merge_key = (new.instance.clone(), new.action_digest);
@@ -325,10 +364,20 @@ impl Scheduler {
             if let Some(name) = state.in_flight.get(&merge_key) {
                 if let Some(op) = state.operations.get(name) {
                     tracing::debug!(operation = %name, action = %new.action_digest, "merged with in-flight action");
-                    return (name.clone(), op.updates.subscribe());
+                    return Ok((name.clone(), op.updates.subscribe()));
                 }
             }
         }
+        let limit = self.config.max_unfinished_per_instance;
+        let unfinished = state.unfinished.entry(new.instance.clone()).or_default();
+        if *unfinished >= limit {
+            tracing::warn!(instance = %new.instance, limit, action = %new.action_digest, "instance queue full; refusing the action");
+            return Err(EnqueueError::InstanceFull {
+                instance: new.instance,
+                limit,
+            });
+        }
+        *unfinished += 1;
         let name = format!("operations/{}", uuid::Uuid::new_v4());
         let platform = PlatformKey::from_proto(
             new.action
@@ -360,7 +409,7 @@ impl Scheduler {
                 instance: new.instance,
                 action_digest: new.action_digest,
                 action: new.action,
-                command: new.command,
+                command: Some(new.command),
                 platform,
                 priority: new.priority,
                 seq,
@@ -379,7 +428,7 @@ impl Scheduler {
         }
         drop(state);
         self.work_available.notify_waiters();
-        (name, receiver)
+        Ok((name, receiver))
     }
 
     /// Records an operation answered from the action cache and returns it (done).
@@ -406,7 +455,7 @@ impl Scheduler {
                 instance: instance.to_string(),
                 action_digest,
                 action: reapi::Action::default(),
-                command: reapi::Command::default(),
+                command: None,
                 platform: PlatformKey::default(),
                 priority: 0,
                 seq: 0,
@@ -537,9 +586,7 @@ impl Scheduler {
             instance: op.instance.clone(),
             platform: op.platform.clone(),
         };
-        if let Some(queue) = state.queues.get_mut(&key) {
-            queue.retain(|q| q.1 != name);
-        }
+        state.unqueue(&key, name);
         tracing::info!(operation = %name, reason = why, "operation cancelled");
         let response = reapi::ExecuteResponse {
             status: Some(status(
@@ -581,7 +628,13 @@ impl Scheduler {
         let merge_key = (op.instance.clone(), op.action_digest);
         // Keep a finished operation's action and command only as long as needed.
         op.action = reapi::Action::default();
-        op.command = reapi::Command::default();
+        op.command = None;
+        if let Some(count) = state.unfinished.get_mut(&merge_key.0) {
+            *count -= 1;
+            if *count == 0 {
+                state.unfinished.remove(&merge_key.0);
+            }
+        }
         if state.in_flight.get(&merge_key).map(String::as_str) == Some(name) {
             state.in_flight.remove(&merge_key);
         }
@@ -651,7 +704,11 @@ impl Scheduler {
             })
             .max_by(|(_, a), (_, b)| a.peek().cmp(&b.peek()))
             .map(|(key, _)| key.clone())?;
-        let Queued(_, name) = state.queues.get_mut(&best)?.pop()?;
+        let queue = state.queues.get_mut(&best)?;
+        let Queued(_, name) = queue.pop()?;
+        if queue.is_empty() {
+            state.queues.remove(&best);
+        }
         let lease_id = uuid::Uuid::new_v4().to_string();
         let keep_alive = self.keep_alive_interval();
         let op = state.operations.get_mut(&name)?;
@@ -674,7 +731,7 @@ impl Scheduler {
             operation_name: name.clone(),
             action_digest: Some(op.action_digest.to_proto()),
             action: Some(op.action.clone()),
-            command: Some(op.command.clone()),
+            command_digest: op.action.command_digest.clone(),
             keep_alive_interval: Some(duration_proto(keep_alive)),
             attempt: op.attempts,
         };
@@ -764,9 +821,7 @@ impl Scheduler {
                     instance: op.instance.clone(),
                     platform: op.platform.clone(),
                 };
-                if let Some(queue) = state.queues.get_mut(&key) {
-                    queue.retain(|q| q.1 != operation);
-                }
+                state.unqueue(&key, operation);
                 operation.to_string()
             }
         };
@@ -1030,10 +1085,9 @@ impl Scheduler {
         }
         for record in state.leases.values() {
             if let Some(op) = state.operations.get(&record.operation) {
-                *stats
-                    .running
-                    .entry((op.instance.clone(), op.platform.label()))
-                    .or_default() += 1;
+                let label = (op.instance.clone(), op.platform.label());
+                stats.queue_depth.entry(label.clone()).or_default();
+                *stats.running.entry(label).or_default() += 1;
             }
         }
         let fresh = self.config.lease_timeout;
@@ -1066,3 +1120,6 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod bounds_tests;

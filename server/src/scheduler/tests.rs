@@ -35,7 +35,7 @@ fn action(tag: &str, props: &[(&str, &str)], priority: i32) -> NewAction {
         instance: "main".into(),
         action_digest: Digest::of_message(&action),
         action,
-        command,
+        command: std::sync::Arc::new(command),
         priority,
     }
 }
@@ -52,10 +52,10 @@ const NO_WAIT: Duration = Duration::from_millis(1);
 #[tokio::test]
 async fn leases_by_platform_then_priority_then_fifo() {
     let s = Scheduler::new(SchedulerConfig::default());
-    let (linux_late, _r1) = s.enqueue(action("a", &[("OSFamily", "Linux")], 0));
-    let (gpu, _r2) = s.enqueue(action("b", &[("gpu", "1")], 0));
-    let (urgent, _r3) = s.enqueue(action("c", &[], -5));
-    let (linux_later, _r4) = s.enqueue(action("d", &[("OSFamily", "Linux")], 0));
+    let (linux_late, _r1) = s.enqueue(action("a", &[("OSFamily", "Linux")], 0)).unwrap();
+    let (gpu, _r2) = s.enqueue(action("b", &[("gpu", "1")], 0)).unwrap();
+    let (urgent, _r3) = s.enqueue(action("c", &[], -5)).unwrap();
+    let (linux_later, _r4) = s.enqueue(action("d", &[("OSFamily", "Linux")], 0)).unwrap();
 
     let cpu = worker("cpu", &[("OSFamily", "Linux")]);
     assert_eq!(s.lease(&cpu, NO_WAIT).await.unwrap().operation_name, urgent);
@@ -81,14 +81,14 @@ async fn leases_by_platform_then_priority_then_fifo() {
 #[tokio::test]
 async fn identical_in_flight_actions_merge_unless_do_not_cache() {
     let s = Scheduler::new(SchedulerConfig::default());
-    let (a, _ra) = s.enqueue(action("same", &[], 0));
-    let (b, _rb) = s.enqueue(action("same", &[], 0));
+    let (a, _ra) = s.enqueue(action("same", &[], 0)).unwrap();
+    let (b, _rb) = s.enqueue(action("same", &[], 0)).unwrap();
     assert_eq!(a, b);
     let mut uncached = action("same", &[], 0);
     uncached.action.do_not_cache = true;
     uncached.action_digest = Digest::of_message(&uncached.action);
-    let (c, _rc) = s.enqueue(uncached.clone());
-    let (d, _rd) = s.enqueue(uncached);
+    let (c, _rc) = s.enqueue(uncached.clone()).unwrap();
+    let (d, _rd) = s.enqueue(uncached).unwrap();
     assert_ne!(c, d);
     assert_eq!(s.stats().queue_depth.values().sum::<usize>(), 3);
 }
@@ -100,7 +100,7 @@ async fn waiting_worker_wakes_when_work_arrives() {
     let waiter =
         tokio::spawn(async move { s2.lease(&worker("w", &[]), Duration::from_secs(30)).await });
     tokio::task::yield_now().await;
-    let (name, _r) = s.enqueue(action("x", &[], 0));
+    let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
     let lease = tokio::time::timeout(Duration::from_secs(5), waiter)
         .await
         .unwrap()
@@ -111,7 +111,7 @@ async fn waiting_worker_wakes_when_work_arrives() {
 #[tokio::test]
 async fn completion_reaches_watchers_and_counts_outcome() {
     let s = Scheduler::new(SchedulerConfig::default());
-    let (name, mut updates) = s.enqueue(action("x", &[], 0));
+    let (name, mut updates) = s.enqueue(action("x", &[], 0)).unwrap();
     let w = worker("w", &[]);
     let lease = s.lease(&w, NO_WAIT).await.unwrap();
     assert!(s
@@ -183,7 +183,7 @@ async fn expired_lease_is_requeued_then_fails_after_max_attempts() {
         max_attempts: 2,
         ..Default::default()
     });
-    let (name, _r) = s.enqueue(action("x", &[], 0));
+    let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
     let l1 = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     s.reap();
@@ -224,7 +224,7 @@ async fn late_result_of_expired_lease_is_accepted_once() {
         lease_timeout: Duration::from_millis(10),
         ..Default::default()
     });
-    let (name, _r) = s.enqueue(action("x", &[], 0));
+    let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
     let l1 = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     s.reap();
@@ -243,12 +243,12 @@ async fn late_result_of_expired_lease_is_accepted_once() {
 #[tokio::test]
 async fn cancel_queued_and_running() {
     let s = Scheduler::new(SchedulerConfig::default());
-    let (queued, _r1) = s.enqueue(action("q", &[("never", "matched")], 0));
+    let (queued, _r1) = s.enqueue(action("q", &[("never", "matched")], 0)).unwrap();
     assert!(s.cancel(&queued, "test"));
     assert!(s.get(&queued).unwrap().done);
     assert_eq!(s.stats().queue_depth.values().sum::<usize>(), 0);
 
-    let (running, _r2) = s.enqueue(action("r", &[], 0));
+    let (running, _r2) = s.enqueue(action("r", &[], 0)).unwrap();
     let w = worker("w", &[]);
     let lease = s.lease(&w, NO_WAIT).await.unwrap();
     assert!(s.cancel(&running, "test"));
@@ -267,7 +267,7 @@ async fn unwatched_operation_is_cancelled_after_grace() {
         orphan_timeout: Duration::from_millis(10),
         ..Default::default()
     });
-    let (name, receiver) = s.enqueue(action("x", &[], 0));
+    let (name, receiver) = s.enqueue(action("x", &[], 0)).unwrap();
     s.reap();
     assert!(!s.get(&name).unwrap().done);
     drop(receiver);
@@ -281,9 +281,9 @@ async fn unwatched_operation_is_cancelled_after_grace() {
 #[tokio::test]
 async fn stats_count_queue_running_and_workers() {
     let s = Scheduler::new(SchedulerConfig::default());
-    let (_a, _r1) = s.enqueue(action("a", &[], 0));
-    let (_b, _r2) = s.enqueue(action("b", &[], 0));
-    let (_c, _r3) = s.enqueue(action("c", &[("gpu", "1")], 0));
+    let (_a, _r1) = s.enqueue(action("a", &[], 0)).unwrap();
+    let (_b, _r2) = s.enqueue(action("b", &[], 0)).unwrap();
+    let (_c, _r3) = s.enqueue(action("c", &[("gpu", "1")], 0)).unwrap();
     let _lease = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
     assert!(s
         .lease(&worker("w2", &[("x", "y")]), NO_WAIT)
@@ -310,7 +310,7 @@ async fn stats_count_queue_running_and_workers() {
 #[tokio::test]
 async fn error_carries_partial_result_and_drain_kill_requeues() {
     let s = Scheduler::new(SchedulerConfig::default());
-    let (name, _r) = s.enqueue(action("x", &[], 0));
+    let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
     let l1 = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
     let gave_back = rpc::Status {
         code: tonic::Code::Unavailable as i32,

@@ -1,6 +1,4 @@
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use buildkube_proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
@@ -14,55 +12,52 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::bad_resource;
 use crate::farm::Farm;
 use crate::metrics::Metrics;
-use crate::storage::{contains, BlobSink, BlobStream};
+use crate::storage::{contains, BlobSink, BlobStream, StorageError};
 
+use super::uploads::{OpenError, UploadTable};
 use super::zstd_stream::{compress_stream, ZstdDecoder};
 
-type Upload = Arc<tokio::sync::Mutex<Box<dyn BlobSink>>>;
-
-/// An unfinished upload untouched this long is dropped (its temp file deleted).
-const UPLOAD_IDLE_LIMIT: Duration = Duration::from_secs(15 * 60);
-
 /// ByteStream Read / Write / QueryWriteStatus over the CAS. Unfinished writes
-/// stay resumable (by resource name) for [`UPLOAD_IDLE_LIMIT`] or until the
-/// server restarts.
+/// stay resumable by resource name, within the bounds of [`UploadTable`].
 pub struct ByteStreamService {
     farm: Arc<Farm>,
-    uploads: Mutex<HashMap<String, (Instant, Upload)>>,
+    uploads: Arc<UploadTable>,
 }
 
 impl ByteStreamService {
-    /// The service over `farm`.
-    pub fn new(farm: Arc<Farm>) -> Self {
+    /// The service over `farm`, holding at most `max_open_uploads` unfinished uploads.
+    pub fn new(farm: Arc<Farm>, max_open_uploads: usize) -> Self {
         ByteStreamService {
             farm,
-            uploads: Mutex::new(HashMap::new()),
+            uploads: UploadTable::new(max_open_uploads),
         }
     }
 
-    async fn upload_for(&self, name: &str, resource: &WriteResource) -> Result<Upload, Status> {
-        let now = Instant::now();
-        {
-            let mut uploads = self.uploads.lock().unwrap();
-            uploads.retain(|name, (touched, _)| {
-                let keep = now.duration_since(*touched) < UPLOAD_IDLE_LIMIT;
-                if !keep {
-                    tracing::info!(resource = %name, "dropping abandoned upload");
-                }
-                keep
-            });
-            if let Some((touched, upload)) = uploads.get_mut(name) {
-                *touched = now;
-                return Ok(upload.clone());
+    /// Appends to an upload; when unfinished uploads fill the store's
+    /// budget, abandoned ones are dropped to make room and it is tried again.
+    async fn append(
+        &self,
+        writer: &mut Box<dyn BlobSink>,
+        offset: i64,
+        data: bytes::Bytes,
+    ) -> Result<(), Status> {
+        match writer.append(offset, data.clone()).await {
+            Err(StorageError::UploadsFull { .. }) if self.uploads.drop_parked() > 0 => {
+                tracing::info!(digest = %writer.digest(), "dropped abandoned uploads to make room for an upload");
+                Ok(writer
+                    .append(offset, data)
+                    .await
+                    .inspect_err(|e| self.note_full(e))?)
             }
+            result => Ok(result.inspect_err(|e| self.note_full(e))?),
         }
-        let writer = self.farm.cas.begin_write(resource.digest).await?;
-        let mut uploads = self.uploads.lock().unwrap();
-        // Another stream for the same name may have started meanwhile: share its upload.
-        let (_, upload) = uploads
-            .entry(name.to_string())
-            .or_insert_with(|| (now, Arc::new(tokio::sync::Mutex::new(writer))));
-        Ok(upload.clone())
+    }
+
+    fn note_full(&self, error: &StorageError) {
+        if matches!(error, StorageError::UploadsFull { .. }) {
+            self.farm.metrics.limit_hit("cas-max-size");
+            tracing::warn!(%error, "upload refused");
+        }
     }
 
     async fn write_inner(
@@ -81,12 +76,22 @@ impl ByteStreamService {
         if contains(&*self.farm.cas, &digest).await? {
             // Already stored: the client may stop sending (-1 for a
             // compressed upload, as the REAPI says).
-            self.uploads.lock().unwrap().remove(&name);
+            self.uploads.remove(&name);
             return Ok(WriteResponse {
                 committed_size: if compressed { -1 } else { digest.size() as i64 },
             });
         }
-        let upload = self.upload_for(&name, &resource).await?;
+        let hold = self
+            .uploads
+            .open(&name, || self.farm.cas.begin_write(resource.digest))
+            .await
+            .inspect_err(|e| {
+                if let OpenError::Full { .. } = e {
+                    self.farm.metrics.limit_hit("max-open-uploads");
+                    tracing::warn!(error = %e, "upload refused");
+                }
+            })?;
+        let upload = hold.upload.clone();
         // A compressed stream is decoded as it arrives. Its first
         // write_offset is where it starts in the uncompressed blob (0, or
         // where QueryWriteStatus said to resume); later ones add the
@@ -110,7 +115,10 @@ impl ByteStreamService {
             let outcome = async {
                 let mut writer = upload.lock().await;
                 match decoder.as_mut() {
-                    None => writer.append(message.write_offset, message.data).await?,
+                    None => {
+                        self.append(&mut *writer, message.write_offset, message.data)
+                            .await?
+                    }
                     Some(decoder) => {
                         let expected =
                             next_offset.unwrap_or_else(|| writer.committed_size() as i64);
@@ -127,7 +135,7 @@ impl ByteStreamService {
                             decoder.next_piece(&message.data, &mut consumed, &what)?
                         {
                             let at = writer.committed_size() as i64;
-                            writer.append(at, piece).await?;
+                            self.append(&mut *writer, at, piece).await?;
                         }
                     }
                 }
@@ -147,11 +155,11 @@ impl ByteStreamService {
             .await;
             if let Err(status) = outcome {
                 // A bad chunk poisons the upload: start over from zero.
-                self.uploads.lock().unwrap().remove(&name);
+                self.uploads.remove(&name);
                 return Err(status);
             }
             if finish {
-                self.uploads.lock().unwrap().remove(&name);
+                self.uploads.remove(&name);
                 Metrics::add(&self.farm.metrics.cas_bytes_written, digest.size());
                 return Ok(WriteResponse {
                     // Compressed: the offset the client's next byte would have had.
@@ -279,12 +287,7 @@ impl ByteStream for ByteStreamService {
                 complete: true,
             }));
         }
-        let upload = self
-            .uploads
-            .lock()
-            .unwrap()
-            .get(&name)
-            .map(|(_, upload)| upload.clone());
+        let upload = self.uploads.get(&name);
         match upload {
             Some(upload) => Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: upload.lock().await.committed_size() as i64,

@@ -87,11 +87,11 @@ impl ExecutionService {
     async fn load_action(
         &self,
         digest: &Digest,
-    ) -> Result<(reapi::Action, reapi::Command), Status> {
+    ) -> Result<(reapi::Action, Arc<reapi::Command>), Status> {
         let missing = |d: Digest, what: &str| to_tonic(missing_blobs_status(what, &[d]));
         let action: reapi::Action = self
             .farm
-            .read_message(digest, "action")
+            .read_bounded_message(digest, "action")
             .await?
             .ok_or_else(|| missing(*digest, "action"))?;
         let command_digest = Digest::from_field(action.command_digest.as_ref())
@@ -103,9 +103,9 @@ impl ExecutionService {
                 return Err(Status::invalid_argument("action.timeout is negative"));
             }
         }
-        let command: reapi::Command = self
+        let command = self
             .farm
-            .read_message(&command_digest, "command")
+            .command(&command_digest)
             .await?
             .ok_or_else(|| missing(command_digest, "command"))?;
         validate_command(&command)?;
@@ -149,13 +149,20 @@ impl Execution for ExecutionService {
             Metrics::add(&self.farm.metrics.ac_misses, 1);
         }
         let priority = request.execution_policy.as_ref().map_or(0, |p| p.priority);
-        let (_, receiver) = self.farm.scheduler.enqueue(NewAction {
-            instance: request.instance_name,
-            action_digest: digest,
-            action,
-            command,
-            priority,
-        });
+        let (_, receiver) = self
+            .farm
+            .scheduler
+            .enqueue(NewAction {
+                instance: request.instance_name,
+                action_digest: digest,
+                action,
+                command,
+                priority,
+            })
+            .map_err(|e| {
+                self.farm.metrics.limit_hit("max-queued-actions");
+                Status::resource_exhausted(e.to_string())
+            })?;
         Ok(Response::new(follow(receiver, self.farm.stopping.clone())))
     }
 

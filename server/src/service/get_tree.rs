@@ -201,7 +201,7 @@ async fn resume(farm: &Farm, order: &[Digest], mut pager: Pager) -> Result<(), S
         pager.index = i;
         // Evicted since: skipped, as a missing directory is in a walk.
         let Some(directory) = farm
-            .read_message::<reapi::Directory>(digest, "directory")
+            .read_bounded_message::<reapi::Directory>(digest, "directory")
             .await?
         else {
             continue;
@@ -222,7 +222,7 @@ async fn walk(farm: &Farm, orders: &TreeOrders, pager: &mut Pager) -> Result<(),
     let mut queue = VecDeque::from([root]);
     while let Some(digest) = queue.pop_front() {
         let Some(directory) = farm
-            .read_message::<reapi::Directory>(&digest, "directory")
+            .read_bounded_message::<reapi::Directory>(&digest, "directory")
             .await?
         else {
             if digest == root {
@@ -356,6 +356,8 @@ mod tests {
             instances: crate::instances::Instances::new(&["main".into()]).unwrap(),
             metrics: Default::default(),
             stopping,
+            limits: Default::default(),
+            commands: Default::default(),
         });
         let orders = Arc::new(TreeOrders::default());
 

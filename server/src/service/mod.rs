@@ -7,6 +7,7 @@ mod cas;
 mod execution;
 mod get_tree;
 mod operations;
+mod uploads;
 mod worker;
 mod zstd_stream;
 

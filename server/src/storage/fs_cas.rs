@@ -3,7 +3,10 @@
 //! A blob becomes visible only by `rename` of a fully written, fsynced and
 //! verified temp file, so no reader ever sees a partial blob, even across a
 //! crash. An in-memory LRU index (rebuilt from the directory at start-up,
-//! ordered by mtime) enforces the size budget.
+//! ordered by mtime) enforces the size budget, which the temp files of
+//! unfinished uploads count in: each byte is reserved as it is written (never
+//! ahead, by the size the upload declares), evicting old blobs to make room,
+//! and released when the upload is published or dropped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -37,6 +40,8 @@ struct LruIndex {
     entries: HashMap<Digest, u64>,
     by_age: BTreeMap<u64, Digest>,
     total_bytes: u64,
+    /// Bytes in the temp files of unfinished uploads.
+    uploading_bytes: u64,
     next_tick: u64,
 }
 
@@ -69,14 +74,15 @@ impl LruIndex {
         }
     }
 
-    /// Oldest blobs to drop so that `total_bytes <= budget`, never `keep`.
-    fn evict(&mut self, budget: u64, keep: &Digest) -> Vec<Digest> {
+    /// Oldest blobs to drop so that blobs and unfinished uploads together
+    /// fit `budget`, never `keep`.
+    fn evict(&mut self, budget: u64, keep: Option<&Digest>) -> Vec<Digest> {
         let mut evicted = Vec::new();
-        while self.total_bytes > budget {
+        while self.total_bytes + self.uploading_bytes > budget {
             let Some((_, oldest)) = self
                 .by_age
                 .iter()
-                .find(|(_, d)| *d != keep)
+                .find(|(_, d)| Some(*d) != keep)
                 .map(|(t, d)| (*t, *d))
             else {
                 break;
@@ -181,17 +187,52 @@ impl FsCas {
         Ok(())
     }
 
-    /// Records a blob that is now on disk and evicts to stay within budget.
-    fn admit(&self, digest: Digest) {
+    /// Records a blob that is now on disk (its upload had reserved
+    /// `reserved` bytes, now counted as the blob) and evicts to stay within budget.
+    fn admit(&self, digest: Digest, reserved: u64) {
         let evicted = {
             let mut index = self.inner.index.lock().unwrap();
+            index.uploading_bytes -= reserved;
             index.insert(digest);
-            index.evict(self.inner.budget, &digest)
+            index.evict(self.inner.budget, Some(&digest))
         };
+        self.remove_evicted(evicted);
+    }
+
+    fn remove_evicted(&self, evicted: Vec<Digest>) {
         for old in evicted {
             tracing::debug!(digest = %old, "evicting blob from CAS");
             let _ = std::fs::remove_file(self.path_of(&old));
         }
+    }
+
+    /// Counts `len` more bytes of an unfinished upload of `digest` in the
+    /// budget, evicting old blobs to make room; refused when unfinished
+    /// uploads alone would exceed the budget.
+    fn reserve_upload(&self, digest: &Digest, len: u64) -> Result<(), StorageError> {
+        let evicted = {
+            let mut index = self.inner.index.lock().unwrap();
+            if index.uploading_bytes + len > self.inner.budget {
+                return Err(StorageError::UploadsFull {
+                    digest: *digest,
+                    uploading: index.uploading_bytes,
+                    limit: self.inner.budget,
+                });
+            }
+            index.uploading_bytes += len;
+            index.evict(self.inner.budget, None)
+        };
+        self.remove_evicted(evicted);
+        Ok(())
+    }
+
+    fn release_upload(&self, len: u64) {
+        self.inner.index.lock().unwrap().uploading_bytes -= len;
+    }
+
+    /// Bytes in the temp files of unfinished uploads.
+    pub fn uploading_bytes(&self) -> u64 {
+        self.inner.index.lock().unwrap().uploading_bytes
     }
 }
 
@@ -279,8 +320,12 @@ impl BlobStore for FsCas {
             let path = cas.path_of(&digest);
             let shard = path.parent().expect("blob path has a shard directory");
             create_dir_durably(shard)?;
-            write_atomically(&cas.inner.tmp_dir, &path, &data)?;
-            cas.admit(digest);
+            cas.reserve_upload(&digest, digest.size())?;
+            if let Err(e) = write_atomically(&cas.inner.tmp_dir, &path, &data) {
+                cas.release_upload(digest.size());
+                return Err(e);
+            }
+            cas.admit(digest, digest.size());
             Ok(())
         })
         .await
@@ -306,12 +351,17 @@ impl BlobStore for FsCas {
             tmp,
             file: Some(file),
             published: false,
+            reserved: 0,
         }))
     }
 
+    /// Bytes are those of the blobs and of unfinished uploads' temp files.
     fn usage(&self) -> Option<(u64, usize)> {
         let index = self.inner.index.lock().unwrap();
-        Some((index.total_bytes, index.entries.len()))
+        Some((
+            index.total_bytes + index.uploading_bytes,
+            index.entries.len(),
+        ))
     }
 }
 
@@ -324,6 +374,8 @@ pub struct FsBlobWriter {
     /// `None` while a blocking write holds it, or after commit.
     file: Option<std::fs::File>,
     published: bool,
+    /// Bytes of the temp file counted in the CAS budget.
+    reserved: u64,
 }
 
 impl FsBlobWriter {
@@ -349,6 +401,14 @@ impl BlobSink for FsBlobWriter {
     async fn append(&mut self, offset: i64, data: Bytes) -> Result<(), StorageError> {
         self.progress.check(offset, data.len())?;
         let mut file = self.take_file()?;
+        if let Err(e) = self
+            .cas
+            .reserve_upload(&self.progress.digest(), data.len() as u64)
+        {
+            self.file = Some(file);
+            return Err(e);
+        }
+        self.reserved += data.len() as u64;
         let tmp = self.tmp.clone();
         let (file, result) = tokio::task::spawn_blocking(move || {
             let result = file.write_all(&data).map(|()| data);
@@ -369,12 +429,14 @@ impl BlobSink for FsBlobWriter {
         if let Err(e) = self.progress.finish() {
             self.file = None;
             let _ = std::fs::remove_file(&self.tmp);
+            self.cas.release_upload(std::mem::take(&mut self.reserved));
             return Err(e);
         }
         let file = self.take_file()?;
         let tmp = self.tmp.clone();
         let cas = self.cas.clone();
         let digest = self.progress.digest();
+        let reserved = self.reserved;
         tokio::task::spawn_blocking(move || {
             file.sync_all().map_err(StorageError::io("syncing", &tmp))?;
             drop(file);
@@ -382,11 +444,12 @@ impl BlobSink for FsBlobWriter {
             let shard = path.parent().expect("blob path has a shard directory");
             create_dir_durably(shard)?;
             rename_durably(&tmp, &path)?;
-            cas.admit(digest);
+            cas.admit(digest, reserved);
             Ok::<_, StorageError>(())
         })
         .await
         .expect("CAS commit task panicked")?;
+        self.reserved = 0;
         self.published = true;
         Ok(())
     }
@@ -396,6 +459,7 @@ impl Drop for FsBlobWriter {
     fn drop(&mut self) {
         if !self.published {
             let _ = std::fs::remove_file(&self.tmp);
+            self.cas.release_upload(self.reserved);
         }
     }
 }

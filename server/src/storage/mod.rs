@@ -168,6 +168,16 @@ pub enum StorageError {
         /// Configured limit.
         limit: u64,
     },
+    /// Unfinished uploads already take the store's whole budget.
+    #[error("no room to upload {digest}: unfinished uploads already hold {uploading} of the {limit} bytes the CAS may use")]
+    UploadsFull {
+        /// Blob being written.
+        digest: Digest,
+        /// Bytes held by unfinished uploads.
+        uploading: u64,
+        /// The budget.
+        limit: u64,
+    },
     /// Disk I/O failed.
     #[error("{action} {path}: {source}")]
     Io {

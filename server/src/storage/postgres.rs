@@ -264,8 +264,11 @@ impl PostgresCasOptions {
 /// What one maintenance pass found and did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MaintenanceReport {
-    /// Bytes of blobs stored after the pass.
+    /// Bytes stored after the pass: blobs, and the staged chunks of
+    /// unfinished uploads (which count in `max_size` too).
     pub stored_bytes: u64,
+    /// Of `stored_bytes`, the staged chunks of unfinished uploads.
+    pub staged_bytes: u64,
     /// Blobs stored after the pass.
     pub stored_blobs: usize,
     /// Blobs deleted by the pass.
@@ -870,7 +873,10 @@ impl Maintainer {
     async fn measure_and_prune(&self, client: &Client) -> Result<MaintenanceReport, StorageError> {
         let row = client
             .query_one(
-                "SELECT coalesce(sum(size), 0)::bigint, count(*) FROM buildkube_cas_blobs",
+                "SELECT (SELECT coalesce(sum(size), 0) FROM buildkube_cas_blobs)::bigint,
+                        (SELECT count(*) FROM buildkube_cas_blobs),
+                        (SELECT coalesce(sum(length(c.data)), 0) FROM buildkube_cas_content c
+                         JOIN buildkube_cas_uploads u ON u.content = c.content)::bigint",
                 &[],
             )
             .await
@@ -888,8 +894,10 @@ impl Maintainer {
             )
             .await
             .map_err(StorageError::backend(STORE, "deleting abandoned uploads"))?;
+        let staged_bytes = row.get::<_, i64>(2) as u64;
         let mut report = MaintenanceReport {
-            stored_bytes: row.get::<_, i64>(0) as u64,
+            stored_bytes: row.get::<_, i64>(0) as u64 + staged_bytes,
+            staged_bytes,
             stored_blobs: row.get::<_, i64>(1) as usize,
             evicted_blobs: 0,
             evicted_bytes: 0,
@@ -1224,6 +1232,7 @@ mod tests {
             report,
             MaintenanceReport {
                 stored_bytes: 9_000,
+                staged_bytes: 0,
                 stored_blobs: 9,
                 evicted_blobs: 11,
                 evicted_bytes: 11_000,
@@ -1395,6 +1404,12 @@ mod tests {
         }
         // Two full chunks are written, not yet a blob's; the rest in memory.
         assert_eq!(staged_chunks_and_uploads(&schema.pool).await, (2, 1));
+        // Issue 8, finding 5: staged chunks count in the CAS's size.
+        let report = cas.maintain().await.unwrap();
+        assert_eq!(
+            (report.stored_bytes, report.staged_bytes),
+            (2 * PG_CHUNK, 2 * PG_CHUNK)
+        );
         assert_eq!(cas.find_missing(&[d]).await.unwrap(), vec![d]);
         assert_eq!(cas.get(&d).await.unwrap(), None);
         sink.commit().await.unwrap();

@@ -37,6 +37,22 @@ pub(crate) struct State {
     pub(crate) keep_alives: Mutex<Vec<KeepAliveRequest>>,
     pub(crate) workers: Mutex<Vec<WorkerInfo>>,
     pub(crate) changed: Notify,
+    /// Blobs whose BatchReadBlobs never answers (a CAS too slow to finish).
+    pub(crate) stalled: Mutex<HashSet<Digest>>,
+    /// BatchReadBlobs calls being answered now (a cancelled call ends).
+    pub(crate) reads_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a BatchReadBlobs call while its handler lives.
+struct ReadInFlight<'a>(&'a State);
+
+impl Drop for ReadInFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .reads_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
 }
 
 impl State {
@@ -194,8 +210,22 @@ impl ContentAddressableStorage for Services {
         &self,
         request: Request<reapi::BatchReadBlobsRequest>,
     ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
+        self.0
+            .reads_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _in_flight = ReadInFlight(&self.0);
+        let request = request.into_inner();
+        let stalled = {
+            let stalled = self.0.stalled.lock().unwrap();
+            request
+                .digests
+                .iter()
+                .any(|d| Digest::try_from(d).is_ok_and(|d| stalled.contains(&d)))
+        };
+        if stalled {
+            std::future::pending::<()>().await;
+        }
         let responses = request
-            .into_inner()
             .digests
             .into_iter()
             .map(|d| {

@@ -6,6 +6,7 @@
 
 mod fake_server;
 mod git_clone;
+mod input_bounds;
 
 use std::time::Duration;
 
@@ -155,8 +156,8 @@ fn enqueue(state: &State, spec: Spec<'_>) -> (String, Digest) {
         lease_id: lease_id.clone(),
         operation_name: format!("operations/{lease_id}"),
         action_digest: Some(action_digest.to_proto()),
+        command_digest: action.command_digest.clone(),
         action: Some(action),
-        command: Some(command),
         keep_alive_interval: Some(buildkube_proto::prost_types::Duration {
             seconds: 0,
             nanos: 200_000_000,
