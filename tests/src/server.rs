@@ -145,6 +145,19 @@ impl Server {
         &self.logs
     }
 
+    /// The server process's resident memory (VmRSS), in bytes.
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let daemon = self.daemon.as_ref().context("the server is not running")?;
+        let path = format!("/proc/{}/status", daemon.pid());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no VmRSS in {path}"))?;
+        Ok(kib * 1024)
+    }
+
     /// `GET path` on the HTTP listener.
     pub fn http_get(&self, path: &str) -> Result<HttpResponse> {
         http_get(self.http_addr, path, HTTP_TIMEOUT)
