@@ -195,7 +195,8 @@ fn issue_7_worker_credentials_without_an_opted_in_pool_are_rejected() {
     });
     let error = error_of(&yaml);
     assert!(
-        error.contains("  overlays.example.worker_credentials: no worker pool sets git_credentials"),
+        error
+            .contains("  overlays.example.worker_credentials: no worker pool sets git_credentials"),
         "{error}"
     );
     let yaml = default_yaml_with(|v| {

@@ -281,7 +281,7 @@ async fn actions_clone_over_ssh_and_http_with_the_worker_s_credentials() {
     let script = format!(
         "export PATH=/usr/local/bin:/usr/bin:/bin && {} && \
          git clone -q http://127.0.0.1:{http_port}/repo.git over-http && \
-         mkdir out && cat over-ssh/file over-http/file > out/both && \
+         mkdir -p out && cat over-ssh/file over-http/file > out/both && \
          if {}; then echo unknown host accepted; exit 1; fi",
         clone(trusted.port, "over-ssh"),
         clone(unknown.port, "from-unknown"),
