@@ -22,14 +22,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("cargo:rerun-if-changed=protos");
 
-    tonic_build::configure()
+    tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         // Blob payloads are shared, not copied, on their way to and from disk.
-        .bytes(["."])
+        .bytes(".")
         // Undecodable requests are INVALID_ARGUMENT, not INTERNAL.
         .codec_path("crate::codec::ProtoCodec")
         .file_descriptor_set_path(out_dir.join("file_descriptor_set.bin"))
-        .compile_protos(PROTOS, &[PathBuf::from("protos"), well_known])?;
+        .compile_protos(
+            &PROTOS.iter().map(PathBuf::from).collect::<Vec<_>>(),
+            &[PathBuf::from("protos"), well_known],
+        )?;
     Ok(())
 }

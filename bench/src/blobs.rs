@@ -3,7 +3,7 @@
 
 use buildkube_reapi::Digest;
 use bytes::{BufMut, Bytes, BytesMut};
-use rand::RngCore;
+use rand::Rng as _;
 
 /// Bytes of the unique prefix; smaller blobs are truncated prefixes and may repeat.
 const PREFIX_LEN: usize = 16;
@@ -23,7 +23,7 @@ impl BlobMaker {
         let mut filler = vec![0u8; max_size as usize];
         if compressible {
             let mut pattern = [0u8; 1024];
-            rand::thread_rng().fill_bytes(&mut pattern);
+            rand::rng().fill_bytes(&mut pattern);
             for (n, block) in filler.chunks_mut(pattern.len()).enumerate() {
                 block.copy_from_slice(&pattern[..block.len()]);
                 block[0] = n as u8;
@@ -31,10 +31,10 @@ impl BlobMaker {
             // Random runs between the repeats keep the ratio near 4:1.
             for block in filler.chunks_mut(4096) {
                 let random = block.len().min(768);
-                rand::thread_rng().fill_bytes(&mut block[..random]);
+                rand::rng().fill_bytes(&mut block[..random]);
             }
         } else {
-            rand::thread_rng().fill_bytes(&mut filler);
+            rand::rng().fill_bytes(&mut filler);
         }
         BlobMaker {
             nonce: rand::random(),

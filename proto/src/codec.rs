@@ -6,8 +6,9 @@
 //! code; neither code is retried.
 
 use prost::Message;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, ProstCodec};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::Status;
+use tonic_prost::ProstCodec;
 
 /// [`ProstCodec`] with decode errors as `INVALID_ARGUMENT`.
 #[derive(Debug, Clone, Default)]

@@ -10,6 +10,7 @@ pub mod codec;
 pub use prost;
 pub use prost_types;
 pub use tonic;
+pub use tonic_prost;
 
 /// `build.*` protobuf packages.
 pub mod build {

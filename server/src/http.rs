@@ -40,7 +40,7 @@ pub fn router(state: HttpState) -> Router {
         .route(names::READYZ_PATH, get(readyz))
         .route(names::METRICS_PATH, get(metrics))
         .route("/operations", get(recent_operations))
-        .route("/operations/:id", get(operation))
+        .route("/operations/{id}", get(operation))
         .with_state(state)
 }
 

@@ -171,7 +171,7 @@ pub async fn run(
         })
     };
 
-    let (mut health, health_service) = tonic_health::server::health_reporter();
+    let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ExecutionServer<service::ExecutionService>>()
         .await;
@@ -185,7 +185,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         // Outermost: every status, the interceptor's included, leaves through it.
         .layer(crate::error::TruncateStatusLayer)
-        .layer(tonic::service::interceptor(auth))
+        .layer(tonic::service::InterceptorLayer::new(auth))
         .add_service(health_service)
         .add_service(CapabilitiesServer::new(service::CapabilitiesService::new(
             farm.clone(),
@@ -222,8 +222,8 @@ pub async fn run(
     // The builder's tcp_nodelay applies only to listeners it binds itself; a
     // listener we bound must get it here, or small replies (leases) stall on
     // delayed ACKs for ~40 ms.
-    let incoming = tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
-        .map_err(|e| anyhow::anyhow!("configuring the gRPC listener: {e}"))?;
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc =
         tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt as _;
 
 /// First delay after a failure.
 const INITIAL: Duration = Duration::from_millis(100);
@@ -28,7 +28,7 @@ impl Backoff {
         let ceiling = self.next;
         self.next = (self.next * 2).min(CAP);
         let floor = ceiling / 2;
-        let jitter = rand::thread_rng().gen_range(0..=(ceiling - floor).as_millis() as u64);
+        let jitter = rand::rng().random_range(0..=(ceiling - floor).as_millis() as u64);
         floor + Duration::from_millis(jitter)
     }
 

@@ -34,9 +34,13 @@ impl RedisActionCache {
         let mut info = redis::IntoConnectionInfo::into_connection_info(url)
             .map_err(StorageError::backend(STORE, "parsing the url"))?;
         if let Some(password) = password {
-            info.redis.password = Some(password.trim_end_matches(['\n', '\r']).to_string());
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.trim_end_matches(['\n', '\r']));
+            info = info.set_redis_settings(settings);
         }
-        let target = info.addr.to_string();
+        let target = info.addr().to_string();
         let client = redis::Client::open(info)
             .map_err(StorageError::backend(STORE, "configuring the client"))?;
         let connection = ConnectionManager::new(client)

@@ -192,7 +192,10 @@ async fn undecodable_requests_are_invalid_argument() {
             tonic::codegen::http::uri::PathAndQuery::from_static(
                 "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
             ),
-            tonic::codec::ProstCodec::<RawFindMissingBlobs, reapi::FindMissingBlobsResponse>::default(),
+            buildkube_proto::tonic_prost::ProstCodec::<
+                RawFindMissingBlobs,
+                reapi::FindMissingBlobsResponse,
+            >::default(),
         )
         .await
         .unwrap_err();
