@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, ValueEnum};
 
+pub mod auth;
 pub mod storage;
 
 /// Default gRPC port of the server (REAPI and the worker protocol).
@@ -279,9 +280,11 @@ pub struct ServerArgs {
     /// killed; clients that reconnect within it keep their action.
     #[arg(long, env = "BUILDKUBE_ORPHAN_TIMEOUT_SECS", default_value_t = 60)]
     pub orphan_timeout_secs: u64,
-    /// File holding the bearer token clients and workers must send; no auth if unset.
-    #[arg(long, env = "BUILDKUBE_AUTH_TOKEN_FILE")]
-    pub auth_token_file: Option<PathBuf>,
+    /// YAML file of the worker and client credentials (token files, and per
+    /// client its instances and scopes); see `auth::AuthConfig`. Unset: no
+    /// auth at all, every caller may do everything (logged at start).
+    #[arg(long, env = "BUILDKUBE_AUTH_CONFIG")]
+    pub auth_config: Option<PathBuf>,
     /// Unfinished (queued or running) actions per instance; beyond it
     /// Execute answers RESOURCE_EXHAUSTED.
     #[arg(long, env = "BUILDKUBE_MAX_QUEUED_ACTIONS", default_value_t = 50_000)]
@@ -334,8 +337,8 @@ impl ServerArgs {
             args.push(format!("--max-open-uploads={}", self.max_open_uploads));
         }
         self.action_limits.push_args(&mut args);
-        if let Some(path) = &self.auth_token_file {
-            args.push(format!("--auth-token-file={}", path.display()));
+        if let Some(path) = &self.auth_config {
+            args.push(format!("--auth-config={}", path.display()));
         }
         if let Some(path) = &self.addr_file {
             args.push(format!("--addr-file={}", path.display()));
@@ -375,7 +378,9 @@ pub struct WorkerArgs {
     /// do), rather than substituting it into the arguments.
     #[arg(long, env = WORKER_ID_ENV)]
     pub worker_id: Option<String>,
-    /// File holding the bearer token sent to the server.
+    /// File holding the bearer token sent to the server: a worker
+    /// credential (listed under `workers` in the server's --auth-config);
+    /// a client's token is refused on the worker protocol.
     #[arg(long, env = "BUILDKUBE_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
     /// Shell script sourced (by bash) before every command, e.g. to export credentials.
@@ -550,7 +555,7 @@ mod tests {
     fn server_args_round_trip() {
         let mut args = ServerArgs::default();
         args.instances = vec!["main".into(), "ci".into()];
-        args.auth_token_file = Some("/etc/buildkube/token".into());
+        args.auth_config = Some("/etc/buildkube/auth.yaml".into());
         args.local_workers = 2;
         args.storage_config = Some("/etc/buildkube/storage.yaml".into());
         args.max_queued_actions = 7;

@@ -3,12 +3,14 @@
 //!
 //! - [`spec`]: the stack spec (serde + JSON Schema), its defaults and validation;
 //! - [`objects`]: Kubernetes objects as typed k8s-openapi values;
+//! - [`auth`]: the worker and client token Secrets and the server's auth config;
 //! - [`autoscaling`]: each pool's load query, KEDA and HPA objects, adapter rules;
 //! - [`crd`]: typed KEDA and Prometheus Operator resources;
 //! - [`kustomize`]: typed kustomization files and JSON 6902 patches;
 //! - [`overlays`]: the whole tree from a spec;
 //! - [`tree`]: writing, checking (`--check`) and pruning it.
 
+pub mod auth;
 pub mod autoscaling;
 pub mod crd;
 pub mod kustomize;

@@ -59,10 +59,6 @@ pub const SERVER_CONTAINER: &str = "server";
 pub const WORKER_CONTAINER: &str = "worker";
 /// PersistentVolumeClaim holding the CAS.
 pub const SERVER_DATA_PVC: &str = "buildkube-server-data";
-/// Secret with the bearer token (key [`AUTH_TOKEN_KEY`]).
-pub const AUTH_SECRET: &str = "buildkube-auth";
-/// Key of the token in [`AUTH_SECRET`].
-pub const AUTH_TOKEN_KEY: &str = "token";
 /// Secret with the workers' git credentials, SSH key, known_hosts and env script.
 pub const WORKER_CREDENTIALS_SECRET: &str = "buildkube-worker-credentials";
 /// Keys of [`WORKER_CREDENTIALS_SECRET`]: the files the worker's
@@ -120,8 +116,6 @@ pub const SERVER_DATA_DIR: &str = "/var/lib/buildkube";
 pub const WORKER_WORK_DIR: &str = "/var/lib/buildkube-worker";
 /// HOME of the worker (an emptyDir).
 pub const WORKER_HOME: &str = "/home/buildkube";
-/// Where [`AUTH_SECRET`] is mounted.
-pub const AUTH_MOUNT_DIR: &str = "/etc/buildkube/auth";
 /// Where [`WORKER_CREDENTIALS_SECRET`] is mounted.
 pub const CREDENTIALS_MOUNT_DIR: &str = "/etc/buildkube/credentials";
 
@@ -199,7 +193,7 @@ fn any_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
 }
 
-/// The server's flags; `auth` adds the token file, `external_stores` the
+/// The server's flags; `auth` adds the auth config, `external_stores` the
 /// storage config of [`external_storage_config`].
 // `..Default` keeps flags added to the binary later at their defaults until
 // the spec models them, even when every current field is set here.
@@ -215,7 +209,7 @@ pub fn server_args(spec: &StackSpec, auth: bool, external_stores: bool) -> Serve
             .expect("validated: server.cas_max_size"),
         lease_timeout_secs: spec.server.lease_timeout_secs,
         max_attempts: spec.server.max_attempts,
-        auth_token_file: auth.then(|| PathBuf::from(format!("{AUTH_MOUNT_DIR}/{AUTH_TOKEN_KEY}"))),
+        auth_config: auth.then(crate::auth::auth_config_path),
         log_format: log_format(spec),
         addr_file: None,
         storage_config: external_stores.then(storage_config_path),
@@ -224,8 +218,8 @@ pub fn server_args(spec: &StackSpec, auth: bool, external_stores: bool) -> Serve
     }
 }
 
-/// A worker pool's flags; `auth` adds the token file, `credentials` the
-/// git credentials directory and the env script.
+/// A worker pool's flags; `auth` adds the worker token file, `credentials`
+/// the git credentials directory and the env script.
 #[allow(clippy::needless_update)]
 pub fn worker_args(
     spec: &StackSpec,
@@ -247,7 +241,7 @@ pub fn worker_args(
         // (WORKER_ID_ENV): an argument substitution such as `$(POD_NAME)`
         // is expanded by the kubelet but not by every runtime (podman).
         worker_id: None,
-        auth_token_file: auth.then(|| PathBuf::from(format!("{AUTH_MOUNT_DIR}/{AUTH_TOKEN_KEY}"))),
+        auth_token_file: auth.then(crate::auth::worker_token_path),
         env_script: credentials
             .then(|| PathBuf::from(format!("{CREDENTIALS_MOUNT_DIR}/{ENV_SCRIPT_KEY}"))),
         git_credentials_dir: credentials.then(|| PathBuf::from(CREDENTIALS_MOUNT_DIR)),
@@ -433,22 +427,6 @@ fn env(name: &str, value: &str) -> EnvVar {
         value: Some(value.into()),
         ..Default::default()
     }
-}
-
-/// Volume and mount of the auth token secret.
-pub fn auth_volume() -> (Volume, VolumeMount) {
-    (
-        Volume {
-            name: "auth".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(AUTH_SECRET.into()),
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        mount("auth", AUTH_MOUNT_DIR, true),
-    )
 }
 
 /// Volume and mount of the worker credentials secret. Files are root-owned

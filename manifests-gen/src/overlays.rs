@@ -9,6 +9,10 @@ use buildkube_config::{AUTHORIZATION_HEADER, DEFAULT_GRPC_PORT};
 use minijinja::{context, Environment};
 use serde::Serialize;
 
+use crate::auth::{
+    self as auth, CI_TOKEN_KEY, CLIENT_TOKENS_SECRET, DEV_TOKEN_KEY, WORKER_TOKEN_KEY,
+    WORKER_TOKEN_SECRET,
+};
 use crate::autoscaling::{adapter_rules, worker_hpa, worker_scaled_object};
 use crate::kustomize::{
     ImageOverride, Kustomization, PatchOp, PatchRef, PatchTarget, SecretGenerator,
@@ -184,14 +188,17 @@ fn client_files(
     in_cluster: bool,
 ) -> BTreeMap<String, String> {
     let (endpoint, audience, token_path, token_path_env, token_note) = if in_cluster {
-        let path = format!("{AUTH_MOUNT_DIR}/{AUTH_TOKEN_KEY}");
+        let path = format!("{}/{DEV_TOKEN_KEY}", auth::CLIENT_TOKENS_MOUNT_DIR);
         let endpoint = in_cluster_endpoint(overlay, spec);
         (
             endpoint,
             "For clients running in the cluster (ConfigMap buildkube-client-config).".to_string(),
             path.clone(),
             path,
-            format!("mount the Secret {AUTH_SECRET} at {AUTH_MOUNT_DIR} in the client's pod"),
+            format!(
+                "the developer token: mount the Secret {CLIENT_TOKENS_SECRET} at {} in the client's pod",
+                auth::CLIENT_TOKENS_MOUNT_DIR
+            ),
         )
     } else {
         let endpoint = client_endpoint(overlay, spec);
@@ -204,7 +211,8 @@ fn client_files(
             audience,
             HOST_TOKEN_PATH.0.to_string(),
             HOST_TOKEN_PATH.1.to_string(),
-            "copy your overlay's secrets/auth-token there, mode 0600".to_string(),
+            "copy your overlay's secrets/dev-token there (CI: secrets/ci-token), mode 0600"
+                .to_string(),
         )
     };
     let tls = endpoint.http.starts_with("https://");
@@ -574,6 +582,15 @@ fn deployment_target(name: &str) -> PatchTarget {
     }
 }
 
+/// The overlay's file holding the server's auth config ConfigMap.
+const AUTH_CONFIGMAP_FILE: &str = "auth-configmap.yaml";
+/// The overlay's file (under `secrets/`) of the workers' token.
+const WORKER_TOKEN_FILE: &str = "worker-token";
+/// The overlay's file of the CI client's token.
+const CI_TOKEN_FILE: &str = "ci-token";
+/// The overlay's file of the developer client's token (what the client configs use).
+const DEV_TOKEN_FILE: &str = "dev-token";
+
 /// A placeholder secret file and where it goes.
 #[derive(Serialize)]
 struct SecretFile {
@@ -588,10 +605,24 @@ fn secret_files(overlay: &OverlaySpec, env: &Environment<'_>) -> Vec<SecretFile>
     let mut files = Vec::new();
     if overlay.auth {
         files.push(SecretFile {
-            file: "auth-token",
-            secret: AUTH_SECRET,
-            key: AUTH_TOKEN_KEY,
-            purpose: "bearer token clients and workers send (`openssl rand -hex 32 > secrets/auth-token`)",
+            file: WORKER_TOKEN_FILE,
+            secret: WORKER_TOKEN_SECRET,
+            key: WORKER_TOKEN_KEY,
+            purpose: "bearer token of the workers, valid only on the worker protocol and the CAS (`openssl rand -hex 32 > secrets/worker-token`)",
+            placeholder: "REPLACE-ME-with-openssl-rand-hex-32\n".into(),
+        });
+        files.push(SecretFile {
+            file: CI_TOKEN_FILE,
+            secret: CLIENT_TOKENS_SECRET,
+            key: CI_TOKEN_KEY,
+            purpose: "bearer token of CI: read, write-cas, write-ac, execute (`openssl rand -hex 32 > secrets/ci-token`)",
+            placeholder: "REPLACE-ME-with-openssl-rand-hex-32\n".into(),
+        });
+        files.push(SecretFile {
+            file: DEV_TOKEN_FILE,
+            secret: CLIENT_TOKENS_SECRET,
+            key: DEV_TOKEN_KEY,
+            purpose: "bearer token of developers: read, write-cas, execute, not write-ac (`openssl rand -hex 32 > secrets/dev-token`)",
             placeholder: "REPLACE-ME-with-openssl-rand-hex-32\n".into(),
         });
     }
@@ -681,7 +712,7 @@ fn overlay_dir(
         })
         .collect();
 
-    // Server: its resources in this overlay; the token, if auth is on.
+    // Server: its resources in this overlay; the auth config and every token, if auth is on.
     let mut server_ops = Vec::new();
     if overlay.server_resources.is_some() {
         server_ops.push(PatchOp::replace(
@@ -690,15 +721,19 @@ fn overlay_dir(
         ));
     }
     if overlay.auth {
-        let (volume, mount) = auth_volume();
-        server_ops.extend([
-            PatchOp::replace(
-                "/spec/template/spec/containers/0/args",
-                server_args(spec, true, overlay.external_stores).to_args(),
-            ),
-            PatchOp::add("/spec/template/spec/volumes/-", volume),
-            PatchOp::add("/spec/template/spec/containers/0/volumeMounts/-", mount),
-        ]);
+        kustomization.resources.push(AUTH_CONFIGMAP_FILE.into());
+        tree.insert(&dir(AUTH_CONFIGMAP_FILE), yaml(&auth::auth_configmap()));
+        server_ops.push(PatchOp::replace(
+            "/spec/template/spec/containers/0/args",
+            server_args(spec, true, overlay.external_stores).to_args(),
+        ));
+        for (volume, mount) in auth::server_auth_volumes() {
+            server_ops.push(PatchOp::add("/spec/template/spec/volumes/-", volume));
+            server_ops.push(PatchOp::add(
+                "/spec/template/spec/containers/0/volumeMounts/-",
+                mount,
+            ));
+        }
     }
     if !server_ops.is_empty() {
         let ops = server_ops;
@@ -739,7 +774,8 @@ fn overlay_dir(
             ));
         }
         if overlay.auth {
-            let (volume, mount) = auth_volume();
+            // The worker token only: no client credential on a worker.
+            let (volume, mount) = auth::worker_token_volume();
             ops.push(PatchOp::add("/spec/template/spec/volumes/-", volume));
             ops.push(PatchOp::add(
                 "/spec/template/spec/containers/0/volumeMounts/-",
@@ -877,8 +913,8 @@ fn overlay_dir(
             auth => overlay.auth,
             auth_header => AUTHORIZATION_HEADER,
             host_token_path => HOST_TOKEN_PATH.0,
-            auth_secret => AUTH_SECRET,
-            auth_mount_dir => AUTH_MOUNT_DIR,
+            auth_secret => CLIENT_TOKENS_SECRET,
+            auth_mount_dir => auth::CLIENT_TOKENS_MOUNT_DIR,
         },
     );
     tree.insert(&dir("README.md"), GeneratedFile::text(readme));

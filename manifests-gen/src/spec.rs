@@ -224,7 +224,10 @@ pub struct OverlaySpec {
     pub namespace: String,
     /// Where the server and worker images come from.
     pub images: ImagesSpec,
-    /// Require a bearer token from clients and workers (secret `buildkube-auth`).
+    /// Require bearer tokens: a worker token (secret `buildkube-worker-token`)
+    /// and client tokens for CI and developers (secret
+    /// `buildkube-client-tokens`), checked by the server's `--auth-config`
+    /// (ConfigMap `buildkube-auth`).
     pub auth: bool,
     /// Generate the secret `buildkube-worker-credentials` (git credentials,
     /// an SSH key, known_hosts and an env script) and mount it into the

@@ -4,12 +4,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use buildkube_config as names;
 
+use crate::auth::{Authenticator, Caller, Identity};
 use crate::farm::Farm;
 
 /// What the HTTP handlers read. The HTTP port serves from the start, before
@@ -21,6 +22,38 @@ pub struct HttpState {
     pub farm: Arc<OnceLock<Arc<Farm>>>,
     /// True once the gRPC listener serves.
     pub ready: Arc<AtomicBool>,
+    /// The credentials, with `--auth-config`: then the operation pages need
+    /// a client token with the `read` scope (they name actions and workers).
+    pub auth: Option<Arc<Authenticator>>,
+}
+
+impl HttpState {
+    /// The client calling, or 401 when auth is on and the request has no
+    /// valid token, 403 for a worker credential.
+    #[allow(clippy::result_large_err)]
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, Response> {
+        let Some(auth) = &self.auth else {
+            return Ok(Caller::Open);
+        };
+        match auth.resolve(
+            headers
+                .get(names::AUTHORIZATION_HEADER)
+                .map(|v| v.as_bytes()),
+        ) {
+            Caller::Unauthenticated(why) => Err((
+                StatusCode::UNAUTHORIZED,
+                [("www-authenticate", "Bearer")],
+                format!("{why}\n"),
+            )
+                .into_response()),
+            Caller::Known(Identity::Worker { name }) => Err((
+                StatusCode::FORBIDDEN,
+                format!("worker credential `{name}` cannot read operations; use a client credential with scope `read`\n"),
+            )
+                .into_response()),
+            caller => Ok(caller),
+        }
+    }
 }
 
 /// The answer of the routes that need the farm while storage is opening.
@@ -71,23 +104,47 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         .into_response()
 }
 
+/// The operations of the instances the caller may read.
 async fn recent_operations(
     State(state): State<HttpState>,
+    headers: HeaderMap,
     Query(query): Query<RecentQuery>,
 ) -> Response {
+    let caller = match state.caller(&headers) {
+        Ok(caller) => caller,
+        Err(response) => return response,
+    };
     let Some(farm) = state.farm.get() else {
         return opening();
     };
-    Json(farm.scheduler.recent(query.limit.unwrap_or(100))).into_response()
+    let limit = query.limit.unwrap_or(100);
+    Json(farm.scheduler.recent(limit, |i| caller.may_read(i))).into_response()
 }
 
-async fn operation(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+/// One operation, by the id that ends its name (`INSTANCE/operations/ID`).
+async fn operation(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let caller = match state.caller(&headers) {
+        Ok(caller) => caller,
+        Err(response) => return response,
+    };
+    let name = format!("operations/{id}");
     let Some(farm) = state.farm.get() else {
         return opening();
     };
-    let name = format!("operations/{id}");
-    match farm.scheduler.summary_of(&name) {
-        Some(summary) => Json(summary).into_response(),
+    match farm.scheduler.summary_by_id(&id) {
+        Some(summary) if caller.may_read(&summary.instance) => Json(summary).into_response(),
+        Some(summary) => (
+            StatusCode::FORBIDDEN,
+            format!(
+                "this credential lacks scope `read` on instance {:?}\n",
+                summary.instance
+            ),
+        )
+            .into_response(),
         None => (
             StatusCode::NOT_FOUND,
             format!("operation {name} not found\n"),

@@ -12,6 +12,7 @@
 // older clients such as Bazel 4 send, so they are read deliberately.
 #![allow(deprecated)]
 
+pub mod auth;
 pub mod error;
 pub mod farm;
 pub mod http;
@@ -40,34 +41,12 @@ use buildkube_proto::worker::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::Authenticator;
 use crate::farm::Farm;
 use crate::instances::Instances;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::service::MAX_GRPC_MESSAGE;
-
-/// Checks `authorization: Bearer TOKEN` on every gRPC call when a token is configured.
-fn auth_check(
-    token: Option<String>,
-) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
-    let expected = token.map(|t| format!("Bearer {}", t.trim()));
-    move |request: tonic::Request<()>| {
-        let Some(expected) = &expected else {
-            return Ok(request);
-        };
-        match request
-            .metadata()
-            .get(buildkube_config::AUTHORIZATION_HEADER)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(given) if given == expected => Ok(request),
-            Some(_) => Err(tonic::Status::unauthenticated("wrong bearer token")),
-            None => Err(tonic::Status::unauthenticated(
-                "this server requires `authorization: Bearer <token>`",
-            )),
-        }
-    }
-}
 
 fn write_addr_file(path: &Path, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
@@ -85,12 +64,21 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let instances = Instances::new(&args.instances)?;
-    let token = match &args.auth_token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("--auth-token-file {}", path.display()))?,
-        ),
-        None => None,
+    let auth = match &args.auth_config {
+        Some(path) => {
+            let config =
+                buildkube_config::auth::AuthConfig::load(path).map_err(anyhow::Error::msg)?;
+            Some(Arc::new(Authenticator::from_config(&config)?))
+        }
+        None => {
+            tracing::warn!("no --auth-config: this server is open, anyone who can reach it may read, write and execute, and serve as a worker");
+            None
+        }
+    };
+    // The in-process workers get a worker credential that exists only in memory.
+    let local_worker_token = match &auth {
+        Some(auth) if args.local_workers > 0 => Some(auth.add_local_worker_token()),
+        _ => None,
     };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
@@ -122,7 +110,10 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let http_state = http::HttpState::default();
+    let http_state = http::HttpState {
+        auth: auth.clone(),
+        ..Default::default()
+    };
     let http_server = axum::serve(http_listener, http::router(http_state.clone()))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let http = tokio::spawn(async move { http_server.await });
@@ -170,6 +161,18 @@ pub async fn run(
             }
         })
     };
+    // Kubernetes replaces a Secret's files in place: re-read them so keys
+    // rotate without a restart.
+    let token_reloader = auth.clone().map(|auth| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(auth::TOKEN_RELOAD_INTERVAL);
+            loop {
+                tick.tick().await;
+                let auth = auth.clone();
+                let _ = tokio::task::spawn_blocking(move || auth.reload()).await;
+            }
+        })
+    });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -179,13 +182,14 @@ pub async fn run(
         .set_serving::<ContentAddressableStorageServer<service::CasService>>()
         .await;
 
-    let auth = auth_check(token);
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         // Outermost: every status, the interceptor's included, leaves through it.
         .layer(crate::error::TruncateStatusLayer)
-        .layer(tonic::service::InterceptorLayer::new(auth))
+        .layer(tonic::service::InterceptorLayer::new(auth::interceptor(
+            auth.clone(),
+        )))
         .add_service(health_service)
         .add_service(CapabilitiesServer::new(service::CapabilitiesService::new(
             farm.clone(),
@@ -235,15 +239,15 @@ pub async fn run(
             work_dir: args.data_dir.join("local-workers").join(i.to_string()),
             concurrency: Some(1),
             worker_id: Some(format!("local-{i}")),
-            auth_token_file: args.auth_token_file.clone(),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             log_format: args.log_format,
             action_limits: args.action_limits.clone(),
             ..WorkerArgs::default()
         };
-        let worker = buildkube_worker::Worker::start(worker_args)
-            .await
-            .with_context(|| format!("starting in-process worker {i}"))?;
+        let worker =
+            buildkube_worker::Worker::start_with_token(worker_args, local_worker_token.clone())
+                .await
+                .with_context(|| format!("starting in-process worker {i}"))?;
         local_workers.push(tokio::spawn(worker.run(stopped(stop_rx.clone()))));
     }
 
@@ -259,6 +263,9 @@ pub async fn run(
     grpc.await?.context("gRPC server failed")?;
     http.await?.context("HTTP server failed")?;
     reaper.abort();
+    if let Some(reloader) = token_reloader {
+        reloader.abort();
+    }
     tracing::info!("buildkube server stopped");
     Ok(())
 }

@@ -17,13 +17,26 @@ pub struct HttpResponse {
 
 /// `GET path` on `addr` with `Connection: close`; `timeout` bounds connect, each read and each write.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpResponse> {
+    http_get_with(addr, path, None, timeout)
+}
+
+/// [`http_get`] sending `authorization: Bearer TOKEN` if `token` is set.
+pub fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<HttpResponse> {
+    let authorization = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to http://{addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n"
     )
     .with_context(|| format!("sending GET http://{addr}{path}"))?;
     let mut raw = Vec::new();

@@ -11,6 +11,7 @@
 //! The binaries are found with [`bin_path`]; build them first with
 //! `cargo build --workspace --bins` (the test command in the README does).
 
+pub mod auth;
 mod daemon;
 pub mod fixture;
 mod http;
@@ -24,11 +25,12 @@ mod worker;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use auth::TestCredentials;
 pub use bazel::{
     remote_cache_flags, remote_execution_flags, Bazel, BazelRun, ProcessSummary, BAZEL_ENV,
 };
 pub use daemon::LogFiles;
-pub use http::{http_get, HttpResponse};
+pub use http::{http_get, http_get_with, HttpResponse};
 pub use proxy::TcpProxy;
 pub use server::Server;
 pub use worker::{Worker, DEFAULT_TEST_CONCURRENCY};

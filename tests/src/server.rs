@@ -10,7 +10,7 @@ use buildkube_config::{ServerArgs, METRICS_PATH, METRIC_WORKERS_CONNECTED, READY
 use tempfile::TempDir;
 
 use crate::daemon::{Daemon, LogFiles};
-use crate::http::{http_get, HttpResponse};
+use crate::http::{http_get, http_get_with, HttpResponse};
 use crate::operations::{Operation, OPERATIONS_PATH};
 use crate::{bin_path, poll_until};
 
@@ -161,6 +161,11 @@ impl Server {
     /// `GET path` on the HTTP listener.
     pub fn http_get(&self, path: &str) -> Result<HttpResponse> {
         http_get(self.http_addr, path, HTTP_TIMEOUT)
+    }
+
+    /// `GET path` on the HTTP listener with `authorization: Bearer TOKEN`.
+    pub fn http_get_as(&self, path: &str, token: &str) -> Result<HttpResponse> {
+        http_get_with(self.http_addr, path, Some(token), HTTP_TIMEOUT)
     }
 
     /// The server's recent operations (up to 10,000), newest first.

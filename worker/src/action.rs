@@ -1,5 +1,5 @@
 //! One leased action from start to result: fetch the input root, run the
-//! command, upload what it produced, write the action cache.
+//! command, upload what it produced (the server writes the action cache).
 
 // The legacy fields (Command.platform, output symlink lists) are still in use.
 #![allow(deprecated)]
@@ -8,12 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use buildkube_proto::reapi::action_cache_client::ActionCacheClient;
-use buildkube_proto::reapi::{
-    ActionResult, Command, ExecutedActionMetadata, Platform, UpdateActionResultRequest,
-};
+use buildkube_proto::reapi::{ActionResult, Command, ExecutedActionMetadata, Platform};
 use buildkube_proto::worker::{Lease, Stage};
-use buildkube_reapi::{AuthChannel, CasClient, Digest};
+use buildkube_reapi::{CasClient, Digest};
 use prost::Message as _;
 use tokio::sync::watch;
 use tonic::Code;
@@ -43,9 +40,7 @@ pub(crate) struct Limits {
 /// Everything an action needs from its worker.
 pub(crate) struct ActionContext {
     pub(crate) worker_id: String,
-    pub(crate) instance: String,
     pub(crate) cas: CasClient,
-    pub(crate) action_cache: ActionCacheClient<AuthChannel>,
     pub(crate) cache: Arc<FileCache>,
     /// Parent of the per-action directories.
     pub(crate) actions_dir: PathBuf,
@@ -482,34 +477,8 @@ async fn execute_in(
         return Err(Stop::Failed(error.with_partial(result)));
     }
 
-    // Action cache, before the server hears of the result.
-    if result.exit_code == 0 && !action.do_not_cache {
-        let action_digest = lease.action_digest.clone();
-        let update = with_retries("writing the action cache", signals, || async {
-            ctx.action_cache
-                .clone()
-                .update_action_result(UpdateActionResultRequest {
-                    instance_name: ctx.instance.clone(),
-                    action_digest: action_digest.clone(),
-                    action_result: Some(result.clone()),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|status| {
-                    ActionError::new(
-                        status.code(),
-                        format!("UpdateActionResult: {}", status.message()),
-                    )
-                })
-        })
-        .await;
-        match update {
-            Ok(_) => debug!("action cache written"),
-            Err(Stop::Abandoned) => return Err(Stop::Abandoned),
-            // The result is still good; only its caching failed.
-            Err(Stop::Failed(e)) => warn!(error = %e, "could not write the action cache"),
-        }
-    }
+    // The server writes the action cache when it accepts the result: a
+    // worker credential cannot write it (see the server's auth module).
     Ok(result)
 }
 

@@ -56,7 +56,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use buildkube_config::{WorkerArgs, PLATFORM_RUNNER_KEY};
-use buildkube_proto::reapi::action_cache_client::ActionCacheClient;
 use buildkube_proto::reapi::platform::Property;
 use buildkube_proto::reapi::Platform;
 use buildkube_proto::worker::{
@@ -93,14 +92,9 @@ const COMPLETE_GRACE: Duration = Duration::from_secs(30);
 /// Why the worker could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The auth token file could not be read.
-    #[error("reading the auth token file {}: {source}", path.display())]
-    AuthToken {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    /// The auth token file could not be read, or is empty.
+    #[error("--auth-token-file: {0}")]
+    AuthToken(#[from] buildkube_config::auth::TokenFileError),
     /// The work directory could not be prepared.
     #[error("preparing the work directory {}: {source}", path.display())]
     WorkDir {
@@ -237,6 +231,29 @@ impl Worker {
     /// the file cache), probes the sandbox, binds the HTTP listener and
     /// starts serving it. No server connection is made yet.
     pub async fn start(args: WorkerArgs) -> Result<Worker, WorkerError> {
+        let token = match &args.auth_token_file {
+            Some(path) => {
+                let path = path.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || {
+                        buildkube_config::auth::read_token_file(&path)
+                    })
+                    .await
+                    .expect("token file task panicked")?,
+                )
+            }
+            None => None,
+        };
+        Worker::start_with_token(args, token).await
+    }
+
+    /// Like [`Worker::start`], with the bearer token given instead of read
+    /// from `--auth-token-file` (the server's in-process workers get theirs
+    /// from memory).
+    pub async fn start_with_token(
+        args: WorkerArgs,
+        token: Option<String>,
+    ) -> Result<Worker, WorkerError> {
         let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
         let concurrency = args
             .concurrency
@@ -244,19 +261,6 @@ impl Worker {
         if concurrency == 0 {
             return Err(WorkerError::NoSlots);
         }
-        let token = match &args.auth_token_file {
-            Some(path) => Some(
-                tokio::fs::read_to_string(path)
-                    .await
-                    .map_err(|source| WorkerError::AuthToken {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_string(),
-            ),
-            None => None,
-        };
         if let Some(path) = &args.env_script {
             tokio::fs::metadata(path)
                 .await
@@ -325,9 +329,7 @@ impl Worker {
         };
         let ctx = ActionContext {
             worker_id: worker_id.clone(),
-            instance: args.instance.clone(),
             cas: CasClient::new(channel.clone(), &args.instance),
-            action_cache: ActionCacheClient::new(channel.clone()),
             cache: Arc::new(cache),
             actions_dir,
             work_dir: work_dir.clone(),

@@ -298,6 +298,78 @@ fn file_source(
 /// With external stores, the server reads a storage config from a ConfigMap
 /// that parses, names the PostgreSQL and Redis Services, and takes the
 /// PostgreSQL password from its Secret; without them, the embedded default.
+/// Where the server's worker and client tokens come from.
+struct AuthSources {
+    worker_sources: BTreeSet<(String, String)>,
+    client_sources: BTreeSet<(String, String)>,
+}
+
+/// The server's `--auth-config` comes from a ConfigMap and parses; every
+/// token file it names is mounted from a Secret; no Secret holds both a
+/// worker's and a client's token.
+fn auth_invariants(
+    built: &Built,
+    server: &ServerArgs,
+    pod: &Value,
+    container: &Value,
+    bad: &mut Vec<String>,
+) -> Option<AuthSources> {
+    use buildkube_config::auth::AuthConfig;
+    let path = server.auth_config.as_ref()?;
+    let (kind, name) = match file_source(built, pod, container, path) {
+        Ok(source) => source,
+        Err(e) => {
+            bad.push(format!("server --auth-config: {e}"));
+            return None;
+        }
+    };
+    let key = path.file_name().unwrap().to_string_lossy();
+    let text = built.find(&kind, &name).unwrap()["data"][key.as_ref()]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let config = match AuthConfig::from_yaml(&text) {
+        Ok(config) => config,
+        Err(e) => {
+            bad.push(format!("{kind} {name} {key} does not parse: {e}"));
+            return None;
+        }
+    };
+    let mut sources = AuthSources {
+        worker_sources: BTreeSet::new(),
+        client_sources: BTreeSet::new(),
+    };
+    let files = config
+        .workers
+        .iter()
+        .map(|w| (true, &w.token_file))
+        .chain(config.clients.iter().map(|c| (false, &c.token_file)));
+    for (worker, file) in files {
+        match file_source(built, pod, container, file) {
+            Ok(source) if source.0 == "Secret" => {
+                if worker {
+                    sources.worker_sources.insert(source);
+                } else {
+                    sources.client_sources.insert(source);
+                }
+            }
+            Ok(source) => bad.push(format!(
+                "token {} comes from {source:?}, not a Secret",
+                file.display()
+            )),
+            Err(e) => bad.push(format!("server token {}: {e}", file.display())),
+        }
+    }
+    if let Some(shared) = sources
+        .worker_sources
+        .intersection(&sources.client_sources)
+        .next()
+    {
+        bad.push(format!("{shared:?} holds both worker and client tokens"));
+    }
+    Some(sources)
+}
+
 fn storage_invariants(
     built: &Built,
     external_stores: bool,
@@ -633,13 +705,9 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
     if container_port(server_pod, &"http".into()) != Some(server.http_listen.port().into()) {
         bad.push("server --http-listen port is not the container's http port".into());
     }
-    let mut token_secrets = BTreeSet::new();
-    if let Some(path) = &server.auth_token_file {
-        match file_source(built, server_pod, server_container, path) {
-            Ok(source) => drop(token_secrets.insert(source)),
-            Err(e) => bad.push(format!("server --auth-token-file: {e}")),
-        }
-    }
+    // Issue 8: worker and client tokens come from different Secrets, every
+    // token the server's --auth-config names is mounted in the server.
+    let auth = auth_invariants(built, &server, server_pod, server_container, &mut bad);
     bad.extend(storage_invariants(
         built,
         overlay.is_some_and(|o| o.external_stores),
@@ -754,15 +822,35 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
                 worker.drain_timeout_secs, worker.max_action_timeout_secs
             ));
         }
-        match (&worker.auth_token_file, &server.auth_token_file) {
-            (Some(path), Some(_)) => match file_source(built, pod, container, path) {
-                Ok(source) => drop(token_secrets.insert(source)),
+        match (&worker.auth_token_file, &auth) {
+            (Some(path), Some(auth)) => match file_source(built, pod, container, path) {
+                Ok(source) if auth.worker_sources.contains(&source) => {}
+                Ok(source) => bad.push(format!(
+                    "{name}: --auth-token-file comes from {source:?}, not a worker token of the server's --auth-config ({:?})",
+                    auth.worker_sources
+                )),
                 Err(e) => bad.push(format!("{name}: --auth-token-file: {e}")),
             },
             (None, None) => {}
             _ => bad.push(format!(
                 "{name}: auth is on in one of server and worker only"
             )),
+        }
+        if let Some(auth) = &auth {
+            for m in container["volumeMounts"].as_array().into_iter().flatten() {
+                let volume = pod["volumes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v["name"] == m["name"]);
+                let secret = volume.map(|v| str_of(&v["secret"]["secretName"]).to_string());
+                if let Some(secret) = secret.filter(|s| {
+                    auth.client_sources
+                        .contains(&("Secret".to_string(), s.clone()))
+                }) {
+                    bad.push(format!("{name}: mounts the client token Secret {secret}"));
+                }
+            }
         }
         if let Some(path) = &worker.env_script {
             if let Err(e) = file_source(built, pod, container, path) {
@@ -794,11 +882,6 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
                 }
             }
         }
-    }
-    if token_secrets.len() > 1 {
-        bad.push(format!(
-            "server and workers read the token from different sources: {token_secrets:?}"
-        ));
     }
 
     // Overlays (not the base) pin every image, and the client configuration
@@ -1285,11 +1368,16 @@ fn client_files_invariants(
         })
         .collect();
     let tls = http_scheme == "https";
-    // A token path that exists where the files are used: the Secret mounted
-    // where the server reads it, in a pod; the user's home, on a machine.
+    // A token path that exists where the files are used: a client token
+    // Secret mounted where the server reads it, in a pod; the user's home,
+    // on a machine.
     let token_ok = |path: &str| {
         if in_cluster {
-            server.auth_token_file.as_deref() == Some(Path::new(path))
+            server.auth_config.is_some()
+                && manifests_gen::auth::auth_config()
+                    .clients
+                    .iter()
+                    .any(|c| c.token_file == Path::new(path))
         } else {
             path.starts_with("~/") || path.starts_with("$HOME/")
         }
@@ -1507,7 +1595,7 @@ fn invariants_catch_a_broken_overlay() {
             args[1] = "--instance=typo".into();
             doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30.into();
         }
-        if doc["kind"] == "Secret" && name_of(doc).starts_with("buildkube-auth") {
+        if doc["kind"] == "Secret" && name_of(doc).starts_with("buildkube-worker-token") {
             doc["metadata"]["name"] = "renamed".into();
         }
     }
@@ -1516,7 +1604,7 @@ fn invariants_catch_a_broken_overlay() {
         "targetPort 9999 is not a container port",
         "--instance=typo is not served",
         "does not exceed --drain-timeout-secs",
-        "references Secret buildkube-auth-",
+        "references Secret buildkube-worker-token-",
     ] {
         assert!(
             failures.contains(expected),

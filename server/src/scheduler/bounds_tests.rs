@@ -71,15 +71,20 @@ async fn finished_platforms_leave_no_queues_or_series() {
             == 1500
     );
     for _ in 0..1500 {
-        let lease = s.lease(&worker, NO_WAIT).await.unwrap();
+        let lease = s.lease(&worker, "open", NO_WAIT).await.unwrap();
         let outcome = LeaseOutcome::Ran(reapi::ActionResult::default());
-        assert!(s.complete(
-            "w",
-            &lease.lease_id,
-            &lease.operation_name,
-            outcome,
-            String::new()
-        ));
+        assert!(s
+            .complete(
+                &LeaseHolder {
+                    identity: "open".into(),
+                    worker_id: "w".into(),
+                },
+                &lease.lease_id,
+                &lease.operation_name,
+                outcome,
+                String::new()
+            )
+            .unwrap());
     }
     assert!(receivers.iter().all(|(_, r)| r.borrow().done));
     assert!(s.state.lock().unwrap().queues.is_empty());
@@ -123,16 +128,24 @@ async fn an_instance_holds_at_most_its_limit_of_unfinished_actions() {
     // Other instances have their own budget.
     let _r4 = s.enqueue(action_on("ci", "3", &[])).unwrap();
     // A finished action makes room (running ones still count).
-    let lease = s.lease(&worker_offering(&[]), NO_WAIT).await.unwrap();
+    let lease = s
+        .lease(&worker_offering(&[]), "open", NO_WAIT)
+        .await
+        .unwrap();
     assert!(s.enqueue(action_on("main", "3", &[])).is_err());
     let outcome = LeaseOutcome::Ran(reapi::ActionResult::default());
-    assert!(s.complete(
-        "w",
-        &lease.lease_id,
-        &lease.operation_name,
-        outcome,
-        String::new()
-    ));
+    assert!(s
+        .complete(
+            &LeaseHolder {
+                identity: "open".into(),
+                worker_id: "w".into(),
+            },
+            &lease.lease_id,
+            &lease.operation_name,
+            outcome,
+            String::new()
+        )
+        .unwrap());
     let _r5 = s.enqueue(action_on("main", "3", &[])).unwrap();
     assert!(s.enqueue(action_on("main", "4", &[])).is_err());
     // Cancelling frees a place too.
@@ -153,18 +166,26 @@ async fn leases_carry_the_command_digest_and_finished_operations_drop_the_comman
         3,
         "held by the test, `new` and the operation"
     );
-    let lease = s.lease(&worker_offering(&[]), NO_WAIT).await.unwrap();
+    let lease = s
+        .lease(&worker_offering(&[]), "open", NO_WAIT)
+        .await
+        .unwrap();
     assert_eq!(lease.command_digest, new.action.command_digest);
     assert_eq!(
         lease.command_digest.unwrap(),
         Digest::of_message(&*command).to_proto()
     );
-    assert!(s.complete(
-        "w",
-        &lease.lease_id,
-        &name,
-        LeaseOutcome::Ran(reapi::ActionResult::default()),
-        String::new()
-    ));
+    assert!(s
+        .complete(
+            &LeaseHolder {
+                identity: "open".into(),
+                worker_id: "w".into(),
+            },
+            &lease.lease_id,
+            &name,
+            LeaseOutcome::Ran(reapi::ActionResult::default()),
+            String::new()
+        )
+        .unwrap());
     assert_eq!(Arc::strong_count(&command), 2);
 }

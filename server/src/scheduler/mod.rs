@@ -8,6 +8,7 @@
 //! the operation fails with a clear error. Identical in-flight actions
 //! (same instance and action digest, cacheable) share one operation.
 
+mod leases;
 mod platform;
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -22,7 +23,10 @@ use buildkube_reapi::Digest;
 use prost::Message;
 use tokio::sync::{watch, Notify};
 
+pub use leases::{instance_of_operation, operation_name, LeaseHolder, LeaseRefused};
 pub use platform::PlatformKey;
+
+use leases::EndedLeases;
 
 /// Tuning of the scheduler.
 #[derive(Debug, Clone)]
@@ -188,7 +192,32 @@ struct Operation {
 struct LeaseRecord {
     operation: String,
     worker: String,
+    /// Name of the worker credential the lease was taken with.
+    identity: String,
     deadline: Instant,
+}
+
+impl LeaseRecord {
+    fn holder(&self) -> LeaseHolder {
+        LeaseHolder {
+            identity: self.identity.clone(),
+            worker_id: self.worker.clone(),
+        }
+    }
+
+    fn held_by(&self, holder: &LeaseHolder) -> bool {
+        self.worker == holder.worker_id && self.identity == holder.identity
+    }
+}
+
+/// What a lease id names, for a caller that passed the holder check.
+enum LeaseState {
+    /// A live lease of the caller's, on this operation.
+    Active(String),
+    /// The caller's lease that expired or was released, on this operation.
+    Ended(String),
+    /// No lease we know of, and no running operation it could be for.
+    Unknown,
 }
 
 struct WorkerRecord {
@@ -215,6 +244,7 @@ struct State {
     in_flight: HashMap<(String, Digest), String>,
     queues: BTreeMap<QueueKey, BinaryHeap<Queued>>,
     leases: HashMap<String, LeaseRecord>,
+    ended_leases: EndedLeases,
     workers: HashMap<String, WorkerRecord>,
     finished: VecDeque<String>,
     outcomes: BTreeMap<Outcome, u64>,
@@ -378,7 +408,7 @@ impl Scheduler {
             });
         }
         *unfinished += 1;
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let name = operation_name(&new.instance);
         let platform = PlatformKey::from_proto(
             new.action
                 .platform
@@ -438,7 +468,7 @@ impl Scheduler {
         action_digest: Digest,
         result: reapi::ActionResult,
     ) -> longrunning::Operation {
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let name = operation_name(instance);
         let response = reapi::ExecuteResponse {
             result: Some(result),
             cached_result: true,
@@ -503,10 +533,10 @@ impl Scheduler {
             .map(|op| op.updates.borrow().clone())
     }
 
-    /// Operations of `instance` (all if `None`), ordered by name, paged.
+    /// Operations of the instances `visible` accepts, ordered by name, paged.
     pub fn list(
         &self,
-        instance: Option<&str>,
+        visible: impl Fn(&str) -> bool,
         page_size: usize,
         page_token: &str,
     ) -> (Vec<longrunning::Operation>, String) {
@@ -514,9 +544,7 @@ impl Scheduler {
         let mut names: Vec<&String> = state
             .operations
             .iter()
-            .filter(|(name, op)| {
-                instance.is_none_or(|i| op.instance == i) && name.as_str() > page_token
-            })
+            .filter(|(name, op)| visible(&op.instance) && name.as_str() > page_token)
             .map(|(name, _)| name)
             .collect();
         names.sort();
@@ -534,10 +562,15 @@ impl Scheduler {
         (ops, next)
     }
 
-    /// Timelines of the most recent operations, newest first.
-    pub fn recent(&self, limit: usize) -> Vec<OperationSummary> {
+    /// Timelines of the most recent operations of the instances `visible`
+    /// accepts, newest first.
+    pub fn recent(&self, limit: usize, visible: impl Fn(&str) -> bool) -> Vec<OperationSummary> {
         let state = self.state.lock().unwrap();
-        let mut ops: Vec<(&String, &Operation)> = state.operations.iter().collect();
+        let mut ops: Vec<(&String, &Operation)> = state
+            .operations
+            .iter()
+            .filter(|(_, op)| visible(&op.instance))
+            .collect();
         ops.sort_by_key(|(_, op)| std::cmp::Reverse(op.timeline.first().map_or(0, |e| e.at_ms)));
         ops.into_iter()
             .take(limit)
@@ -549,6 +582,25 @@ impl Scheduler {
     pub fn summary_of(&self, name: &str) -> Option<OperationSummary> {
         let state = self.state.lock().unwrap();
         state.operations.get(name).map(|op| Self::summary(name, op))
+    }
+
+    /// Timeline of the operation whose name ends in `operations/{id}`,
+    /// whatever its instance (for the HTTP page, which names it by id).
+    pub fn summary_by_id(&self, id: &str) -> Option<OperationSummary> {
+        if id.is_empty() || id.contains('/') {
+            return None;
+        }
+        let suffix = format!("operations/{id}");
+        let state = self.state.lock().unwrap();
+        state
+            .operations
+            .iter()
+            .find(|(name, _)| {
+                name.ends_with(&suffix)
+                    && (name.len() == suffix.len()
+                        || name[..name.len() - suffix.len()].ends_with('/'))
+            })
+            .map(|(name, op)| Self::summary(name, op))
     }
 
     fn summary(name: &str, op: &Operation) -> OperationSummary {
@@ -643,6 +695,8 @@ impl Scheduler {
                 if let Some(w) = state.workers.get_mut(&record.worker) {
                     w.leases.remove(&lease);
                 }
+                let holder = record.holder();
+                state.ended_leases.remember(lease, holder, record.operation);
             }
         }
         *state.outcomes.entry(outcome).or_default() += 1;
@@ -674,14 +728,21 @@ impl Scheduler {
     }
 
     /// Takes the best queued action `worker` can run, waiting up to `wait`.
-    pub async fn lease(&self, worker: &wire::WorkerInfo, wait: Duration) -> Option<wire::Lease> {
+    /// The lease is bound to `worker.worker_id` and the worker credential
+    /// `identity`: only both together may keep it alive or complete it.
+    pub async fn lease(
+        &self,
+        worker: &wire::WorkerInfo,
+        identity: &str,
+        wait: Duration,
+    ) -> Option<wire::Lease> {
         let offered = PlatformKey::from_proto(worker.platform.as_ref());
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.work_available.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(lease) = self.try_lease(worker, &offered) {
+            if let Some(lease) = self.try_lease(worker, identity, &offered) {
                 return Some(lease);
             }
             tokio::select! {
@@ -691,7 +752,12 @@ impl Scheduler {
         }
     }
 
-    fn try_lease(&self, worker: &wire::WorkerInfo, offered: &PlatformKey) -> Option<wire::Lease> {
+    fn try_lease(
+        &self,
+        worker: &wire::WorkerInfo,
+        identity: &str,
+        offered: &PlatformKey,
+    ) -> Option<wire::Lease> {
         let mut state = self.state.lock().unwrap();
         Self::touch_worker(&mut state, worker);
         let best = state
@@ -709,6 +775,7 @@ impl Scheduler {
         if queue.is_empty() {
             state.queues.remove(&best);
         }
+        // 122 random bits: a lease id cannot be guessed.
         let lease_id = uuid::Uuid::new_v4().to_string();
         let keep_alive = self.keep_alive_interval();
         let op = state.operations.get_mut(&name)?;
@@ -741,6 +808,7 @@ impl Scheduler {
             LeaseRecord {
                 operation: name,
                 worker: worker.worker_id.clone(),
+                identity: identity.to_string(),
                 deadline: Instant::now() + self.config.lease_timeout,
             },
         );
@@ -751,13 +819,30 @@ impl Scheduler {
     }
 
     /// Extends `worker`'s leases, records progress, and returns the leases the
-    /// worker must abandon (unknown, not its own, or cancelled).
+    /// worker must abandon (unknown, ended, or cancelled). A lease held by
+    /// another worker or credential refuses the whole call.
     pub fn keep_alive(
         &self,
         worker: &wire::WorkerInfo,
+        identity: &str,
         progress: &[wire::LeaseProgress],
-    ) -> Vec<String> {
+    ) -> Result<Vec<String>, LeaseRefused> {
+        let holder = LeaseHolder {
+            identity: identity.to_string(),
+            worker_id: worker.worker_id.clone(),
+        };
         let mut state = self.state.lock().unwrap();
+        for p in progress {
+            if let Some(record) = state.leases.get(&p.lease_id) {
+                if !record.held_by(&holder) {
+                    return Err(LeaseRefused {
+                        lease_id: p.lease_id.clone(),
+                        operation: record.operation.clone(),
+                        reason: format!("held by {}, not {holder}", record.holder()),
+                    });
+                }
+            }
+        }
         Self::touch_worker(&mut state, worker);
         let deadline = Instant::now() + self.config.lease_timeout;
         let mut abandon = Vec::new();
@@ -766,10 +851,6 @@ impl Scheduler {
                 abandon.push(p.lease_id.clone());
                 continue;
             };
-            if record.worker != worker.worker_id {
-                abandon.push(p.lease_id.clone());
-                continue;
-            }
             record.deadline = deadline;
             let name = record.operation.clone();
             if let Some(op) = state.operations.get_mut(&name) {
@@ -788,50 +869,134 @@ impl Scheduler {
                 }
             }
         }
-        abandon
+        Ok(abandon)
+    }
+
+    /// Checks that `holder` may report on `lease_id` for `operation`: its
+    /// live lease, or one of its leases that ended. Anyone else's lease, or
+    /// a lease id nobody was given for a running operation, is refused.
+    fn check_lease(
+        state: &State,
+        holder: &LeaseHolder,
+        lease_id: &str,
+        operation: &str,
+    ) -> Result<LeaseState, LeaseRefused> {
+        let refuse = |operation: &str, reason: String| LeaseRefused {
+            lease_id: lease_id.to_string(),
+            operation: operation.to_string(),
+            reason,
+        };
+        if let Some(record) = state.leases.get(lease_id) {
+            if !record.held_by(holder) {
+                return Err(refuse(
+                    &record.operation,
+                    format!("held by {}, not {holder}", record.holder()),
+                ));
+            }
+            if !operation.is_empty() && operation != record.operation {
+                return Err(refuse(
+                    operation,
+                    format!("the lease is for operation {:?}", record.operation),
+                ));
+            }
+            return Ok(LeaseState::Active(record.operation.clone()));
+        }
+        if let Some((ended_holder, ended_operation)) = state.ended_leases.get(lease_id) {
+            if ended_holder != holder {
+                return Err(refuse(
+                    ended_operation,
+                    format!("it was held by {ended_holder}, not {holder}"),
+                ));
+            }
+            return Ok(LeaseState::Ended(ended_operation.clone()));
+        }
+        let running = state
+            .operations
+            .get(operation)
+            .is_some_and(|op| op.stage != Stage::Completed);
+        if running {
+            return Err(refuse(
+                operation,
+                format!("no such lease was given to {holder} or anyone"),
+            ));
+        }
+        Ok(LeaseState::Unknown)
+    }
+
+    /// What the server must do with a result before accepting it: whether
+    /// `holder` may complete `lease_id`, and if so, where its result goes in
+    /// the action cache (`None`: not cacheable, or nothing to complete).
+    pub fn completion_target(
+        &self,
+        holder: &LeaseHolder,
+        lease_id: &str,
+        operation: &str,
+    ) -> Result<Option<(String, Digest)>, LeaseRefused> {
+        let state = self.state.lock().unwrap();
+        let name = match Self::check_lease(&state, holder, lease_id, operation)? {
+            LeaseState::Active(name) | LeaseState::Ended(name) => name,
+            LeaseState::Unknown => return Ok(None),
+        };
+        Ok(state
+            .operations
+            .get(&name)
+            .filter(|op| op.stage != Stage::Completed && !op.action.do_not_cache)
+            .map(|op| (op.instance.clone(), op.action_digest)))
     }
 
     /// Applies a worker's report. Returns whether it was accepted: the lease
-    /// is known, or the operation is still unfinished and the action ran (a
-    /// worker whose lease expired while it was cut off still delivers).
+    /// is the holder's live one, or the holder's lease expired while it was
+    /// cut off and the action ran but has not finished yet. A report on
+    /// someone else's lease, or on a lease id nobody was given for a running
+    /// operation, is refused.
     pub fn complete(
         &self,
-        worker_id: &str,
+        holder: &LeaseHolder,
         lease_id: &str,
         operation: &str,
         outcome: LeaseOutcome,
         message: String,
-    ) -> bool {
+    ) -> Result<bool, LeaseRefused> {
+        let worker_id = holder.worker_id.as_str();
         let mut state = self.state.lock().unwrap();
-        let known = state.leases.get(lease_id).map(|r| r.operation.clone());
-        let name = match known {
-            Some(name) => name,
-            None => {
+        let name = match Self::check_lease(&state, holder, lease_id, operation)? {
+            LeaseState::Active(name) => name,
+            LeaseState::Ended(name) => {
                 let running = state
                     .operations
-                    .get(operation)
+                    .get(&name)
                     .is_some_and(|op| op.stage != Stage::Completed);
                 if !running || !matches!(outcome, LeaseOutcome::Ran(_)) {
-                    tracing::info!(worker = worker_id, lease = lease_id, %operation, "result for an unknown lease dropped");
-                    return false;
+                    tracing::info!(worker = worker_id, lease = lease_id, operation = %name, "result for an ended lease dropped");
+                    return Ok(false);
                 }
                 // Take it out of the queue if it was requeued.
-                let op = &state.operations[operation];
+                let op = &state.operations[&name];
                 let key = QueueKey {
                     instance: op.instance.clone(),
                     platform: op.platform.clone(),
                 };
-                state.unqueue(&key, operation);
-                operation.to_string()
+                state.unqueue(&key, &name);
+                state.ended_leases.forget(lease_id);
+                name
+            }
+            LeaseState::Unknown => {
+                tracing::info!(worker = worker_id, lease = lease_id, %operation, "result for an unknown lease dropped");
+                return Ok(false);
             }
         };
         if let Some(record) = state.leases.remove(lease_id) {
             if let Some(w) = state.workers.get_mut(&record.worker) {
                 w.leases.remove(lease_id);
             }
+            // A repeated report (a retried call) then finds an ended lease.
+            let holder = record.holder();
+            state
+                .ended_leases
+                .remember(lease_id.to_string(), holder, record.operation);
         }
         let Some(op) = state.operations.get(&name) else {
-            return false;
+            return Ok(false);
         };
         let queued_at = op.queued_at;
         let digest = op.action_digest;
@@ -870,7 +1035,7 @@ impl Scheduler {
                 {
                     drop(state);
                     self.work_available.notify_waiters();
-                    return true;
+                    return Ok(true);
                 }
                 tracing::warn!(operation = %name, action = %digest, worker = worker_id, code = error.code, error = %error.message, "action failed to run");
                 // What the command produced before it failed (timeout, stdio cap)
@@ -910,7 +1075,7 @@ impl Scheduler {
             Some(worker_id),
             self.config.retain_finished,
         );
-        true
+        Ok(true)
     }
 
     /// Timeline events from the worker's own timestamps, which are exact even
@@ -999,6 +1164,10 @@ impl Scheduler {
             if let Some(w) = state.workers.get_mut(&record.worker) {
                 w.leases.remove(&lease_id);
             }
+            // Its holder may still deliver a late result; nobody else may.
+            state
+                .ended_leases
+                .remember(lease_id, record.holder(), record.operation.clone());
             let max_attempts = self.config.max_attempts;
             let Some(op) = state.operations.get_mut(&record.operation) else {
                 continue;

@@ -48,6 +48,15 @@ fn ran(exit_code: i32) -> LeaseOutcome {
 }
 
 const NO_WAIT: Duration = Duration::from_millis(1);
+/// The worker credential every test worker uses (as without auth).
+const ID: &str = "open";
+
+fn holder(worker_id: &str) -> LeaseHolder {
+    LeaseHolder {
+        identity: ID.into(),
+        worker_id: worker_id.into(),
+    }
+}
 
 #[tokio::test]
 async fn leases_by_platform_then_priority_then_fifo() {
@@ -58,22 +67,28 @@ async fn leases_by_platform_then_priority_then_fifo() {
     let (linux_later, _r4) = s.enqueue(action("d", &[("OSFamily", "Linux")], 0)).unwrap();
 
     let cpu = worker("cpu", &[("OSFamily", "Linux")]);
-    assert_eq!(s.lease(&cpu, NO_WAIT).await.unwrap().operation_name, urgent);
     assert_eq!(
-        s.lease(&cpu, NO_WAIT).await.unwrap().operation_name,
+        s.lease(&cpu, ID, NO_WAIT).await.unwrap().operation_name,
+        urgent
+    );
+    assert_eq!(
+        s.lease(&cpu, ID, NO_WAIT).await.unwrap().operation_name,
         linux_late
     );
     assert_eq!(
-        s.lease(&cpu, NO_WAIT).await.unwrap().operation_name,
+        s.lease(&cpu, ID, NO_WAIT).await.unwrap().operation_name,
         linux_later
     );
     assert!(
-        s.lease(&cpu, NO_WAIT).await.is_none(),
+        s.lease(&cpu, ID, NO_WAIT).await.is_none(),
         "gpu action must not go to a cpu worker"
     );
     let gpu_worker = worker("gpu", &[("gpu", "1"), ("OSFamily", "Linux")]);
     assert_eq!(
-        s.lease(&gpu_worker, NO_WAIT).await.unwrap().operation_name,
+        s.lease(&gpu_worker, ID, NO_WAIT)
+            .await
+            .unwrap()
+            .operation_name,
         gpu
     );
 }
@@ -97,8 +112,10 @@ async fn identical_in_flight_actions_merge_unless_do_not_cache() {
 async fn waiting_worker_wakes_when_work_arrives() {
     let s = std::sync::Arc::new(Scheduler::new(SchedulerConfig::default()));
     let s2 = s.clone();
-    let waiter =
-        tokio::spawn(async move { s2.lease(&worker("w", &[]), Duration::from_secs(30)).await });
+    let waiter = tokio::spawn(async move {
+        s2.lease(&worker("w", &[]), ID, Duration::from_secs(30))
+            .await
+    });
     tokio::task::yield_now().await;
     let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
     let lease = tokio::time::timeout(Duration::from_secs(5), waiter)
@@ -113,16 +130,18 @@ async fn completion_reaches_watchers_and_counts_outcome() {
     let s = Scheduler::new(SchedulerConfig::default());
     let (name, mut updates) = s.enqueue(action("x", &[], 0)).unwrap();
     let w = worker("w", &[]);
-    let lease = s.lease(&w, NO_WAIT).await.unwrap();
+    let lease = s.lease(&w, ID, NO_WAIT).await.unwrap();
     assert!(s
         .keep_alive(
             &w,
+            ID,
             &[wire::LeaseProgress {
                 lease_id: lease.lease_id.clone(),
                 stage: wire::Stage::Executing as i32,
                 since: None
             }]
         )
+        .unwrap()
         .is_empty());
     let stamp = |s: i64| {
         Some(prost_types::Timestamp {
@@ -139,13 +158,15 @@ async fn completion_reaches_watchers_and_counts_outcome() {
         }),
         ..Default::default()
     };
-    assert!(s.complete(
-        "w",
-        &lease.lease_id,
-        &name,
-        LeaseOutcome::Ran(result),
-        String::new()
-    ));
+    assert!(s
+        .complete(
+            &holder("w"),
+            &lease.lease_id,
+            &name,
+            LeaseOutcome::Ran(result),
+            String::new()
+        )
+        .unwrap());
     updates.changed().await.unwrap();
     let op = updates.borrow().clone();
     assert!(op.done);
@@ -184,10 +205,10 @@ async fn expired_lease_is_requeued_then_fails_after_max_attempts() {
         ..Default::default()
     });
     let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
-    let l1 = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
+    let l1 = s.lease(&worker("w1", &[]), ID, NO_WAIT).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     s.reap();
-    let l2 = s.lease(&worker("w2", &[]), NO_WAIT).await.unwrap();
+    let l2 = s.lease(&worker("w2", &[]), ID, NO_WAIT).await.unwrap();
     assert_eq!(l2.operation_name, name);
     assert_eq!(l2.attempt, 2);
     assert_ne!(l1.lease_id, l2.lease_id);
@@ -195,12 +216,14 @@ async fn expired_lease_is_requeued_then_fails_after_max_attempts() {
     assert_eq!(
         s.keep_alive(
             &worker("w1", &[]),
+            ID,
             &[wire::LeaseProgress {
                 lease_id: l1.lease_id.clone(),
                 stage: 0,
                 since: None
             }]
-        ),
+        )
+        .unwrap(),
         vec![l1.lease_id.clone()]
     );
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -225,16 +248,19 @@ async fn late_result_of_expired_lease_is_accepted_once() {
         ..Default::default()
     });
     let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
-    let l1 = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
+    let l1 = s.lease(&worker("w1", &[]), ID, NO_WAIT).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     s.reap();
-    assert!(s.complete("w1", &l1.lease_id, &name, ran(0), String::new()));
+    assert!(s
+        .complete(&holder("w1"), &l1.lease_id, &name, ran(0), String::new())
+        .unwrap());
     assert!(
-        s.lease(&worker("w2", &[]), NO_WAIT).await.is_none(),
+        s.lease(&worker("w2", &[]), ID, NO_WAIT).await.is_none(),
         "requeued copy must be withdrawn"
     );
     assert!(
-        !s.complete("w1", &l1.lease_id, &name, ran(0), String::new()),
+        !s.complete(&holder("w1"), &l1.lease_id, &name, ran(0), String::new())
+            .unwrap(),
         "second report is a duplicate"
     );
     assert_eq!(s.stats().outcomes[&Outcome::Success], 1);
@@ -250,14 +276,17 @@ async fn cancel_queued_and_running() {
 
     let (running, _r2) = s.enqueue(action("r", &[], 0)).unwrap();
     let w = worker("w", &[]);
-    let lease = s.lease(&w, NO_WAIT).await.unwrap();
+    let lease = s.lease(&w, ID, NO_WAIT).await.unwrap();
     assert!(s.cancel(&running, "test"));
     let progress = [wire::LeaseProgress {
         lease_id: lease.lease_id.clone(),
         stage: 2,
         since: None,
     }];
-    assert_eq!(s.keep_alive(&w, &progress), vec![lease.lease_id]);
+    assert_eq!(
+        s.keep_alive(&w, ID, &progress).unwrap(),
+        vec![lease.lease_id]
+    );
     assert!(!s.cancel("operations/unknown", "test"));
 }
 
@@ -284,9 +313,9 @@ async fn stats_count_queue_running_and_workers() {
     let (_a, _r1) = s.enqueue(action("a", &[], 0)).unwrap();
     let (_b, _r2) = s.enqueue(action("b", &[], 0)).unwrap();
     let (_c, _r3) = s.enqueue(action("c", &[("gpu", "1")], 0)).unwrap();
-    let _lease = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
+    let _lease = s.lease(&worker("w1", &[]), ID, NO_WAIT).await.unwrap();
     assert!(s
-        .lease(&worker("w2", &[("x", "y")]), NO_WAIT)
+        .lease(&worker("w2", &[("x", "y")]), ID, NO_WAIT)
         .await
         .is_some());
     let stats = s.stats();
@@ -298,7 +327,7 @@ async fn stats_count_queue_running_and_workers() {
     assert_eq!(stats.running[&("main".to_string(), String::new())], 2);
     assert_eq!((stats.workers_connected, stats.workers_busy), (2, 2));
     let idle = worker("w3", &[("x", "y")]);
-    assert!(s.lease(&idle, NO_WAIT).await.is_none());
+    assert!(s.lease(&idle, ID, NO_WAIT).await.is_none());
     let by_platform = s.stats().workers_by_platform;
     assert_eq!(by_platform[&("main".to_string(), String::new())], (1, 1));
     assert_eq!(
@@ -311,24 +340,26 @@ async fn stats_count_queue_running_and_workers() {
 async fn error_carries_partial_result_and_drain_kill_requeues() {
     let s = Scheduler::new(SchedulerConfig::default());
     let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
-    let l1 = s.lease(&worker("w1", &[]), NO_WAIT).await.unwrap();
+    let l1 = s.lease(&worker("w1", &[]), ID, NO_WAIT).await.unwrap();
     let gave_back = rpc::Status {
         code: tonic::Code::Unavailable as i32,
         message: "worker draining".into(),
         details: vec![],
     };
-    assert!(s.complete(
-        "w1",
-        &l1.lease_id,
-        &name,
-        LeaseOutcome::Failed(gave_back),
-        String::new()
-    ));
+    assert!(s
+        .complete(
+            &holder("w1"),
+            &l1.lease_id,
+            &name,
+            LeaseOutcome::Failed(gave_back),
+            String::new()
+        )
+        .unwrap());
     assert!(
         !s.get(&name).unwrap().done,
         "a drained action goes back to the queue"
     );
-    let l2 = s.lease(&worker("w2", &[]), NO_WAIT).await.unwrap();
+    let l2 = s.lease(&worker("w2", &[]), ID, NO_WAIT).await.unwrap();
     assert_eq!(l2.operation_name, name);
 
     let partial = reapi::ActionResult {
@@ -344,13 +375,15 @@ async fn error_carries_partial_result_and_drain_kill_requeues() {
             &partial,
         )],
     };
-    assert!(s.complete(
-        "w2",
-        &l2.lease_id,
-        &name,
-        LeaseOutcome::Failed(timeout),
-        String::new()
-    ));
+    assert!(s
+        .complete(
+            &holder("w2"),
+            &l2.lease_id,
+            &name,
+            LeaseOutcome::Failed(timeout),
+            String::new()
+        )
+        .unwrap());
     let Some(operation::Result::Response(any)) = s.get(&name).unwrap().result else {
         panic!()
     };
@@ -360,4 +393,76 @@ async fn error_carries_partial_result_and_drain_kill_requeues() {
         tonic::Code::DeadlineExceeded as i32
     );
     assert_eq!(response.result.unwrap().stdout_raw.as_ref(), b"so far");
+}
+
+#[tokio::test]
+async fn only_the_lease_holder_may_report_on_a_lease() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
+    let w1 = worker("w1", &[]);
+    let lease = s.lease(&w1, ID, NO_WAIT).await.unwrap();
+    let progress = [wire::LeaseProgress {
+        lease_id: lease.lease_id.clone(),
+        stage: 2,
+        since: None,
+    }];
+    // Another worker id, or the same id under another credential.
+    assert!(s.keep_alive(&worker("w2", &[]), ID, &progress).is_err());
+    assert!(s.keep_alive(&w1, "other-pool", &progress).is_err());
+    let stranger = LeaseHolder {
+        identity: "other-pool".into(),
+        worker_id: "w1".into(),
+    };
+    for (who, lease_id) in [
+        (&holder("w2"), lease.lease_id.as_str()),
+        (&stranger, lease.lease_id.as_str()),
+        (&holder("w1"), "made-up"),
+        (&holder("w2"), "made-up"),
+    ] {
+        let refused = s
+            .complete(who, lease_id, &name, ran(0), String::new())
+            .unwrap_err();
+        assert_eq!(refused.operation, name);
+    }
+    assert!(!s.get(&name).unwrap().done, "no forged result was accepted");
+    assert!(s
+        .complete(&holder("w1"), &lease.lease_id, &name, ran(0), String::new())
+        .unwrap());
+    assert!(s.get(&name).unwrap().done);
+    // Its lease ended: a repeat is a duplicate, a stranger still refused.
+    assert!(!s
+        .complete(&holder("w1"), &lease.lease_id, &name, ran(0), String::new())
+        .unwrap());
+    assert!(s
+        .complete(&holder("w2"), &lease.lease_id, &name, ran(0), String::new())
+        .is_err());
+}
+
+#[tokio::test]
+async fn late_result_is_accepted_only_from_the_expired_lease_holder() {
+    let s = Scheduler::new(SchedulerConfig {
+        lease_timeout: Duration::from_millis(10),
+        ..Default::default()
+    });
+    let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
+    let l1 = s.lease(&worker("w1", &[]), ID, NO_WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.reap();
+    assert!(s
+        .complete(&holder("w2"), &l1.lease_id, &name, ran(0), String::new())
+        .is_err());
+    assert!(!s.get(&name).unwrap().done);
+    assert!(s
+        .complete(&holder("w1"), &l1.lease_id, &name, ran(0), String::new())
+        .unwrap());
+}
+
+#[test]
+fn operation_names_carry_the_instance() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
+    assert!(name.starts_with("main/operations/"), "{name}");
+    assert_eq!(instance_of_operation(&name), Some("main"));
+    let id = name.rsplit('/').next().unwrap();
+    assert_eq!(s.summary_by_id(id).unwrap().name, name);
 }

@@ -4,6 +4,9 @@ use buildkube_proto::reapi::{self, action_cache_server::ActionCache};
 use buildkube_reapi::Digest;
 use tonic::{Request, Response, Status};
 
+use buildkube_config::auth::Scope;
+
+use crate::auth::Caller;
 use crate::error::bad_digest;
 use crate::farm::Farm;
 use crate::metrics::Metrics;
@@ -68,7 +71,7 @@ impl ActionCacheService {
 }
 
 /// Checks that every digest an action result carries is well formed.
-fn validate_result(result: &reapi::ActionResult) -> Result<(), Status> {
+pub(crate) fn validate_result(result: &reapi::ActionResult) -> Result<(), Status> {
     for (i, f) in result.output_files.iter().enumerate() {
         Digest::from_field(f.digest.as_ref()).map_err(|e| {
             bad_digest(
@@ -103,8 +106,10 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<reapi::GetActionResultRequest>,
     ) -> Result<Response<reapi::ActionResult>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
+        caller.require_client(Scope::Read, &request.instance_name)?;
         let digest = Digest::from_field(request.action_digest.as_ref())
             .map_err(|e| bad_digest("action_digest", e))?;
         tracing::Span::current().record("action", tracing::field::display(&digest));
@@ -140,8 +145,12 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<reapi::UpdateActionResultRequest>,
     ) -> Result<Response<reapi::ActionResult>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
+        // A worker credential is refused here: results of executed actions
+        // reach the cache only through Complete of a lease the worker holds.
+        caller.require_client(Scope::WriteAc, &request.instance_name)?;
         let digest = Digest::from_field(request.action_digest.as_ref())
             .map_err(|e| bad_digest("action_digest", e))?;
         let result = request

@@ -9,6 +9,9 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use buildkube_config::auth::Scope;
+
+use crate::auth::Caller;
 use crate::error::bad_resource;
 use crate::farm::Farm;
 use crate::metrics::Metrics;
@@ -62,6 +65,7 @@ impl ByteStreamService {
 
     async fn write_inner(
         &self,
+        caller: Caller,
         mut stream: Streaming<WriteRequest>,
     ) -> Result<WriteResponse, Status> {
         let first = stream
@@ -71,6 +75,7 @@ impl ByteStreamService {
         let name = first.resource_name.clone();
         let resource = WriteResource::parse(&name).map_err(bad_resource)?;
         self.farm.instances.check(&resource.instance)?;
+        caller.require_cas(Scope::WriteCas, &resource.instance)?;
         let digest = resource.digest;
         let compressed = resource.compression == Compression::Zstd;
         if contains(&*self.farm.cas, &digest).await? {
@@ -185,9 +190,11 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         let resource = ReadResource::parse(&request.resource_name).map_err(bad_resource)?;
         self.farm.instances.check(&resource.instance)?;
+        caller.require_cas(Scope::Read, &resource.instance)?;
         let digest = resource.digest;
         let size = digest.size() as i64;
         if request.read_offset < 0 || request.read_offset > size {
@@ -268,7 +275,8 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
-        self.write_inner(request.into_inner())
+        let caller = Caller::of(&request);
+        self.write_inner(caller, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -278,9 +286,11 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let caller = Caller::of(&request);
         let name = request.into_inner().resource_name;
         let resource = WriteResource::parse(&name).map_err(bad_resource)?;
         self.farm.instances.check(&resource.instance)?;
+        caller.require_cas(Scope::Read, &resource.instance)?;
         if contains(&*self.farm.cas, &resource.digest).await? {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: resource.digest.size() as i64,

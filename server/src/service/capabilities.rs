@@ -8,6 +8,9 @@ use buildkube_proto::semver::SemVer;
 use tonic::{Request, Response, Status};
 
 use super::MAX_BATCH_TOTAL_BYTES;
+use buildkube_config::auth::Scope;
+
+use crate::auth::Caller;
 use crate::farm::Farm;
 
 /// GetCapabilities: what this server really supports.
@@ -37,14 +40,18 @@ impl Capabilities for CapabilitiesService {
         &self,
         request: Request<reapi::GetCapabilitiesRequest>,
     ) -> Result<Response<reapi::ServerCapabilities>, Status> {
-        self.farm
-            .instances
-            .check(&request.get_ref().instance_name)?;
+        let caller = Caller::of(&request);
+        let instance = &request.get_ref().instance_name;
+        self.farm.instances.check(instance)?;
+        caller.require_client(Scope::Read, instance)?;
+        // Tell clients without write-ac not to try (Bazel then keeps local
+        // results to itself instead of failing to upload them).
+        let update_enabled = caller.require_client(Scope::WriteAc, instance).is_ok();
         Ok(Response::new(reapi::ServerCapabilities {
             cache_capabilities: Some(reapi::CacheCapabilities {
                 digest_functions: vec![digest_function::Value::Sha256 as i32],
                 action_cache_update_capabilities: Some(reapi::ActionCacheUpdateCapabilities {
-                    update_enabled: true,
+                    update_enabled,
                 }),
                 cache_priority_capabilities: None,
                 max_batch_total_size_bytes: MAX_BATCH_TOTAL_BYTES,

@@ -12,6 +12,9 @@ use tonic::{Code, Request, Response, Status};
 use super::get_tree::{stream_tree, PageToken, TreeOrders, DEFAULT_PAGE_SIZE};
 use super::zstd_stream::decompress_exact;
 use super::MAX_BATCH_TOTAL_BYTES;
+use buildkube_config::auth::Scope;
+
+use crate::auth::Caller;
 use crate::error::bad_digest;
 use crate::farm::Farm;
 use crate::metrics::Metrics;
@@ -118,8 +121,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<reapi::FindMissingBlobsRequest>,
     ) -> Result<Response<reapi::FindMissingBlobsResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
+        caller.require_cas(Scope::Read, &request.instance_name)?;
         let digests = parse_digests(&request.blob_digests, "blob_digests")?;
         let missing = self.farm.cas.find_missing(&digests).await?;
         Metrics::add(&self.farm.metrics.cas_misses, missing.len() as u64);
@@ -137,8 +142,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<reapi::BatchUpdateBlobsRequest>,
     ) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
+        caller.require_cas(Scope::WriteCas, &request.instance_name)?;
         let total: i64 = request.requests.iter().map(|r| r.data.len() as i64).sum();
         if total > MAX_BATCH_TOTAL_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -156,8 +163,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<reapi::BatchReadBlobsRequest>,
     ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
+        caller.require_cas(Scope::Read, &request.instance_name)?;
         let digests = parse_digests(&request.digests, "digests")?;
         let total: u64 = digests.iter().map(Digest::size).sum();
         if total > MAX_BATCH_TOTAL_BYTES as u64 {
@@ -205,8 +214,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<reapi::GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
+        caller.require_cas(Scope::Read, &request.instance_name)?;
         let root = Digest::from_field(request.root_digest.as_ref())
             .map_err(|e| bad_digest("root_digest", e))?;
         if request.page_size < 0 {

@@ -9,6 +9,10 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use buildkube_config::auth::Scope;
+
+use super::operations::check_operation_scope;
+use crate::auth::Caller;
 use crate::error::{bad_digest, missing_blobs_status, to_tonic};
 use crate::farm::Farm;
 use crate::metrics::Metrics;
@@ -123,8 +127,10 @@ impl Execution for ExecutionService {
         &self,
         request: Request<reapi::ExecuteRequest>,
     ) -> Result<Response<OperationStream>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         self.farm.instances.check(&request.instance_name)?;
+        caller.require_client(Scope::Execute, &request.instance_name)?;
         let digest = Digest::from_field(request.action_digest.as_ref())
             .map_err(|e| bad_digest("action_digest", e))?;
         tracing::Span::current().record("action", tracing::field::display(&digest));
@@ -173,7 +179,17 @@ impl Execution for ExecutionService {
         &self,
         request: Request<reapi::WaitExecutionRequest>,
     ) -> Result<Response<OperationStream>, Status> {
+        let caller = Caller::of(&request);
         let name = request.into_inner().name;
+        check_operation_scope(&caller, &name, Scope::Read).map_err(|status| {
+            if status.code() == tonic::Code::NotFound {
+                Status::not_found(format!(
+                    "operation {name:?} not found; it may predate a server restart, retry with Execute"
+                ))
+            } else {
+                status
+            }
+        })?;
         let receiver = self.farm.scheduler.watch(&name).ok_or_else(|| {
             Status::not_found(format!(
                 "operation {name:?} not found; it may predate a server restart, retry with Execute"

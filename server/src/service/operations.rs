@@ -3,7 +3,11 @@ use std::sync::Arc;
 use buildkube_proto::longrunning::{self, operations_server::Operations};
 use tonic::{Request, Response, Status};
 
+use buildkube_config::auth::Scope;
+
+use crate::auth::Caller;
 use crate::farm::Farm;
+use crate::scheduler::instance_of_operation;
 
 /// google.longrunning.Operations over the scheduler's operations.
 pub struct OperationsService {
@@ -21,6 +25,17 @@ fn not_found(name: &str) -> Status {
     Status::not_found(format!("operation {name:?} not found"))
 }
 
+/// Checks that the caller has `scope` on the instance `name` carries
+/// (`INSTANCE/operations/ID`); a name of no instance is simply not found.
+pub(crate) fn check_operation_scope(
+    caller: &Caller,
+    name: &str,
+    scope: Scope,
+) -> Result<(), Status> {
+    let instance = instance_of_operation(name).ok_or_else(|| not_found(name))?;
+    caller.require_client(scope, instance)
+}
+
 #[tonic::async_trait]
 impl Operations for OperationsService {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().name))]
@@ -28,6 +43,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<longrunning::ListOperationsRequest>,
     ) -> Result<Response<longrunning::ListOperationsResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         // `name` is the parent collection: an instance name, optionally with "/operations".
         let instance = request
@@ -38,6 +54,7 @@ impl Operations for OperationsService {
             None
         } else {
             self.farm.instances.check(instance)?;
+            caller.require_client(Scope::Read, instance)?;
             Some(instance)
         };
         if request.page_size < 0 {
@@ -51,10 +68,11 @@ impl Operations for OperationsService {
                 "filter is not supported; list without one",
             ));
         }
-        let (operations, next_page_token) =
-            self.farm
-                .scheduler
-                .list(instance, request.page_size as usize, &request.page_token);
+        let (operations, next_page_token) = self.farm.scheduler.list(
+            |i| instance.is_none_or(|wanted| wanted == i) && caller.may_read(i),
+            request.page_size as usize,
+            &request.page_token,
+        );
         Ok(Response::new(longrunning::ListOperationsResponse {
             operations,
             next_page_token,
@@ -66,7 +84,9 @@ impl Operations for OperationsService {
         &self,
         request: Request<longrunning::GetOperationRequest>,
     ) -> Result<Response<longrunning::Operation>, Status> {
+        let caller = Caller::of(&request);
         let name = request.into_inner().name;
+        check_operation_scope(&caller, &name, Scope::Read)?;
         self.farm
             .scheduler
             .get(&name)
@@ -79,7 +99,9 @@ impl Operations for OperationsService {
         &self,
         request: Request<longrunning::DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
+        let caller = Caller::of(&request);
         let name = request.into_inner().name;
+        check_operation_scope(&caller, &name, Scope::Execute)?;
         Err(Status::unimplemented(format!(
             "DeleteOperation is not supported; finished operations ({name:?}) are forgotten automatically"
         )))
@@ -90,7 +112,9 @@ impl Operations for OperationsService {
         &self,
         request: Request<longrunning::CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
+        let caller = Caller::of(&request);
         let name = request.into_inner().name;
+        check_operation_scope(&caller, &name, Scope::Execute)?;
         if self.farm.scheduler.cancel(&name, "CancelOperation") {
             Ok(Response::new(()))
         } else {
@@ -103,7 +127,9 @@ impl Operations for OperationsService {
         &self,
         request: Request<longrunning::WaitOperationRequest>,
     ) -> Result<Response<longrunning::Operation>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
+        check_operation_scope(&caller, &request.name, Scope::Read)?;
         let mut receiver = self
             .farm
             .scheduler

@@ -10,11 +10,12 @@ use anyhow::{ensure, Context, Result};
 use buildkube_config::storage::{
     FilesystemStore, ReadCacheStore, RedisStore, SizePartitionedStore, StorageConfig, StoreConfig,
 };
+use buildkube_tests::auth::DEV_TOKEN;
 use buildkube_tests::fixture::{
     self, ALL_TARGETS, BROKEN_EXIT_CODE, BROKEN_MESSAGE, BROKEN_TARGET,
 };
 use buildkube_tests::{
-    remote_cache_flags, remote_execution_flags, Bazel, BazelRun, Server, Worker,
+    remote_cache_flags, remote_execution_flags, Bazel, BazelRun, Server, TestCredentials, Worker,
 };
 
 /// How long a fresh worker may take to show up in the server's metrics.
@@ -315,17 +316,16 @@ fn bazel_builds_on_postgres_and_redis_and_rebuilds_from_them() -> Result<()> {
     rebuild_after_clean_hits_the_cache(&bazel, &remote_execution_flags(&server), spawns)
 }
 
-/// Auth as the deployment docs set it up: the server and the worker read the
-/// token from a file, Bazel sends it with `--remote_header`; without it
-/// Bazel is refused.
+/// Auth as the deployment docs set it up: the server reads `--auth-config`,
+/// the worker its worker token, Bazel sends a client token with
+/// `--remote_header`. The developer client (no `write-ac`) builds
+/// everything remotely; without a token Bazel is refused.
 #[test]
 fn bearer_token_auth_with_bazel() -> Result<()> {
-    let token_dir = tempfile::tempdir()?;
-    let token_file = token_dir.path().join("token");
-    std::fs::write(&token_file, "e2e-secret-token\n")?;
-    let server = Server::start_with(|args| args.auth_token_file = Some(token_file.clone()))?;
+    let credentials = TestCredentials::new()?;
+    let server = Server::start_with(|args| args.auth_config = Some(credentials.config_path()))?;
     let _worker = Worker::start_with(&server, |args| {
-        args.auth_token_file = Some(token_file.clone())
+        args.auth_token_file = Some(credentials.worker_token_file())
     })?;
     server.wait_for_workers(1, WORKER_CONNECT_TIMEOUT)?;
     let bazel = Bazel::new()?;
@@ -341,13 +341,8 @@ fn bearer_token_auth_with_bazel() -> Result<()> {
         "Bazel does not say it was refused for auth\n{refused}"
     );
 
-    let build = bazel.build(with(
-        &flags,
-        &[
-            "--remote_header=authorization=Bearer e2e-secret-token",
-            ALL_TARGETS,
-        ],
-    ))?;
+    let header = format!("--remote_header=authorization=Bearer {DEV_TOKEN}");
+    let build = bazel.build(with(&flags, &[&header, ALL_TARGETS]))?;
     build.ensure_success()?;
     ensure_all_remote(&build)?;
     fixture::check_build_outputs(&bazel)

@@ -3,6 +3,7 @@
 //! They run the real `buildkube-server`, `buildkube-worker` and Bazel; build
 //! the binaries first: `cargo build --workspace --bins`.
 
+mod auth;
 mod bounds;
 mod cancel;
 mod compression;

@@ -724,41 +724,6 @@ async fn operations_get_cancel_and_unknown_names() {
     }
 }
 
-#[tokio::test]
-async fn auth_token_is_required_when_configured() {
-    let server = Server::start_with(|args| {
-        let token = args.data_dir.parent().unwrap().join("token");
-        std::fs::write(&token, "s3cret\n").unwrap();
-        args.auth_token_file = Some(token);
-    })
-    .unwrap();
-    let request = reapi::GetCapabilitiesRequest {
-        instance_name: INSTANCE.into(),
-    };
-    let mut anonymous = Clients::connect(&server, None);
-    assert_eq!(
-        anonymous
-            .caps
-            .get_capabilities(request.clone())
-            .await
-            .unwrap_err()
-            .code(),
-        Code::Unauthenticated
-    );
-    let mut wrong = Clients::connect(&server, Some("guess"));
-    assert_eq!(
-        wrong
-            .caps
-            .get_capabilities(request.clone())
-            .await
-            .unwrap_err()
-            .code(),
-        Code::Unauthenticated
-    );
-    let mut right = Clients::connect(&server, Some("s3cret"));
-    right.caps.get_capabilities(request).await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn executed_action_returns_output_and_leaves_a_timeline() {
     let server = Server::start().unwrap();
@@ -789,7 +754,7 @@ async fn executed_action_returns_output_and_leaves_a_timeline() {
         metadata.queued_timestamp.is_some() && metadata.execution_completed_timestamp.is_some()
     );
 
-    let id = last.name.strip_prefix("operations/").unwrap();
+    let id = last.name.strip_prefix("main/operations/").unwrap();
     let timeline = server.http_get(&format!("/operations/{id}")).unwrap();
     assert_eq!(timeline.status, 200, "{}", timeline.body);
     let mut at = 0;

@@ -282,13 +282,19 @@ pub(crate) async fn read_range_rejected(c: &mut Clients, request: ReadRequest) -
 
 /// GetCapabilities of [`INSTANCE`].
 pub(crate) async fn capabilities(c: &mut Clients) -> reapi::ServerCapabilities {
+    capabilities_result(c).await.unwrap()
+}
+
+/// GetCapabilities of [`INSTANCE`], accepted or not.
+pub(crate) async fn capabilities_result(
+    c: &mut Clients,
+) -> Result<reapi::ServerCapabilities, tonic::Status> {
     c.caps
         .get_capabilities(reapi::GetCapabilitiesRequest {
             instance_name: INSTANCE.into(),
         })
         .await
-        .unwrap()
-        .into_inner()
+        .map(tonic::Response::into_inner)
 }
 
 /// The resource name of blob `d` of [`INSTANCE`] for ByteStream Read.

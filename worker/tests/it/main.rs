@@ -219,7 +219,7 @@ async fn runs_an_action_from_lease_to_complete() {
     let server = FakeServer::start().await;
     let state = server.state.clone();
     let mut worker = start_worker(&server, &[]).await;
-    let (lease_id, action_digest) = enqueue(
+    let (lease_id, _) = enqueue(
         &state,
         Spec {
             script: "cat in.txt link lib/data.txt > out/copy.txt && ./tool.sh && mkdir -p dir/sub && \
@@ -286,11 +286,13 @@ async fn runs_an_action_from_lease_to_complete() {
     ] {
         assert!(ts.is_some(), "{name} timestamp missing");
     }
+    // The server writes the action cache when it accepts the result; a
+    // worker credential may not write it.
     assert!(
-        cached_before_complete,
-        "the action cache is written before Complete"
+        !cached_before_complete,
+        "the worker wrote the action cache itself"
     );
-    assert_eq!(state.action_cache.lock().unwrap()[&action_digest], *result);
+    assert!(state.action_cache.lock().unwrap().is_empty());
 
     // Same inputs again: every file comes from the local cache.
     enqueue(
