@@ -70,12 +70,20 @@ impl Metrics {
                 names::METRIC_QUEUE_DEPTH
             );
         }
+        // Empty queues are dropped (their series with them), so with nothing
+        // queued one unlabelled 0 says so instead of no series at all.
+        if stats.queue_depth.is_empty() {
+            let _ = writeln!(lines, "{} 0", names::METRIC_QUEUE_DEPTH);
+        }
         out.push_str(&lines);
         let _ = writeln!(
             out,
             "# HELP {0} Actions leased to workers.\n# TYPE {0} gauge",
             names::METRIC_ACTIONS_RUNNING
         );
+        if stats.running.is_empty() {
+            let _ = writeln!(out, "{} 0", names::METRIC_ACTIONS_RUNNING);
+        }
         for ((instance, platform), n) in &stats.running {
             let _ = writeln!(
                 out,
