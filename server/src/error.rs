@@ -223,7 +223,7 @@ mod tests {
         let long = format!("name {:?} is bad", "é".repeat(8 << 10));
         let cut = truncate_message(&long);
         assert!(cut.len() <= MAX_STATUS_MESSAGE, "{}", cut.len());
-        assert!(cut.ends_with(&format!("({} bytes in all)", long.len())));
+        assert!(cut.ends_with(&format!("(message cut, {} bytes in all)", long.len())));
         let mut headers = HeaderMap::new();
         Status::invalid_argument(long)
             .add_header(&mut headers)
