@@ -1213,6 +1213,16 @@ mod tests {
             ..PostgresCasOptions::new(64 << 20, None)
         };
         let cas = PostgresCas::new(schema.pool.clone(), options);
+        // The task's first pass runs at once; let it finish on the empty
+        // table, or it could measure halfway through the puts below and evict.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while cas.usage().is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no first maintenance pass"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let blobs: Vec<(Digest, Bytes)> = (0..20)
             .map(|_| crate::storage::conformance::unique_blob(1000))
             .collect();
