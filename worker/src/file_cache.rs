@@ -345,6 +345,7 @@ impl FileCache {
         let mut pins = Pins {
             cache: self,
             keys: Vec::new(),
+            private: Vec::new(),
         };
         let mut misses = Vec::new();
         let mut hits = Vec::new();
@@ -410,9 +411,20 @@ impl FileCache {
 
         self.fetch(cas, &misses, &mut pins).await?;
 
+        let private: HashMap<CacheKey, &PathBuf> = pins
+            .private
+            .iter()
+            .map(|(key, path)| (*key, path))
+            .collect();
         let links: Vec<(CacheKey, PathBuf, PathBuf)> = files
             .iter()
-            .map(|f| (f.key, self.path_of(&f.key), f.dest.clone()))
+            .map(|f| {
+                let src = match private.get(&f.key) {
+                    Some(path) => PathBuf::clone(path),
+                    None => self.path_of(&f.key),
+                };
+                (f.key, src, f.dest.clone())
+            })
             .collect();
         tokio::task::spawn_blocking(move || -> Result<(), FetchError> {
             for (key, src, dest) in links {
@@ -465,7 +477,7 @@ impl FileCache {
         }
         jobs.extend(large.into_iter().map(|k| vec![k]));
 
-        let results: Vec<Result<Vec<CacheKey>, FetchError>> = futures::stream::iter(jobs)
+        let results: Vec<Result<Vec<Fetched>, FetchError>> = futures::stream::iter(jobs)
             .map(|job| self.fetch_job(cas, job))
             .buffer_unordered(PARALLEL_FETCHES)
             .collect()
@@ -474,7 +486,14 @@ impl FileCache {
         let mut missing = Vec::new();
         for result in results {
             match result {
-                Ok(keys) => pins.keys.extend(keys),
+                Ok(fetched) => {
+                    for fetched in fetched {
+                        match fetched {
+                            Fetched::Cached(key) => pins.keys.push(key),
+                            Fetched::Private(key, path) => pins.private.push((key, path)),
+                        }
+                    }
+                }
                 Err(FetchError::Missing(digests)) => missing.extend(digests),
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -497,13 +516,13 @@ impl FileCache {
         }
     }
 
-    /// Fetches one batch of small blobs or one large blob; returns the keys
-    /// installed (and pinned).
+    /// Fetches one batch of small blobs or one large blob; returns where
+    /// each landed (cached entries are pinned).
     async fn fetch_job(
         &self,
         cas: &CasClient,
         keys: Vec<CacheKey>,
-    ) -> Result<Vec<CacheKey>, FetchError> {
+    ) -> Result<Vec<Fetched>, FetchError> {
         let cas_error = |digest: Digest| {
             move |source: CasClientError| match source {
                 CasClientError::Missing(d) => FetchError::Missing(vec![d]),
@@ -525,8 +544,7 @@ impl FileCache {
                 return Err(e);
             }
             WorkerMetrics::add(&self.metrics.bytes_downloaded, key.digest.size());
-            self.install(&tmp, key)?;
-            return Ok(keys);
+            return Ok(vec![self.install(tmp, key)?]);
         }
         // Fetch each distinct digest once, then write one file per variant.
         let mut digests: Vec<Digest> = keys.iter().map(|k| k.digest).collect();
@@ -565,28 +583,34 @@ impl FileCache {
             })
             .await
             .expect("write task panicked")?;
-            self.install(&tmp, key)?;
-            installed.push(key);
+            installed.push(self.install(tmp, key)?);
         }
         Ok(installed)
     }
 
     /// Makes a verified temp file read-only, moves it into place and
-    /// records it, pinned.
-    fn install(&self, tmp: &Path, key: CacheKey) -> Result<(), FetchError> {
+    /// records it, pinned. If another slot fetched and installed the same
+    /// key meanwhile, its file stays and ours is kept private to this
+    /// action: renaming over it would take the last name of an inode that
+    /// slot may be hardlinking at this moment, and link(2) of an inode
+    /// with no name left fails with ENOENT.
+    fn install(&self, tmp: PathBuf, key: CacheKey) -> Result<Fetched, FetchError> {
         let path = self.path_of(&key);
         let mode = if key.executable { 0o555 } else { 0o444 };
-        if let Err(e) = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode)) {
-            let _ = std::fs::remove_file(tmp);
+        if let Err(e) = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)) {
+            let _ = std::fs::remove_file(&tmp);
             return Err(FetchError::Io {
                 action: "setting permissions of",
-                path: tmp.to_path_buf(),
+                path: tmp,
                 source: e,
             });
         }
         let mut state = self.state.lock().unwrap();
-        if let Err(e) = std::fs::rename(tmp, &path) {
-            let _ = std::fs::remove_file(tmp);
+        if state.entries.contains_key(&key) {
+            return Ok(Fetched::Private(key, tmp));
+        }
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
             return Err(FetchError::Io {
                 action: "installing",
                 path,
@@ -605,20 +629,11 @@ impl FileCache {
                 });
             }
         };
-        match state.entries.get_mut(&key) {
-            Some(entry) => {
-                // The rename replaced the file: a new inode.
-                entry.pins += 1;
-                entry.stamp = stamp;
-                entry.verified = true;
-                state.touch(key);
-            }
-            None => state.insert(key, 1, stamp, true),
-        }
+        state.insert(key, 1, stamp, true);
         self.metrics
             .cache_bytes
             .store(state.total, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        Ok(Fetched::Cached(key))
     }
 
     fn forget(&self, key: CacheKey) {
@@ -670,15 +685,31 @@ impl FileCache {
     }
 }
 
-/// Entries pinned while an action's inputs are linked; unpinned on drop.
+/// Where a fetched file went.
+enum Fetched {
+    /// Into the cache, pinned.
+    Cached(CacheKey),
+    /// Another slot installed the key first: a verified copy at this temp
+    /// path, linked by this action only, then deleted.
+    Private(CacheKey, PathBuf),
+}
+
+/// What an action's inputs are linked from while it is set up: cache
+/// entries (pinned) and private copies; unpinned and deleted on drop.
 struct Pins<'a> {
     cache: &'a FileCache,
     keys: Vec<CacheKey>,
+    private: Vec<(CacheKey, PathBuf)>,
 }
 
 impl Drop for Pins<'_> {
     fn drop(&mut self) {
         self.cache.unpin_and_evict(&self.keys);
+        for (_, path) in &self.private {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a private input copy");
+            }
+        }
     }
 }
 
@@ -700,7 +731,10 @@ mod tests {
         };
         let tmp = cache.temp_path();
         std::fs::write(&tmp, data).unwrap();
-        cache.install(&tmp, key).unwrap();
+        assert!(matches!(
+            cache.install(tmp, key).unwrap(),
+            Fetched::Cached(_)
+        ));
         cache.unpin_and_evict(&[key]);
         key
     }
@@ -817,11 +851,50 @@ mod tests {
         };
         let tmp = cache.temp_path();
         std::fs::write(&tmp, b"aaaa").unwrap();
-        cache.install(&tmp, key).unwrap(); // pinned
+        cache.install(tmp, key).unwrap(); // pinned
         put(&cache, b"bbbb", false);
         assert!(cache.contains(&key), "pinned entry evicted");
         cache.unpin_and_evict(&[key]);
         assert!(cache.total_bytes() <= 4);
+    }
+
+    /// The flaky `queue_and_worker_metrics_are_exact`: two slots fetched
+    /// the same missing input at once; the second install renamed over the
+    /// file the first slot was hardlinking, and link(2) of an inode whose
+    /// last name is gone fails with ENOENT ("hardlinking ...: No such file
+    /// or directory"). The first file stays; the second copy is private.
+    #[tokio::test]
+    async fn a_key_fetched_by_two_slots_keeps_the_first_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), 1 << 20);
+        let key = CacheKey {
+            digest: Digest::of_bytes(b"shared"),
+            executable: false,
+        };
+        let first = cache.temp_path();
+        std::fs::write(&first, b"shared").unwrap();
+        assert!(matches!(
+            cache.install(first, key).unwrap(),
+            Fetched::Cached(_)
+        ));
+        let path = cache.path_of(&key);
+        let inode = std::fs::metadata(&path).unwrap().ino();
+
+        let second = cache.temp_path();
+        std::fs::write(&second, b"shared").unwrap();
+        let Fetched::Private(_, private) = cache.install(second, key).unwrap() else {
+            panic!("the second install replaced the file the first slot links");
+        };
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+        assert_eq!(std::fs::read(&private).unwrap(), b"shared");
+        // The private copy goes when the action's inputs are in place.
+        drop(Pins {
+            cache: &cache,
+            keys: vec![key],
+            private: vec![(key, private.clone())],
+        });
+        assert!(!private.exists());
+        assert!(cache.contains(&key) && path.exists());
     }
 
     #[tokio::test]

@@ -973,8 +973,9 @@ async fn queue_and_worker_metrics_are_exact() {
 
     let _worker = buildkube_tests::Worker::start(&server).unwrap();
     for (_, stream) in streams.drain(..2) {
-        let done = last_operation(stream).await;
-        assert_eq!(response_of(&done).result.unwrap().exit_code, 0);
+        let response = response_of(&last_operation(stream).await);
+        let result = response.result.as_ref();
+        assert_eq!(result.map(|r| r.exit_code), Some(0), "{response:?}");
     }
     assert_eq!(metric(buildkube_config::METRIC_QUEUE_DEPTH), 0.0);
     assert_eq!(metric(buildkube_config::METRIC_ACTIONS_RUNNING), 0.0);
