@@ -12,8 +12,8 @@ use tonic::Status;
 use crate::error::{bad_digest, missing_blobs_status, to_tonic};
 use crate::instances::Instances;
 use crate::metrics::Metrics;
-use crate::scheduler::Scheduler;
 use crate::storage::{ActionResultStore, SharedBlobStore};
+use buildkube_scheduler::Scheduler;
 
 /// Shared state of one server.
 pub struct Farm {

@@ -5,7 +5,7 @@
 //! Where things happen: bytes enter through [`service::CasService`] and
 //! [`service::ByteStreamService`] into a [`storage::BlobStore`] (built by
 //! [`storage::factory`] from `--storage-config`); actions are queued
-//! by [`service::ExecutionService`] in [`scheduler::Scheduler`] and leased to
+//! by [`service::ExecutionService`] in [`buildkube_scheduler::Scheduler`] and leased to
 //! workers through [`service::WorkerProtocolService`].
 
 // Deprecated REAPI fields (Command.platform, output_files...) are still what
@@ -19,7 +19,6 @@ pub mod http;
 mod input_tree;
 pub mod instances;
 pub mod metrics;
-pub mod scheduler;
 pub mod service;
 pub mod storage;
 
@@ -45,8 +44,8 @@ use crate::auth::Authenticator;
 use crate::farm::Farm;
 use crate::instances::Instances;
 use crate::metrics::Metrics;
-use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::service::MAX_GRPC_MESSAGE;
+use buildkube_scheduler::{Scheduler, SchedulerConfig};
 
 fn write_addr_file(path: &Path, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use buildkube_config as names;
 
-use crate::scheduler::SchedulerStats;
+use buildkube_scheduler::SchedulerStats;
 
 /// Counters updated by the gRPC services.
 #[derive(Default)]
@@ -161,5 +161,46 @@ impl Metrics {
             get(&self.cas_bytes_read),
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The series follow the scheduler's stats one to one, so a bounded
+    /// stats map (see the scheduler's bounds tests) is a bounded /metrics.
+    #[test]
+    fn one_series_per_queue_and_one_zero_when_idle() {
+        let series = |text: &str, metric: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let mut stats = SchedulerStats::default();
+        for platform in ["", "gpu=1"] {
+            let labels = ("main".to_string(), platform.to_string());
+            stats.queue_depth.insert(labels.clone(), 2);
+            stats.running.insert(labels, 0);
+        }
+        let busy = Metrics::default().render(&stats, 0, 0);
+        assert_eq!(
+            series(&busy, names::METRIC_QUEUE_DEPTH),
+            [
+                "buildkube_queue_depth{instance=\"main\",platform=\"\"} 2",
+                "buildkube_queue_depth{instance=\"main\",platform=\"gpu=1\"} 2"
+            ]
+        );
+        assert_eq!(series(&busy, names::METRIC_ACTIONS_RUNNING).len(), 2);
+        let idle = Metrics::default().render(&SchedulerStats::default(), 0, 0);
+        assert_eq!(
+            series(&idle, names::METRIC_QUEUE_DEPTH),
+            ["buildkube_queue_depth 0"]
+        );
+        assert_eq!(
+            series(&idle, names::METRIC_ACTIONS_RUNNING),
+            ["buildkube_actions_running 0"]
+        );
     }
 }

@@ -16,7 +16,7 @@ use crate::auth::Caller;
 use crate::error::{bad_digest, missing_blobs_status, to_tonic};
 use crate::farm::Farm;
 use crate::metrics::Metrics;
-use crate::scheduler::NewAction;
+use buildkube_scheduler::NewAction;
 
 /// How often an unchanged operation is re-sent on an Execute stream, so
 /// proxies and clients see the stream is alive during long actions.

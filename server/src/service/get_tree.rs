@@ -352,7 +352,7 @@ mod tests {
         let farm = Arc::new(Farm {
             cas: store.clone(),
             action_cache: Arc::new(FsActionCache::open(&dir.path().join("ac")).unwrap()),
-            scheduler: Arc::new(crate::scheduler::Scheduler::new(Default::default())),
+            scheduler: Arc::new(buildkube_scheduler::Scheduler::new(Default::default())),
             instances: crate::instances::Instances::new(&["main".into()]).unwrap(),
             metrics: Default::default(),
             stopping,

@@ -7,7 +7,7 @@ use buildkube_config::auth::Scope;
 
 use crate::auth::Caller;
 use crate::farm::Farm;
-use crate::scheduler::instance_of_operation;
+use buildkube_scheduler::instance_of_operation;
 
 /// google.longrunning.Operations over the scheduler's operations.
 pub struct OperationsService {

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::farm::Farm;
-use crate::scheduler::{LeaseHolder, LeaseOutcome, LeaseRefused};
+use buildkube_scheduler::{LeaseHolder, LeaseOutcome, LeaseRefused};
 
 /// Longest a Lease call is held open.
 const MAX_LEASE_WAIT: Duration = Duration::from_secs(60);

@@ -409,6 +409,9 @@ impl Scheduler {
         }
         *unfinished += 1;
         let name = operation_name(&new.instance);
+        // Command.platform is deprecated, but it is what clients before REAPI
+        // v2.2 (Bazel 4) send.
+        #[allow(deprecated)]
         let platform = PlatformKey::from_proto(
             new.action
                 .platform
