@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use buildkube_config::ClientTlsArgs;
 use buildkube_reapi::{connect_channel, AuthChannel, CasClient};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -43,7 +44,8 @@ const STREAMS_PER_CONNECTION: usize = 100;
     after_help = "Example: reapi-bench --target grpc://127.0.0.1:8980 --instance main cas-write --size 4KiB --count 10000 --concurrency 64"
 )]
 pub struct Cli {
-    /// Endpoint to drive: grpc://HOST:PORT or http://HOST:PORT.
+    /// Endpoint to drive: grpc://HOST:PORT or http://HOST:PORT; grpcs:// or
+    /// https:// for TLS (see --tls-ca-file).
     #[arg(
         long,
         global = true,
@@ -57,6 +59,9 @@ pub struct Cli {
     /// File holding a bearer token sent with every call.
     #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
+    /// TLS towards a grpcs:// or https:// target.
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// HTTP/2 connections the clients spread their calls over
     /// (0 = one per 100 concurrent operations). Simulated workers always
     /// have a connection each.
@@ -269,6 +274,7 @@ pub(crate) struct Target {
     pub(crate) endpoint: String,
     pub(crate) instance: String,
     pub(crate) token: Option<String>,
+    tls: ClientTlsArgs,
     channels: Vec<AuthChannel>,
 }
 
@@ -288,13 +294,17 @@ impl Target {
             n => n,
         };
         let channels = (0..connections)
-            .map(|_| connect_channel(&cli.target, token.as_deref()).map_err(anyhow::Error::from))
+            .map(|_| {
+                connect_channel(&cli.target, token.as_deref(), &cli.tls)
+                    .map_err(anyhow::Error::from)
+            })
             .collect::<anyhow::Result<Vec<_>>>()
             .with_context(|| format!("connecting to {}", cli.target))?;
         Ok(Target {
             endpoint: cli.target.clone(),
             instance: cli.instance.clone(),
             token,
+            tls: cli.tls.clone(),
             channels,
         })
     }
@@ -306,7 +316,7 @@ impl Target {
 
     /// A fresh connection of its own (for a simulated worker).
     pub(crate) fn dedicated_channel(&self) -> anyhow::Result<AuthChannel> {
-        connect_channel(&self.endpoint, self.token.as_deref())
+        connect_channel(&self.endpoint, self.token.as_deref(), &self.tls)
             .with_context(|| format!("connecting to {}", self.endpoint))
     }
 

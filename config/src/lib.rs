@@ -21,6 +21,9 @@ pub const DEFAULT_HTTP_PORT: u16 = 8080;
 /// probes need a fixed port. The binary's own default is an ephemeral port,
 /// so several workers can share a host.
 pub const DEFAULT_WORKER_HTTP_PORT: u16 = 8081;
+/// Default port of the server's metrics listener (`/metrics`, `/healthz`,
+/// `/readyz`; plain HTTP, so Prometheus and the kubelet need no certificate).
+pub const DEFAULT_METRICS_PORT: u16 = 9464;
 /// Instance name served when none is configured.
 pub const DEFAULT_INSTANCE: &str = "main";
 /// HTTP path of the liveness probe.
@@ -70,6 +73,87 @@ impl LogFormat {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
         }
+    }
+}
+
+/// The server's TLS files. With a certificate and key, the gRPC and HTTP
+/// listeners speak only TLS; with a client CA too, they also require (mutual
+/// TLS) a client certificate signed by it. The files are read again when they
+/// change (cert-manager renews them in place), so rotation needs no restart.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq)]
+pub struct ServerTlsArgs {
+    /// PEM certificate chain of the server (leaf first); turns TLS on.
+    #[arg(long, env = "BUILDKUBE_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "BUILDKUBE_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate signed by one
+    /// of them (mutual TLS). Needs --tls-cert-file.
+    #[arg(long, env = "BUILDKUBE_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    /// Renders the flags that are set, e.g. for a container's arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        let flags = [
+            ("--tls-cert-file", &self.tls_cert_file),
+            ("--tls-key-file", &self.tls_key_file),
+            ("--tls-client-ca-file", &self.tls_client_ca_file),
+        ];
+        flags
+            .into_iter()
+            .filter_map(|(flag, path)| path.as_ref().map(|p| format!("{flag}={}", p.display())))
+            .collect()
+    }
+}
+
+/// How a client (worker, `reapi-bench`) checks the server's TLS certificate
+/// and which certificate it presents. Used with an `https://` (or `grpcs://`)
+/// server URL; the files are read again at every new connection.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq)]
+pub struct ClientTlsArgs {
+    /// PEM CA certificates the server's certificate must chain to
+    /// (default: the system's trusted roots).
+    #[arg(long, global = true, env = "BUILDKUBE_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to a server that requires client
+    /// certificates (mutual TLS).
+    #[arg(
+        long,
+        global = true,
+        env = "BUILDKUBE_TLS_CLIENT_CERT_FILE",
+        requires = "tls_client_key_file"
+    )]
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert-file.
+    #[arg(
+        long,
+        global = true,
+        env = "BUILDKUBE_TLS_CLIENT_KEY_FILE",
+        requires = "tls_client_cert_file"
+    )]
+    pub tls_client_key_file: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// Whether any TLS file is set.
+    pub fn is_set(&self) -> bool {
+        self.tls_ca_file.is_some() || self.tls_client_cert_file.is_some()
+    }
+
+    /// Renders the flags that are set, e.g. for a container's arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        let flags = [
+            ("--tls-ca-file", &self.tls_ca_file),
+            ("--tls-client-cert-file", &self.tls_client_cert_file),
+            ("--tls-client-key-file", &self.tls_client_key_file),
+        ];
+        flags
+            .into_iter()
+            .filter_map(|(flag, path)| path.as_ref().map(|p| format!("{flag}={}", p.display())))
+            .collect()
     }
 }
 
@@ -247,9 +331,18 @@ pub struct ServerArgs {
     /// gRPC listen address (REAPI services, worker protocol, health).
     #[arg(long, env = "BUILDKUBE_LISTEN", default_value_t = loopback(DEFAULT_GRPC_PORT))]
     pub listen: SocketAddr,
-    /// HTTP listen address (/healthz, /readyz, /metrics, /operations).
+    /// HTTP listen address (/healthz, /readyz, /operations); TLS like the
+    /// gRPC listener when --tls-cert-file is set.
     #[arg(long, env = "BUILDKUBE_HTTP_LISTEN", default_value_t = loopback(DEFAULT_HTTP_PORT))]
     pub http_listen: SocketAddr,
+    /// Metrics listen address (/metrics, /healthz, /readyz): always plain
+    /// HTTP, so Prometheus and the kubelet's probes need no certificate;
+    /// a separate port lets a NetworkPolicy admit only the monitoring namespace.
+    #[arg(long, env = "BUILDKUBE_METRICS_LISTEN", default_value_t = loopback(DEFAULT_METRICS_PORT))]
+    pub metrics_listen: SocketAddr,
+    /// TLS (and mutual TLS) on the gRPC and HTTP listeners.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
     /// Directory holding the CAS and the action cache; created if missing.
     #[arg(long, env = "BUILDKUBE_DATA_DIR", default_value = "buildkube-data")]
     pub data_dir: PathBuf,
@@ -300,9 +393,10 @@ pub struct ServerArgs {
     /// Log format.
     #[arg(long, env = "BUILDKUBE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Write the bound gRPC and HTTP addresses to this file once listening
-    /// (lines `grpc=ADDR` and `http=ADDR`); for tests and scripts that bind port 0.
-    /// It is written before storage opens: /readyz answers 200 once the server serves.
+    /// Write the bound addresses to this file once listening (lines
+    /// `grpc=ADDR`, `http=ADDR` and `metrics=ADDR`); for tests and scripts
+    /// that bind port 0. It is written before storage opens: /readyz answers
+    /// 200 once the server serves.
     #[arg(long, env = "BUILDKUBE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
 }
@@ -320,6 +414,7 @@ impl ServerArgs {
         let mut args = vec![
             format!("--listen={}", self.listen),
             format!("--http-listen={}", self.http_listen),
+            format!("--metrics-listen={}", self.metrics_listen),
             format!("--data-dir={}", self.data_dir.display()),
             format!("--instance={}", self.instances.join(",")),
             format!("--local-workers={}", self.local_workers),
@@ -340,6 +435,7 @@ impl ServerArgs {
         if let Some(path) = &self.auth_config {
             args.push(format!("--auth-config={}", path.display()));
         }
+        args.extend(self.tls.to_args());
         if let Some(path) = &self.addr_file {
             args.push(format!("--addr-file={}", path.display()));
         }
@@ -358,9 +454,13 @@ impl ServerArgs {
     about = "Runs actions leased from a buildkube server"
 )]
 pub struct WorkerArgs {
-    /// Server gRPC endpoint, e.g. http://buildkube-server:8980.
+    /// Server gRPC endpoint, e.g. http://buildkube-server:8980, or
+    /// https://buildkube-server:8980 for TLS (see --tls-ca-file).
     #[arg(long, env = "BUILDKUBE_SERVER", default_value_t = format!("http://127.0.0.1:{DEFAULT_GRPC_PORT}"))]
     pub server: String,
+    /// TLS towards an https:// server.
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// Instance name to take work from.
     #[arg(long, env = "BUILDKUBE_INSTANCE", default_value = DEFAULT_INSTANCE)]
     pub instance: String,
@@ -448,6 +548,7 @@ impl WorkerArgs {
             format!("--instance={}", self.instance),
             format!("--work-dir={}", self.work_dir.display()),
         ];
+        args.extend(self.tls.to_args());
         if let Some(n) = self.concurrency {
             args.push(format!("--concurrency={n}"));
         }
@@ -562,6 +663,11 @@ mod tests {
         args.max_open_uploads = 9;
         args.action_limits.max_input_depth = 12;
         args.action_limits.max_message_blob_size = 1 << 20;
+        args.tls = ServerTlsArgs {
+            tls_cert_file: Some("/etc/buildkube/tls/tls.crt".into()),
+            tls_key_file: Some("/etc/buildkube/tls/tls.key".into()),
+            tls_client_ca_file: Some("/etc/buildkube/tls/ca.crt".into()),
+        };
         let mut cmd = vec!["buildkube-server".to_string()];
         cmd.extend(args.to_args());
         assert_eq!(ServerArgs::try_parse_from(cmd).unwrap(), args);
@@ -582,6 +688,11 @@ mod tests {
         args.addr_file = Some("/run/buildkube-worker.addr".into());
         args.git_credentials_dir = Some("/etc/buildkube/credentials".into());
         args.action_limits.max_input_files = 10;
+        args.tls = ClientTlsArgs {
+            tls_ca_file: Some("/etc/buildkube/tls/ca.crt".into()),
+            tls_client_cert_file: Some("/etc/buildkube/tls/tls.crt".into()),
+            tls_client_key_file: Some("/etc/buildkube/tls/tls.key".into()),
+        };
         let mut cmd = vec!["buildkube-worker".to_string()];
         cmd.extend(args.to_args());
         assert_eq!(WorkerArgs::try_parse_from(cmd).unwrap(), args);
@@ -627,6 +738,18 @@ mod tests {
             err.contains("abc/99999999") && err.contains("--max-message-blob-size"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tls_key_without_certificate_is_refused() {
+        let err = ServerArgs::try_parse_from(["buildkube-server", "--tls-key-file=/k"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tls-cert-file"), "{err}");
+        let err = WorkerArgs::try_parse_from(["buildkube-worker", "--tls-client-cert-file=/c"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tls-client-key-file"), "{err}");
     }
 
     #[test]

@@ -117,6 +117,7 @@ fn start_server() -> Harness {
     let args = buildkube_config::ServerArgs {
         listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.path().join("data"),
         cas_max_size: CAS_BUDGET,
         local_workers: 0,

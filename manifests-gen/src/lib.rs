@@ -5,7 +5,9 @@
 //! - [`objects`]: Kubernetes objects as typed k8s-openapi values;
 //! - [`auth`]: the worker and client token Secrets and the server's auth config;
 //! - [`autoscaling`]: each pool's load query, KEDA and HPA objects, adapter rules;
-//! - [`crd`]: typed KEDA and Prometheus Operator resources;
+//! - [`crd`]: typed KEDA, Prometheus Operator and cert-manager resources;
+//! - [`network`]: the server's and workers' NetworkPolicies;
+//! - [`tls`]: mutual TLS Secrets, flags and cert-manager certificates;
 //! - [`kustomize`]: typed kustomization files and JSON 6902 patches;
 //! - [`overlays`]: the whole tree from a spec;
 //! - [`tree`]: writing, checking (`--check`) and pruning it.
@@ -14,9 +16,11 @@ pub mod auth;
 pub mod autoscaling;
 pub mod crd;
 pub mod kustomize;
+pub mod network;
 pub mod objects;
 pub mod overlays;
 pub mod spec;
+pub mod tls;
 pub mod tree;
 
 pub use overlays::{

@@ -12,7 +12,7 @@ use buildkube_config::storage::{
     StorageConfig, StoreConfig,
 };
 use buildkube_config::{
-    LogFormat, ServerArgs, WorkerArgs, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT,
+    LogFormat, ServerArgs, WorkerArgs, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT,
     DEFAULT_WORKER_HTTP_PORT, HEALTHZ_PATH, READYZ_PATH,
 };
 use k8s_openapi::api::apps::v1::{
@@ -103,6 +103,9 @@ pub const CERT_MANAGER_ISSUER_ANNOTATION: &str = "cert-manager.io/cluster-issuer
 pub const GRPC_PORT_NAME: &str = "grpc";
 /// Name of the HTTP port on containers and Services.
 pub const HTTP_PORT_NAME: &str = "http";
+/// Name of the server's metrics port (`--metrics-listen`: /metrics and the
+/// probes, plain HTTP) on its container and Service.
+pub const METRICS_PORT_NAME: &str = "metrics";
 /// Port of PostgreSQL.
 pub const POSTGRES_PORT: i32 = 5432;
 /// Port of Redis.
@@ -177,9 +180,11 @@ pub fn worker_deployment_name(pool: &str) -> String {
     format!("{WORKER_NAME_PREFIX}{pool}")
 }
 
-/// In-cluster gRPC address the workers use (same namespace, so the short name).
-pub fn server_grpc_url() -> String {
-    format!("http://{SERVER_NAME}:{DEFAULT_GRPC_PORT}")
+/// In-cluster gRPC address the workers use (same namespace, so the short
+/// name, which the server certificate carries); `https://` with TLS.
+pub fn server_grpc_url(tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{SERVER_NAME}:{DEFAULT_GRPC_PORT}")
 }
 
 fn log_format(spec: &StackSpec) -> LogFormat {
@@ -194,14 +199,21 @@ fn any_addr(port: u16) -> SocketAddr {
 }
 
 /// The server's flags; `auth` adds the auth config, `external_stores` the
-/// storage config of [`external_storage_config`].
+/// storage config of [`external_storage_config`], `tls` the certificate
+/// files of the `tls` component (mutual TLS).
 // `..Default` keeps flags added to the binary later at their defaults until
 // the spec models them, even when every current field is set here.
 #[allow(clippy::needless_update)]
-pub fn server_args(spec: &StackSpec, auth: bool, external_stores: bool) -> ServerArgs {
+pub fn server_args(spec: &StackSpec, auth: bool, external_stores: bool, tls: bool) -> ServerArgs {
     ServerArgs {
         listen: any_addr(DEFAULT_GRPC_PORT),
         http_listen: any_addr(DEFAULT_HTTP_PORT),
+        metrics_listen: any_addr(DEFAULT_METRICS_PORT),
+        tls: if tls {
+            crate::tls::server_tls_args()
+        } else {
+            Default::default()
+        },
         data_dir: SERVER_DATA_DIR.into(),
         instances: spec.instances.clone(),
         local_workers: 0,
@@ -219,16 +231,23 @@ pub fn server_args(spec: &StackSpec, auth: bool, external_stores: bool) -> Serve
 }
 
 /// A worker pool's flags; `auth` adds the worker token file, `credentials`
-/// the git credentials directory and the env script.
+/// the git credentials directory and the env script, `tls` an `https://`
+/// server and the worker's certificate.
 #[allow(clippy::needless_update)]
 pub fn worker_args(
     spec: &StackSpec,
     pool: &WorkerPoolSpec,
     auth: bool,
     credentials: bool,
+    tls: bool,
 ) -> WorkerArgs {
     WorkerArgs {
-        server: server_grpc_url(),
+        server: server_grpc_url(tls),
+        tls: if tls {
+            crate::tls::worker_tls_args()
+        } else {
+            Default::default()
+        },
         instance: pool.instance.clone(),
         work_dir: WORKER_WORK_DIR.into(),
         concurrency: Some(pool.concurrency),
@@ -483,20 +502,22 @@ pub fn server_deployment(spec: &StackSpec) -> Deployment {
         name: SERVER_CONTAINER.into(),
         image: Some(SERVER_IMAGE.into()),
         image_pull_policy: Some("IfNotPresent".into()),
-        args: Some(server_args(spec, false, false).to_args()),
+        args: Some(server_args(spec, false, false, false).to_args()),
         ports: Some(vec![
             port(GRPC_PORT_NAME, DEFAULT_GRPC_PORT),
             port(HTTP_PORT_NAME, DEFAULT_HTTP_PORT),
+            port(METRICS_PORT_NAME, DEFAULT_METRICS_PORT),
         ]),
         resources: Some(server_resources(spec)),
-        // The HTTP port serves /healthz before storage opens, so a long
+        // The metrics port serves /healthz before storage opens, so a long
         // open (every blob of a large CAS is stat'ed) never fails liveness;
         // /readyz answers 503 until the server serves, keeping it out of
         // the Service meanwhile. The startup probe covers only the process
-        // start.
-        startup_probe: Some(http_probe(HEALTHZ_PATH, HTTP_PORT_NAME, 2, 30)),
-        liveness_probe: Some(http_probe(HEALTHZ_PATH, HTTP_PORT_NAME, 10, 3)),
-        readiness_probe: Some(http_probe(READYZ_PATH, HTTP_PORT_NAME, 5, 2)),
+        // start. Probes use the metrics port: plain HTTP whatever TLS the
+        // others require, so the kubelet needs no client certificate.
+        startup_probe: Some(http_probe(HEALTHZ_PATH, METRICS_PORT_NAME, 2, 30)),
+        liveness_probe: Some(http_probe(HEALTHZ_PATH, METRICS_PORT_NAME, 10, 3)),
+        readiness_probe: Some(http_probe(READYZ_PATH, METRICS_PORT_NAME, 5, 2)),
         security_context: Some(container_security(true)),
         volume_mounts: Some(vec![
             mount("data", SERVER_DATA_DIR, false),
@@ -546,7 +567,8 @@ pub fn server_deployment(spec: &StackSpec) -> Deployment {
 }
 
 /// The server Service: the gRPC port (h2c, so proxies and meshes speak
-/// HTTP/2 cleartext to it) first, then HTTP.
+/// HTTP/2 cleartext to it; the `tls` component makes it TLS) first, then
+/// HTTP, then metrics.
 pub fn server_service() -> Service {
     Service {
         metadata: meta(SERVER_NAME, server_selector()),
@@ -566,6 +588,14 @@ pub fn server_service() -> Service {
                     name: Some(HTTP_PORT_NAME.into()),
                     port: DEFAULT_HTTP_PORT.into(),
                     target_port: Some(IntOrString::String(HTTP_PORT_NAME.into())),
+                    protocol: Some("TCP".into()),
+                    app_protocol: Some("http".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some(METRICS_PORT_NAME.into()),
+                    port: DEFAULT_METRICS_PORT.into(),
+                    target_port: Some(IntOrString::String(METRICS_PORT_NAME.into())),
                     protocol: Some("TCP".into()),
                     app_protocol: Some("http".into()),
                     ..Default::default()
@@ -605,7 +635,7 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
         name: WORKER_CONTAINER.into(),
         image: Some(WORKER_IMAGE.into()),
         image_pull_policy: Some("IfNotPresent".into()),
-        args: Some(worker_args(spec, pool, false, false).to_args()),
+        args: Some(worker_args(spec, pool, false, false, false).to_args()),
         env: Some(vec![
             EnvVar {
                 name: buildkube_config::WORKER_ID_ENV.into(),
@@ -722,40 +752,6 @@ fn tcp_port(port: IntOrString) -> NetworkPolicyPort {
     }
 }
 
-/// The server accepts its gRPC and HTTP ports from anywhere (workers, clients,
-/// ingress controllers, Prometheus) and nothing else.
-pub fn server_network_policy() -> NetworkPolicy {
-    NetworkPolicy {
-        metadata: meta(SERVER_NAME, server_selector()),
-        spec: Some(NetworkPolicySpec {
-            pod_selector: selector(server_selector()),
-            policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                ports: Some(vec![
-                    tcp_port(IntOrString::String(GRPC_PORT_NAME.into())),
-                    tcp_port(IntOrString::String(HTTP_PORT_NAME.into())),
-                ]),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-    }
-}
-
-/// Nothing reaches the workers: they only dial out (kubelet probes are
-/// not subject to NetworkPolicy).
-pub fn worker_network_policy() -> NetworkPolicy {
-    NetworkPolicy {
-        metadata: meta(WORKER_NAME, workers_selector()),
-        spec: Some(NetworkPolicySpec {
-            pod_selector: selector(workers_selector()),
-            policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![]),
-            ..Default::default()
-        }),
-    }
-}
-
 /// Prometheus Operator: scrape the server's metrics port.
 pub fn server_service_monitor(spec: &StackSpec) -> ServiceMonitor {
     ServiceMonitor::new(
@@ -763,7 +759,7 @@ pub fn server_service_monitor(spec: &StackSpec) -> ServiceMonitor {
         ServiceMonitorSpec {
             selector: selector(server_selector()),
             endpoints: vec![Endpoint {
-                port: HTTP_PORT_NAME.into(),
+                port: METRICS_PORT_NAME.into(),
                 path: buildkube_config::METRICS_PATH.into(),
                 interval: spec.monitoring.scrape_interval.clone(),
                 // The queue gauges carry an `instance` label (the REAPI
@@ -1074,9 +1070,28 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
     )
 }
 
+/// Redis's `maxmemory`: this share of its container's memory. The rest is
+/// Redis's own overhead (allocator fragmentation, client and replication
+/// buffers), which `maxmemory` does not count.
+pub const REDIS_MAXMEMORY_PERCENT: u64 = 75;
+
+/// Redis's `maxmemory` in bytes, from `external_stores.redis_memory`.
+pub fn redis_maxmemory(spec: &StackSpec) -> u64 {
+    let memory = quantity_to_bytes(&spec.external_stores.redis_memory)
+        .expect("validated: external_stores.redis_memory");
+    memory / 100 * REDIS_MAXMEMORY_PERCENT
+}
+
 /// Redis without persistence (a cache), its Service and its policy.
+///
+/// It holds only the action cache, so it is bounded by `maxmemory` with
+/// `allkeys-lru`: when full, the least recently used results go, which only
+/// costs a re-execution, while the hot ones stay. (Redis's default,
+/// `noeviction`, would instead fail every UpdateActionResult once full;
+/// `volatile-*` policies would do the same for a key without a TTL.)
 pub fn redis(spec: &StackSpec) -> (Deployment, Service, NetworkPolicy) {
     let component = "redis";
+    let memory = &spec.external_stores.redis_memory;
     let container = Container {
         name: component.into(),
         image: Some(spec.external_stores.redis_image.clone()),
@@ -1086,6 +1101,10 @@ pub fn redis(spec: &StackSpec) -> (Deployment, Service, NetworkPolicy) {
             "".into(),
             "--appendonly".into(),
             "no".into(),
+            "--maxmemory".into(),
+            redis_maxmemory(spec).to_string(),
+            "--maxmemory-policy".into(),
+            "allkeys-lru".into(),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some(component.into()),
@@ -1095,8 +1114,13 @@ pub fn redis(spec: &StackSpec) -> (Deployment, Service, NetworkPolicy) {
         }]),
         readiness_probe: Some(exec_probe(&["redis-cli", "ping"], 10)),
         liveness_probe: Some(exec_probe(&["redis-cli", "ping"], 30)),
+        // Request what it may use, so it is never the pod evicted first.
         resources: Some(resources(
-            &ResourcesSpec::default(),
+            &ResourcesSpec {
+                memory_request: memory.clone(),
+                memory_limit: memory.clone(),
+                ..ResourcesSpec::default()
+            },
             sum_of(&[STORE_SCRATCH_SIZE]) + EPHEMERAL_STORAGE_ALLOWANCE,
         )),
         security_context: Some(container_security(true)),

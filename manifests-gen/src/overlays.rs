@@ -17,8 +17,10 @@ use crate::autoscaling::{adapter_rules, worker_hpa, worker_scaled_object};
 use crate::kustomize::{
     ImageOverride, Kustomization, PatchOp, PatchRef, PatchTarget, SecretGenerator,
 };
+use crate::network::{server_network_policy, worker_network_policy};
 use crate::objects::{self, *};
-use crate::spec::{AutoscalingKind, ExposeSpec, OverlaySpec, StackSpec};
+use crate::spec::{AutoscalingKind, ExposeSpec, OverlaySpec, StackSpec, TlsKind};
+use crate::tls;
 use crate::tree::{GeneratedFile, Tree};
 
 /// The Kubernetes minor version whose API the objects are typed against
@@ -48,6 +50,10 @@ pub const COMPONENT_INGRESS: &str = "ingress-tls";
 pub const COMPONENT_LOADBALANCER: &str = "loadbalancer";
 /// PostgreSQL and Redis component.
 pub const COMPONENT_EXTERNAL_STORES: &str = "external-stores";
+/// Mutual TLS component: mounts the TLS Secrets, passes the TLS flags.
+pub const COMPONENT_TLS: &str = "tls";
+/// cert-manager component: issues the `tls` component's Secrets.
+pub const COMPONENT_CERT_MANAGER: &str = "cert-manager";
 
 /// Top-level entries of `overlays/` the generator owns for this spec: it
 /// rewrites and prunes only these, so a user's `overlays/my-stack` survives.
@@ -117,6 +123,22 @@ pub struct ClientEndpoint {
     pub http: String,
     /// A note on how the address is reached, if any.
     pub note: Option<String>,
+    /// With mutual TLS to the server itself (not through the Ingress): the
+    /// files a client needs.
+    pub tls: Option<ClientTlsFiles>,
+}
+
+/// The CA and client certificate a client of a mutual-TLS overlay uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClientTlsFiles {
+    /// The CA certificate (Bazel `--tls_certificate`).
+    pub ca: String,
+    /// The client certificate (Bazel `--tls_client_certificate`).
+    pub cert: String,
+    /// Its PKCS#8 key (Bazel `--tls_client_key`).
+    pub key: String,
+    /// The Secret holding them.
+    pub secret: String,
 }
 
 /// The endpoint an overlay's clients use, derived from how it is exposed.
@@ -140,6 +162,8 @@ pub fn client_endpoint(overlay: &OverlaySpec, spec: &StackSpec) -> ClientEndpoin
         ),
         ExposeSpec::Ingress => (spec.ingress.host.clone(), 443, true, None),
     };
+    let tls_files = mutual_tls_files(overlay);
+    let tls = tls || tls_files.is_some();
     let (grpc, http) = if tls {
         ("grpcs", "https")
     } else {
@@ -149,12 +173,29 @@ pub fn client_endpoint(overlay: &OverlaySpec, spec: &StackSpec) -> ClientEndpoin
         bazel: format!("{grpc}://{host}:{port}"),
         http: format!("{http}://{host}:{port}"),
         note,
+        tls: tls_files,
     }
 }
 
-/// The endpoint clients running in the cluster use: the ClusterIP Service,
-/// or the Ingress when there is one (TLS, so recc and BuildStream can send
-/// a token).
+/// The files a client needs for the server's own mutual TLS, when it talks
+/// to the server directly. Through the Ingress, clients see its public
+/// certificate instead.
+fn mutual_tls_files(overlay: &OverlaySpec) -> Option<ClientTlsFiles> {
+    let mutual = overlay.tls != TlsKind::None && !matches!(overlay.expose, ExposeSpec::Ingress);
+    mutual.then(|| {
+        let (ca, cert, key) = tls::client_tls_files();
+        ClientTlsFiles {
+            ca: ca.display().to_string(),
+            cert: cert.display().to_string(),
+            key: key.display().to_string(),
+            secret: tls::CLIENT_TLS_SECRET.into(),
+        }
+    })
+}
+
+/// The endpoint clients running in the cluster use: the ClusterIP Service
+/// (with the server's mutual TLS when the overlay has it), or the Ingress
+/// when there is one (TLS, so recc and BuildStream can send a token).
 pub fn in_cluster_endpoint(overlay: &OverlaySpec, spec: &StackSpec) -> ClientEndpoint {
     if matches!(overlay.expose, ExposeSpec::Ingress) {
         return ClientEndpoint {
@@ -163,10 +204,17 @@ pub fn in_cluster_endpoint(overlay: &OverlaySpec, spec: &StackSpec) -> ClientEnd
         };
     }
     let host = format!("{SERVER_NAME}.{}.svc.cluster.local", overlay.namespace);
+    let tls_files = mutual_tls_files(overlay);
+    let (grpc, http) = if tls_files.is_some() {
+        ("grpcs", "https")
+    } else {
+        ("grpc", "http")
+    };
     ClientEndpoint {
-        bazel: format!("grpc://{host}:{DEFAULT_GRPC_PORT}"),
-        http: format!("http://{host}:{DEFAULT_GRPC_PORT}"),
+        bazel: format!("{grpc}://{host}:{DEFAULT_GRPC_PORT}"),
+        http: format!("{http}://{host}:{DEFAULT_GRPC_PORT}"),
         note: Some("the ClusterIP Service".into()),
+        tls: tls_files,
     }
 }
 
@@ -261,6 +309,14 @@ pub fn overlay_components(overlay: &OverlaySpec) -> Vec<&'static str> {
     }
     if overlay.external_stores {
         components.push(COMPONENT_EXTERNAL_STORES);
+    }
+    match overlay.tls {
+        TlsKind::None => {}
+        TlsKind::Secrets => components.push(COMPONENT_TLS),
+        TlsKind::CertManager => {
+            components.push(COMPONENT_TLS);
+            components.push(COMPONENT_CERT_MANAGER);
+        }
     }
     components
 }
@@ -386,7 +442,7 @@ fn base(spec: &StackSpec, tree: &mut Tree) {
         ("server-service.yaml".into(), yaml(&server_service())),
         (
             "server-networkpolicy.yaml".into(),
-            yaml(&server_network_policy()),
+            yaml(&server_network_policy(spec)),
         ),
         (
             "worker-serviceaccount.yaml".into(),
@@ -394,7 +450,7 @@ fn base(spec: &StackSpec, tree: &mut Tree) {
         ),
         (
             "worker-networkpolicy.yaml".into(),
-            yaml(&worker_network_policy()),
+            yaml(&worker_network_policy(spec)),
         ),
     ];
     for pool in &spec.worker_pools {
@@ -548,6 +604,7 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
             vec![(server_patch, yaml(&server_ops))],
         ),
     );
+    tls_components(spec, tree);
     let readme = render(
         env,
         "components-README.md",
@@ -568,9 +625,96 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
             postgres_blob_limit => objects::POSTGRES_BLOB_LIMIT,
             postgres_max_size => objects::postgres_cas_max_size(spec),
             postgres_volume_percent => objects::POSTGRES_VOLUME_PERCENT,
+            redis_maxmemory => objects::redis_maxmemory(spec),
+            redis_memory => spec.external_stores.redis_memory,
+            server_tls_secret => tls::SERVER_TLS_SECRET,
+            worker_tls_secret => tls::WORKER_TLS_SECRET,
+            client_tls_secret => tls::CLIENT_TLS_SECRET,
+            ca_secret => tls::CA_SECRET,
+            tls_mount_dir => tls::TLS_MOUNT_DIR,
+            metrics_port => buildkube_config::DEFAULT_METRICS_PORT,
+            monitoring_namespaces => spec.monitoring.namespace_labels,
         },
     );
     tree.insert("components/README.md", GeneratedFile::text(readme));
+}
+
+/// The `tls` component (TLS Secrets mounted, TLS flags passed, the gRPC
+/// port declared TLS) and the `cert-manager` component (the CA and the
+/// certificates in those Secrets).
+fn tls_components(spec: &StackSpec, tree: &mut Tree) {
+    let (volume, mount) = tls::tls_volume(tls::SERVER_TLS_SECRET);
+    // Appended, like --storage-config: an overlay that replaces the
+    // arguments renders them itself from server_args(.., tls = true).
+    let mut server_ops: Vec<PatchOp> = tls::server_tls_args()
+        .to_args()
+        .into_iter()
+        .map(|arg| PatchOp::add("/spec/template/spec/containers/0/args/-", arg))
+        .collect();
+    server_ops.push(PatchOp::add("/spec/template/spec/volumes/-", volume));
+    server_ops.push(PatchOp::add(
+        "/spec/template/spec/containers/0/volumeMounts/-",
+        mount,
+    ));
+    let mut refs = vec![
+        PatchRef {
+            path: "patches/server.yaml".into(),
+            target: deployment_target(SERVER_NAME),
+        },
+        PatchRef {
+            path: "patches/server-service.yaml".into(),
+            target: service_target(SERVER_NAME),
+        },
+    ];
+    let mut files = vec![
+        ("patches/server.yaml".to_string(), yaml(&server_ops)),
+        (
+            "patches/server-service.yaml".to_string(),
+            yaml(&vec![PatchOp::replace(
+                "/spec/ports/0/appProtocol",
+                "https",
+            )]),
+        ),
+    ];
+    for pool in &spec.worker_pools {
+        let (volume, mount) = tls::tls_volume(tls::WORKER_TLS_SECRET);
+        let ops = vec![
+            PatchOp::replace(
+                "/spec/template/spec/containers/0/args",
+                worker_args(spec, pool, false, false, true).to_args(),
+            ),
+            PatchOp::add("/spec/template/spec/volumes/-", volume),
+            PatchOp::add("/spec/template/spec/containers/0/volumeMounts/-", mount),
+        ];
+        let path = format!("patches/worker-{}.yaml", pool.name);
+        refs.push(PatchRef {
+            path: path.clone(),
+            target: deployment_target(&worker_deployment_name(&pool.name)),
+        });
+        files.push((path, yaml(&ops)));
+    }
+    component(tree, COMPONENT_TLS, vec![], (refs, files));
+
+    let (issuers, certificates) = tls::cert_manager_objects();
+    let resources = issuers
+        .iter()
+        .map(|(file, issuer)| (file.clone(), yaml(issuer)))
+        .chain(
+            certificates
+                .iter()
+                .map(|(file, certificate)| (file.clone(), yaml(certificate))),
+        )
+        .collect();
+    component(tree, COMPONENT_CERT_MANAGER, resources, (vec![], vec![]));
+}
+
+fn service_target(name: &str) -> PatchTarget {
+    PatchTarget {
+        group: String::new(),
+        version: "v1".into(),
+        kind: "Service".into(),
+        name: name.into(),
+    }
 }
 
 fn deployment_target(name: &str) -> PatchTarget {
@@ -657,6 +801,24 @@ fn secret_files(overlay: &OverlaySpec, env: &Environment<'_>) -> Vec<SecretFile>
             placeholder: render(env, "env.sh", credentials_context()),
         });
     }
+    if overlay.tls == TlsKind::Secrets {
+        for (file, secret, key, purpose) in [
+            ("server-tls.crt", tls::SERVER_TLS_SECRET, tls::CERT_KEY, "the server's PEM certificate chain (names: buildkube-server and its in-cluster Service names)"),
+            ("server-tls.key", tls::SERVER_TLS_SECRET, tls::KEY_KEY, "its PEM private key"),
+            ("server-ca.crt", tls::SERVER_TLS_SECRET, tls::CA_KEY, "the PEM CA whose client certificates the server accepts"),
+            ("worker-tls.crt", tls::WORKER_TLS_SECRET, tls::CERT_KEY, "the workers' PEM client certificate (client auth), signed by that CA"),
+            ("worker-tls.key", tls::WORKER_TLS_SECRET, tls::KEY_KEY, "its PEM private key"),
+            ("worker-ca.crt", tls::WORKER_TLS_SECRET, tls::CA_KEY, "the PEM CA that signed the server's certificate"),
+        ] {
+            files.push(SecretFile {
+                file,
+                secret,
+                key,
+                purpose,
+                placeholder: format!("REPLACE-ME with {purpose}\n"),
+            });
+        }
+    }
     if overlay.external_stores {
         files.push(SecretFile {
             file: "postgres-password",
@@ -725,7 +887,13 @@ fn overlay_dir(
         tree.insert(&dir(AUTH_CONFIGMAP_FILE), yaml(&auth::auth_configmap()));
         server_ops.push(PatchOp::replace(
             "/spec/template/spec/containers/0/args",
-            server_args(spec, true, overlay.external_stores).to_args(),
+            server_args(
+                spec,
+                true,
+                overlay.external_stores,
+                overlay.tls != TlsKind::None,
+            )
+            .to_args(),
         ));
         for (volume, mount) in auth::server_auth_volumes() {
             server_ops.push(PatchOp::add("/spec/template/spec/volumes/-", volume));
@@ -770,7 +938,14 @@ fn overlay_dir(
         if overlay.auth || credentials || resized {
             ops.push(PatchOp::replace(
                 "/spec/template/spec/containers/0/args",
-                worker_args(spec, pool, overlay.auth, credentials).to_args(),
+                worker_args(
+                    spec,
+                    pool,
+                    overlay.auth,
+                    credentials,
+                    overlay.tls != TlsKind::None,
+                )
+                .to_args(),
             ));
         }
         if overlay.auth {
@@ -809,6 +984,50 @@ fn overlay_dir(
         }
     }
 
+    // The server certificate's names in this namespace (the component
+    // knows only the short name).
+    if overlay.tls == TlsKind::CertManager {
+        let ops: Vec<PatchOp> = tls::namespaced_server_dns_names(&overlay.namespace)
+            .into_iter()
+            .map(|name| PatchOp::add("/spec/dnsNames/-", name))
+            .collect();
+        let path = "patches/certificate-server.yaml".to_string();
+        tree.insert(&dir(&path), yaml(&ops));
+        kustomization.patches.push(PatchRef {
+            path,
+            target: PatchTarget {
+                group: "cert-manager.io".into(),
+                version: "v1".into(),
+                kind: crate::crd::Certificate::KIND.into(),
+                name: tls::SERVER_TLS_SECRET.into(),
+            },
+        });
+    }
+    // The Ingress speaks mutual TLS to the server with the client certificate.
+    if overlay.tls != TlsKind::None && matches!(overlay.expose, ExposeSpec::Ingress) {
+        let annotation = |key: &str| {
+            format!(
+                "/metadata/annotations/{}",
+                key.replace('~', "~0").replace('/', "~1")
+            )
+        };
+        let ops: Vec<PatchOp> = tls::ingress_backend_tls_annotations(&overlay.namespace)
+            .into_iter()
+            .map(|(key, value)| PatchOp::add(&annotation(key), value))
+            .collect();
+        let path = "patches/server-ingress.yaml".to_string();
+        tree.insert(&dir(&path), yaml(&ops));
+        kustomization.patches.push(PatchRef {
+            path,
+            target: PatchTarget {
+                group: "networking.k8s.io".into(),
+                version: "v1".into(),
+                kind: "Ingress".into(),
+                name: SERVER_NAME.into(),
+            },
+        });
+    }
+
     // Node port for the gRPC port (first in the Service).
     if let ExposeSpec::NodePort { node_port } = overlay.expose {
         let ops = vec![
@@ -819,12 +1038,7 @@ fn overlay_dir(
         tree.insert(&dir(&path), yaml(&ops));
         kustomization.patches.push(PatchRef {
             path,
-            target: PatchTarget {
-                group: String::new(),
-                version: "v1".into(),
-                kind: "Service".into(),
-                name: SERVER_NAME.into(),
-            },
+            target: service_target(SERVER_NAME),
         });
     }
 

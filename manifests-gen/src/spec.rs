@@ -39,6 +39,11 @@ pub struct StackSpec {
     pub ingress: IngressSpec,
     /// PostgreSQL and Redis of the `external-stores` component.
     pub external_stores: ExternalStoresSpec,
+    /// Where workers (and so the actions they run) may connect besides the
+    /// server and DNS; everything else, the cloud metadata endpoint
+    /// included, is denied by their NetworkPolicy. Default: nothing.
+    #[serde(default)]
+    pub worker_egress: Vec<EgressAllowSpec>,
     /// Generated overlays, by directory name under `overlays/`.
     pub overlays: BTreeMap<String, OverlaySpec>,
 }
@@ -187,6 +192,23 @@ pub struct MonitoringSpec {
     pub prometheus_url: String,
     /// Scrape interval of the ServiceMonitor, e.g. `15s`.
     pub scrape_interval: String,
+    /// Labels of the namespaces allowed to reach the server's metrics port
+    /// (the NetworkPolicy's namespaceSelector). Default:
+    /// `kubernetes.io/metadata.name: monitoring`.
+    pub namespace_labels: BTreeMap<String, String>,
+}
+
+/// One destination outside the cluster that workers may connect to, e.g.
+/// an artifact mirror.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressAllowSpec {
+    /// IPv4 or IPv6 CIDR, e.g. `10.20.0.0/16`. The cloud metadata address
+    /// (169.254.169.254) is excluded from it even if it falls inside.
+    pub cidr: String,
+    /// TCP ports allowed; empty: every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 /// The gRPC Ingress with TLS from cert-manager.
@@ -211,6 +233,10 @@ pub struct ExternalStoresSpec {
     pub postgres_storage_size: String,
     /// Redis image reference.
     pub redis_image: String,
+    /// Memory of the Redis container (request and limit, a Kubernetes
+    /// quantity such as `1Gi`); Redis's `maxmemory` is
+    /// `REDIS_MAXMEMORY_PERCENT` of it, the rest is its own overhead.
+    pub redis_memory: String,
 }
 
 /// One generated overlay: a directory under `overlays/` that `kubectl
@@ -241,6 +267,9 @@ pub struct OverlaySpec {
     pub prometheus: bool,
     /// Add PostgreSQL and Redis (secret `buildkube-postgres`).
     pub external_stores: bool,
+    /// TLS between clients, workers and the server (the `tls` component).
+    #[serde(default)]
+    pub tls: TlsKind,
     /// Spread each pool's workers across nodes.
     pub worker_anti_affinity: bool,
     /// Replicas per pool name, overriding the pool's `replicas`.
@@ -318,6 +347,23 @@ pub enum ExposeSpec {
     LoadBalancer,
     /// The `ingress-tls` component: TLS at the Ingress, host from `ingress`.
     Ingress,
+}
+
+/// Where an overlay's TLS certificates come from. With TLS the server's gRPC
+/// and HTTP ports speak mutual TLS: every client presents a certificate of
+/// the farm's CA (workers theirs, from Secret `buildkube-worker-tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsKind {
+    /// Plaintext gRPC (h2c) inside the cluster.
+    #[default]
+    None,
+    /// Mutual TLS from Secrets you create (`tls.crt`, `tls.key`, `ca.crt`
+    /// each): `buildkube-server-tls` and `buildkube-worker-tls`.
+    Secrets,
+    /// The same Secrets, issued and renewed by cert-manager from a CA of the
+    /// overlay's own (the `cert-manager` component).
+    CertManager,
 }
 
 /// Which autoscaling component an overlay uses.
@@ -416,6 +462,7 @@ impl Default for StackSpec {
                     autoscaling: AutoscalingKind::None,
                     prometheus: false,
                     external_stores: false,
+                    tls: TlsKind::None,
                     worker_anti_affinity: false,
                     worker_replicas: BTreeMap::new(),
                     server_resources: None,
@@ -435,6 +482,7 @@ impl Default for StackSpec {
                     autoscaling: AutoscalingKind::None,
                     prometheus: false,
                     external_stores: false,
+                    tls: TlsKind::None,
                     worker_anti_affinity: false,
                     worker_replicas: BTreeMap::from([("default".to_string(), 1)]),
                     // One 4-CPU/8-GiB node, beside kind's control plane
@@ -470,7 +518,7 @@ impl Default for StackSpec {
             (
                 "production".to_string(),
                 OverlaySpec {
-                    description: "Auth, TLS ingress, KEDA autoscaling, Prometheus, spread workers, external stores.".into(),
+                    description: "Auth, TLS ingress, mutual TLS inside (cert-manager), KEDA autoscaling, Prometheus, spread workers, external stores.".into(),
                     namespace: "buildkube".into(),
                     images: images(Some("ghcr.io/buildkube"), env!("CARGO_PKG_VERSION")),
                     auth: true,
@@ -479,6 +527,7 @@ impl Default for StackSpec {
                     autoscaling: AutoscalingKind::Keda,
                     prometheus: true,
                     external_stores: true,
+                    tls: TlsKind::CertManager,
                     worker_anti_affinity: true,
                     worker_replicas: BTreeMap::new(),
                     server_resources: None,
@@ -509,7 +558,12 @@ impl Default for StackSpec {
             monitoring: MonitoringSpec {
                 prometheus_url: "http://prometheus-operated.monitoring.svc:9090".into(),
                 scrape_interval: "15s".into(),
+                namespace_labels: BTreeMap::from([(
+                    "kubernetes.io/metadata.name".into(),
+                    "monitoring".into(),
+                )]),
             },
+            worker_egress: Vec::new(),
             ingress: IngressSpec {
                 host: "buildkube.example.com".into(),
                 class_name: "nginx".into(),
@@ -519,6 +573,7 @@ impl Default for StackSpec {
                 postgres_image: "postgres:16.4-bookworm".into(),
                 postgres_storage_size: "20Gi".into(),
                 redis_image: "redis:7.4.1-bookworm".into(),
+                redis_memory: "1Gi".into(),
             },
             overlays,
         }
@@ -852,6 +907,31 @@ impl StackSpec {
             "external_stores.postgres_storage_size",
             &self.external_stores.postgres_storage_size,
         );
+        if v.quantity_bytes(
+            "external_stores.redis_memory",
+            &self.external_stores.redis_memory,
+        )
+        .is_some_and(|bytes| bytes < 64 << 20)
+        {
+            v.error("external_stores.redis_memory", "must be at least 64Mi");
+        }
+        if self.monitoring.namespace_labels.is_empty() {
+            v.error(
+                "monitoring.namespace_labels",
+                "at least one label: empty would admit every namespace to the metrics port",
+            );
+        }
+        for (key, value) in &self.monitoring.namespace_labels {
+            v.label_value(&format!("monitoring.namespace_labels.{key}"), value);
+        }
+        for (i, allow) in self.worker_egress.iter().enumerate() {
+            if let Err(message) = parse_cidr(&allow.cidr) {
+                v.error(&format!("worker_egress[{i}].cidr"), message);
+            }
+            if allow.ports.contains(&0) {
+                v.error(&format!("worker_egress[{i}].ports"), "0 is not a port");
+            }
+        }
 
         if self.overlays.is_empty() {
             v.error("overlays", "at least one overlay is required");
@@ -955,6 +1035,19 @@ impl StackSpec {
         }
         v.finish()
     }
+}
+
+/// Parses `ADDRESS/PREFIX` (IPv4 or IPv6) into the address and prefix length.
+pub fn parse_cidr(cidr: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let bad = || format!("`{cidr}` is not a CIDR such as 10.0.0.0/8 or fd00::/8");
+    let (address, prefix) = cidr.split_once('/').ok_or_else(bad)?;
+    let address: std::net::IpAddr = address.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    if prefix > max {
+        return Err(bad());
+    }
+    Ok((address, prefix))
 }
 
 #[derive(Default)]

@@ -15,8 +15,11 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use buildkube_config::ClientTlsArgs;
+
 use crate::digest::{Digest, Hasher};
 use crate::resource::{ReadResource, WriteResource};
+use crate::tls::{TlsConnector, TlsError};
 
 /// Chunk size of ByteStream reads and writes.
 pub const BYTESTREAM_CHUNK: usize = 64 * 1024;
@@ -61,6 +64,17 @@ pub enum CasClientError {
         /// Parser's complaint.
         message: String,
     },
+    /// The TLS files for an `https://` endpoint are unusable.
+    #[error("TLS towards `{endpoint}`: {source}")]
+    Tls {
+        /// Endpoint as given.
+        endpoint: String,
+        /// What is wrong with the files.
+        source: TlsError,
+    },
+    /// The bearer token holds characters a header cannot carry.
+    #[error("the auth token is not valid header text")]
+    TokenNotHeaderText,
     /// A call failed.
     #[error("{call} failed: {status}")]
     Rpc {
@@ -113,29 +127,57 @@ fn io_error<'a>(
     }
 }
 
-/// Opens a lazily connecting channel to `endpoint` (`http://host:port`,
-/// `grpc://host:port` is accepted as a synonym) that sends `token` if set.
-pub fn connect_channel(endpoint: &str, token: Option<&str>) -> Result<AuthChannel, CasClientError> {
-    let url = match endpoint.strip_prefix("grpc://") {
-        Some(rest) => format!("http://{rest}"),
-        None => endpoint.to_string(),
-    };
+/// Opens a lazily connecting channel to `endpoint` that sends `token` if set:
+/// `http://host:port` (`grpc://` is a synonym) in plaintext, or
+/// `https://host:port` (`grpcs://`) over TLS as `tls` says.
+pub fn connect_channel(
+    endpoint: &str,
+    token: Option<&str>,
+    tls: &ClientTlsArgs,
+) -> Result<AuthChannel, CasClientError> {
     let bad = |message: String| CasClientError::Endpoint {
         endpoint: endpoint.to_string(),
         message,
     };
-    let channel = Endpoint::from_shared(url)
+    let (url, secure) = if let Some(rest) = endpoint.strip_prefix("grpcs://") {
+        (format!("https://{rest}"), true)
+    } else if let Some(rest) = endpoint.strip_prefix("grpc://") {
+        (format!("http://{rest}"), false)
+    } else {
+        (endpoint.to_string(), endpoint.starts_with("https://"))
+    };
+    let builder = Endpoint::from_shared(url)
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
+        .keep_alive_while_idle(true);
+    let channel = if secure {
+        let connector = TlsConnector::new(tls.clone()).map_err(|source| CasClientError::Tls {
+            endpoint: endpoint.to_string(),
+            source,
+        })?;
+        builder.connect_with_connector_lazy(connector)
+    } else if tls.is_set() {
+        return Err(bad(
+            "TLS files are set but the endpoint is plaintext; use https:// or grpcs://".into(),
+        ));
+    } else {
+        builder.connect_lazy()
+    };
+    with_bearer_token(channel, token)
+}
+
+/// Wraps `channel` so that every call carries `token` (if set) as a bearer token.
+pub fn with_bearer_token(
+    channel: Channel,
+    token: Option<&str>,
+) -> Result<AuthChannel, CasClientError> {
     let token = match token {
         Some(token) => Some(
             format!("Bearer {}", token.trim())
                 .parse()
-                .map_err(|_| bad("auth token is not valid header text".into()))?,
+                .map_err(|_| CasClientError::TokenNotHeaderText)?,
         ),
         None => None,
     };

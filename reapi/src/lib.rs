@@ -1,16 +1,18 @@
 //! REAPI domain types shared by buildkube's server, worker and tools:
 //! parsed digests, ByteStream resource names, the rules for input trees and
-//! command paths, and a CAS client that picks batch or streaming calls by
-//! size.
+//! command paths, a CAS client that picks batch or streaming calls by size,
+//! and the channel (plaintext or TLS) it and the other clients talk over.
 
 mod cas_client;
 mod digest;
 mod paths;
 mod resource;
+pub mod tls;
 mod tree;
 
 pub use cas_client::{
-    connect_channel, AuthChannel, BearerToken, CasClient, CasClientError, BYTESTREAM_CHUNK,
+    connect_channel, with_bearer_token, AuthChannel, BearerToken, CasClient, CasClientError,
+    BYTESTREAM_CHUNK,
 };
 pub use digest::{Digest, DigestError, Hasher};
 pub use paths::{

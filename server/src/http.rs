@@ -1,4 +1,5 @@
-//! The HTTP side: probes, Prometheus metrics and operation timelines.
+//! The HTTP side: probes and operation timelines on `--http-listen`; probes
+//! and Prometheus metrics on `--metrics-listen`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -66,14 +67,23 @@ struct RecentQuery {
     limit: Option<usize>,
 }
 
-/// Routes: `/healthz`, `/readyz`, `/metrics`, `/operations`, `/operations/{id}`.
+/// Routes of `--http-listen`: `/healthz`, `/readyz`, `/operations`, `/operations/{id}`.
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route(names::HEALTHZ_PATH, get(|| async { "ok\n" }))
         .route(names::READYZ_PATH, get(readyz))
-        .route(names::METRICS_PATH, get(metrics))
         .route("/operations", get(recent_operations))
         .route("/operations/{id}", get(operation))
+        .with_state(state)
+}
+
+/// Routes of `--metrics-listen`: `/metrics`, and the probes (plain HTTP, so
+/// the kubelet reaches them whatever TLS the other listeners require).
+pub fn metrics_router(state: HttpState) -> Router {
+    Router::new()
+        .route(names::METRICS_PATH, get(metrics))
+        .route(names::HEALTHZ_PATH, get(|| async { "ok\n" }))
+        .route(names::READYZ_PATH, get(readyz))
         .with_state(state)
 }
 

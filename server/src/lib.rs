@@ -18,9 +18,11 @@ pub mod farm;
 pub mod http;
 mod input_tree;
 pub mod instances;
+pub mod listener;
 pub mod metrics;
 pub mod service;
 pub mod storage;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -47,10 +49,18 @@ use crate::metrics::Metrics;
 use crate::service::MAX_GRPC_MESSAGE;
 use buildkube_scheduler::{Scheduler, SchedulerConfig};
 
-fn write_addr_file(path: &Path, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
+fn write_addr_file(
+    path: &Path,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    metrics: SocketAddr,
+) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("grpc={grpc}\nhttp={http}\n"))
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(
+        &tmp,
+        format!("grpc={grpc}\nhttp={http}\nmetrics={metrics}\n"),
+    )
+    .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} into place", path.display()))?;
     Ok(())
@@ -79,6 +89,8 @@ pub async fn run(
         Some(auth) if args.local_workers > 0 => Some(auth.add_local_worker_token()),
         _ => None,
     };
+    let grpc_tls = tls::ServerTls::load(&args.tls, tls::GRPC_ALPN)?;
+    let http_tls = tls::ServerTls::load(&args.tls, tls::HTTP_ALPN)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let storage_config = match &args.storage_config {
@@ -88,7 +100,7 @@ pub async fn run(
         None => buildkube_config::storage::StorageConfig::embedded(),
     };
 
-    // Both ports are bound, and HTTP serves (/healthz live, /readyz 503),
+    // All ports are bound, and HTTP serves (/healthz live, /readyz 503),
     // before storage opens: opening a large CAS stats every blob, and a
     // liveness probe must not kill the server meanwhile.
     let grpc_listener = TcpListener::bind(args.listen)
@@ -97,8 +109,12 @@ pub async fn run(
     let http_listener = TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("binding --http-listen {}", args.http_listen))?;
+    let metrics_listener = TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -113,19 +129,27 @@ pub async fn run(
         auth: auth.clone(),
         ..Default::default()
     };
-    let http_server = axum::serve(http_listener, http::router(http_state.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let http = tokio::spawn(async move { http_server.await });
+    let http = tokio::spawn(listener::serve_http(
+        listener::accept(http_listener, http_tls, None),
+        http::router(http_state.clone()),
+        stopped(stop_rx.clone()),
+    ));
+    let metrics_http = tokio::spawn(listener::serve_http(
+        listener::accept(metrics_listener, None, None),
+        http::metrics_router(http_state.clone()),
+        stopped(stop_rx.clone()),
+    ));
     if let Some(path) = &args.addr_file {
-        write_addr_file(path, grpc_addr, http_addr)?;
+        write_addr_file(path, grpc_addr, http_addr, metrics_addr)?;
     }
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, "listening; opening storage");
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, metrics = %metrics_addr, "listening; opening storage");
 
     let opened = tokio::select! {
         opened = storage::factory::open(&storage_config, &args.data_dir, args.cas_max_size) => opened,
         () = stopped(stop_rx.clone()) => {
             tracing::info!("stopped while opening storage");
-            http.await?.context("HTTP server failed")?;
+            http.await?;
+            metrics_http.await?;
             return Ok(());
         }
     };
@@ -222,18 +246,24 @@ pub async fn run(
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)
                 .max_encoding_message_size(MAX_GRPC_MESSAGE),
         );
-    // The builder's tcp_nodelay applies only to listeners it binds itself; a
-    // listener we bound must get it here, or small replies (leases) stall on
-    // delayed ACKs for ~40 ms.
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    // listener::accept sets TCP_NODELAY on every connection (the builder's
+    // tcp_nodelay applies only to listeners it binds itself), or small
+    // replies (leases) stall on delayed ACKs for ~40 ms.
+    let (in_process, in_process_connections) = listener::InProcessConnector::new();
+    let grpc_incoming = listener::accept(
+        grpc_listener,
+        grpc_tls.clone(),
+        Some(in_process_connections),
+    );
     let grpc =
-        tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
+        tokio::spawn(router.serve_with_incoming_shutdown(grpc_incoming, stopped(stop_rx.clone())));
 
     let mut local_workers = Vec::new();
     for i in 0..args.local_workers {
+        // In-process workers dial through a pipe, not the TCP listener, so
+        // they connect whatever TLS or mTLS the listener requires.
         let worker_args = WorkerArgs {
-            server: format!("http://{grpc_addr}"),
+            server: "in-process".into(),
             instance: farm.instances.first().to_string(),
             work_dir: args.data_dir.join("local-workers").join(i.to_string()),
             concurrency: Some(1),
@@ -243,15 +273,23 @@ pub async fn run(
             action_limits: args.action_limits.clone(),
             ..WorkerArgs::default()
         };
-        let worker =
-            buildkube_worker::Worker::start_with_token(worker_args, local_worker_token.clone())
-                .await
-                .with_context(|| format!("starting in-process worker {i}"))?;
+        let worker = buildkube_worker::Worker::start_in_process(
+            worker_args,
+            local_worker_token.clone(),
+            in_process.channel(),
+        )
+        .await
+        .with_context(|| format!("starting in-process worker {i}"))?;
         local_workers.push(tokio::spawn(worker.run(stopped(stop_rx.clone()))));
     }
 
     http_state.ready.store(true, Ordering::Release);
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, data_dir = %args.data_dir.display(),
+    let tls_mode = match &grpc_tls {
+        None => "off",
+        Some(tls) if tls.requires_client_certificates() => "mutual",
+        Some(_) => "on",
+    };
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, metrics = %metrics_addr, tls = tls_mode, data_dir = %args.data_dir.display(),
         instances = ?farm.instances.names().collect::<Vec<_>>(), local_workers = args.local_workers, "buildkube server ready");
 
     for worker in local_workers {
@@ -260,7 +298,8 @@ pub async fn run(
         }
     }
     grpc.await?.context("gRPC server failed")?;
-    http.await?.context("HTTP server failed")?;
+    http.await?;
+    metrics_http.await?;
     reaper.abort();
     if let Some(reloader) = token_reloader {
         reloader.abort();

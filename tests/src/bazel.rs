@@ -23,6 +23,11 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 /// A Bazel server left behind by a killed test exits after this long idle.
 const MAX_IDLE_SECS: u32 = 900;
+/// Debian's netty-tcnative JNI library (package `libnetty-tcnative-jni`,
+/// 2.0.28: the version of the tcnative classes inside Debian's Bazel 4.2.3).
+const DEBIAN_TCNATIVE_JNI: &str = "/usr/lib/x86_64-linux-gnu/jni/libnetty-tcnative.so";
+/// The name netty looks the library up by (`System.loadLibrary("netty_tcnative")`).
+const TCNATIVE_LIBRARY_FILE: &str = "libnetty_tcnative.so";
 
 /// Flags for building with `server` as remote executor: every spawn remote,
 /// no local fallback, 8 jobs.
@@ -53,6 +58,29 @@ fn first_instance(server: &Server) -> &str {
         .unwrap_or_default()
 }
 
+/// A directory under `scratch` with Debian's netty-tcnative under the name
+/// netty loads it by, or `None` when the package is not installed.
+///
+/// Debian's Bazel 4.2.3 bundles netty 4.1.48 with its JDK ALPN support
+/// removed (`JdkSslContext.toNegotiator` accepts only NONE), so gRPC over
+/// TLS works only with the OpenSSL provider, which grpc-java picks when
+/// `OpenSsl.isAvailable()`: the tcnative classes are in Bazel's jar, the
+/// native library is Debian's `libnetty-tcnative-jni`. It is copied, not
+/// linked: Java resolves links, and the library's `JNI_OnLoad` refuses a
+/// path without `netty_tcnative` in its name ("unexpected library path").
+fn tcnative_dir(scratch: &Path) -> Result<Option<PathBuf>> {
+    let source = Path::new(DEBIAN_TCNATIVE_JNI);
+    if !source.exists() {
+        return Ok(None);
+    }
+    let dir = scratch.join("jni");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let target = dir.join(TCNATIVE_LIBRARY_FILE);
+    std::fs::copy(source, &target)
+        .with_context(|| format!("copying {} to {}", source.display(), target.display()))?;
+    Ok(Some(dir))
+}
+
 /// Bazel working on its own copy of a workspace, with its own output user
 /// root (so no state is shared with other tests or the user's Bazel) and the
 /// offline bazelrc built from `tests/fixtures/bazel-stubs`. Its Bazel server
@@ -64,6 +92,8 @@ pub struct Bazel {
     output_user_root: PathBuf,
     bazelrc: PathBuf,
     logs_dir: PathBuf,
+    /// A directory holding netty-tcnative for Bazel's JVM, if installed.
+    jni_dir: Option<PathBuf>,
     runs: AtomicUsize,
     /// Holds all of the above; made writable again before removal, since
     /// Bazel leaves read-only files and directories.
@@ -97,12 +127,14 @@ impl Bazel {
         let bazelrc = dir.path().join("offline.bazelrc");
         std::fs::write(&bazelrc, offline_bazelrc()?)
             .with_context(|| format!("writing {}", bazelrc.display()))?;
+        let jni_dir = tcnative_dir(dir.path())?;
         Ok(Bazel {
             program,
             workspace,
             output_user_root,
             bazelrc,
             logs_dir,
+            jni_dir,
             runs: AtomicUsize::new(0),
             dir: Some(dir),
         })
@@ -172,13 +204,35 @@ impl Bazel {
     }
 
     fn startup_options(&self) -> Vec<String> {
-        vec![
+        let mut options = vec![
             format!("--output_user_root={}", self.output_user_root.display()),
             // The user's ~/.bazelrc must not change what the tests measure.
             "--nohome_rc".into(),
             format!("--bazelrc={}", self.bazelrc.display()),
             format!("--max_idle_secs={MAX_IDLE_SECS}"),
-        ]
+        ];
+        if let Some(dir) = &self.jni_dir {
+            // Bazel loads its own JNI library by absolute path, so this path
+            // serves netty alone (see `tcnative_dir`).
+            options.push(format!(
+                "--host_jvm_args=-Djava.library.path={}",
+                dir.display()
+            ));
+        }
+        options
+    }
+
+    /// Whether Bazel can speak TLS here: with Debian's Bazel, only when
+    /// netty-tcnative is installed (see `tcnative_dir`).
+    pub fn ensure_tls_capable(&self) -> Result<()> {
+        if self.jni_dir.is_none() && std::env::var_os(BAZEL_ENV).is_none() {
+            bail!(
+                "{DEBIAN_TCNATIVE_JNI} is missing: Debian's Bazel 4.2.3 speaks TLS only through \
+                 netty-tcnative (`apt-get install -y libnetty-tcnative-jni`, as .ci/run does); \
+                 without it every TLS build crashes with \"JDK provider does not support ALPN protocol\""
+            );
+        }
+        Ok(())
     }
 
     fn run_with_timeout(

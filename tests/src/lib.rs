@@ -16,6 +16,7 @@ mod daemon;
 pub mod fixture;
 mod http;
 pub mod operations;
+mod pki;
 mod proxy;
 
 mod bazel;
@@ -31,6 +32,7 @@ pub use bazel::{
 };
 pub use daemon::LogFiles;
 pub use http::{http_get, http_get_with, HttpResponse};
+pub use pki::TestPki;
 pub use proxy::TcpProxy;
 pub use server::Server;
 pub use worker::{Worker, DEFAULT_TEST_CONCURRENCY};

@@ -30,11 +30,18 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Server {
     args: ServerArgs,
     daemon: Option<Daemon>,
-    grpc_addr: SocketAddr,
-    http_addr: SocketAddr,
+    addrs: ServerAddrs,
     logs: LogFiles,
     /// Holds the addr file, the logs and (by default) the data dir.
     scratch: TempDir,
+}
+
+/// The addresses a running server listens on, from its addr file.
+#[derive(Debug, Clone, Copy)]
+struct ServerAddrs {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    metrics: SocketAddr,
 }
 
 fn loopback_any_port() -> SocketAddr {
@@ -71,7 +78,7 @@ impl Server {
     /// Waits until /readyz answers 200.
     pub fn wait_ready(&mut self) -> Result<()> {
         let daemon = self.daemon.as_mut().context("the server is not running")?;
-        wait_until_ready(daemon, self.http_addr)
+        wait_until_ready(daemon, self.addrs.metrics)
             .with_context(|| format!("server logs:\n{}", self.logs.tail(40)))
     }
 
@@ -83,18 +90,18 @@ impl Server {
         let mut args = ServerArgs {
             listen: loopback_any_port(),
             http_listen: loopback_any_port(),
+            metrics_listen: loopback_any_port(),
             data_dir: scratch.path().join("data"),
             addr_file: Some(scratch.path().join("addr")),
             ..ServerArgs::default()
         };
         configure(&mut args);
         let logs = LogFiles::in_dir(scratch.path(), "server");
-        let (daemon, grpc_addr, http_addr) = launch(&args, &logs, readiness)?;
+        let (daemon, addrs) = launch(&args, &logs, readiness)?;
         Ok(Server {
             args,
             daemon: Some(daemon),
-            grpc_addr,
-            http_addr,
+            addrs,
             logs,
             scratch,
         })
@@ -102,27 +109,41 @@ impl Server {
 
     /// Address of the gRPC listener (REAPI and the worker protocol).
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc_addr
+        self.addrs.grpc
     }
 
-    /// Address of the HTTP listener (/healthz, /readyz, /metrics).
+    /// Address of the HTTP listener (/healthz, /readyz, /operations).
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr
+        self.addrs.http
     }
 
-    /// `grpc://127.0.0.1:PORT`, as Bazel's `--remote_executor` wants it.
+    /// Address of the metrics listener (/metrics, /healthz, /readyz; plain HTTP).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.addrs.metrics
+    }
+
+    /// Whether the server's listeners speak TLS (`--tls-cert-file` is set).
+    pub fn tls(&self) -> bool {
+        self.args.tls.tls_cert_file.is_some()
+    }
+
+    /// `grpc://127.0.0.1:PORT` (`grpcs://` with TLS), as Bazel's
+    /// `--remote_executor` wants it.
     pub fn grpc_url(&self) -> String {
-        format!("grpc://{}", self.grpc_addr)
+        let scheme = if self.tls() { "grpcs" } else { "grpc" };
+        format!("{scheme}://{}", self.addrs.grpc)
     }
 
-    /// `http://127.0.0.1:PORT` of the gRPC listener, as the worker's `--server` wants it.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS) of the gRPC listener, as
+    /// the worker's `--server` wants it.
     pub fn worker_endpoint(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        let scheme = if self.tls() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addrs.grpc)
     }
 
     /// `http://127.0.0.1:PORT` of the HTTP listener.
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        format!("http://{}", self.addrs.http)
     }
 
     /// The arguments the server runs with (ports as first requested).
@@ -160,12 +181,17 @@ impl Server {
 
     /// `GET path` on the HTTP listener.
     pub fn http_get(&self, path: &str) -> Result<HttpResponse> {
-        http_get(self.http_addr, path, HTTP_TIMEOUT)
+        http_get(self.addrs.http, path, HTTP_TIMEOUT)
+    }
+
+    /// `GET path` on the metrics listener.
+    pub fn metrics_get(&self, path: &str) -> Result<HttpResponse> {
+        http_get(self.addrs.metrics, path, HTTP_TIMEOUT)
     }
 
     /// `GET path` on the HTTP listener with `authorization: Bearer TOKEN`.
     pub fn http_get_as(&self, path: &str, token: &str) -> Result<HttpResponse> {
-        http_get_with(self.http_addr, path, Some(token), HTTP_TIMEOUT)
+        http_get_with(self.addrs.http, path, Some(token), HTTP_TIMEOUT)
     }
 
     /// The server's recent operations (up to 10,000), newest first.
@@ -181,7 +207,7 @@ impl Server {
     /// Sum of all samples of the Prometheus metric `name` in /metrics, or
     /// `None` if the metric is absent.
     pub fn metric(&self, name: &str) -> Result<Option<f64>> {
-        let response = self.http_get(METRICS_PATH)?;
+        let response = self.metrics_get(METRICS_PATH)?;
         if response.status != 200 {
             bail!(
                 "{METRICS_PATH} answered {}: {}",
@@ -246,9 +272,10 @@ impl Server {
     /// again, on its data dir and, if they are still free, its ports.
     pub fn start_again(&mut self) -> Result<()> {
         let mut args = self.args.clone();
-        args.listen = self.grpc_addr;
-        args.http_listen = self.http_addr;
-        let (daemon, grpc_addr, http_addr) = match launch(&args, &self.logs, Readiness::Ready) {
+        args.listen = self.addrs.grpc;
+        args.http_listen = self.addrs.http;
+        args.metrics_listen = self.addrs.metrics;
+        let (daemon, addrs) = match launch(&args, &self.logs, Readiness::Ready) {
             Ok(started) => started,
             Err(same_ports) => {
                 // Most likely a port was taken meanwhile: any port will do.
@@ -257,12 +284,12 @@ impl Server {
                 );
                 args.listen = loopback_any_port();
                 args.http_listen = loopback_any_port();
+                args.metrics_listen = loopback_any_port();
                 launch(&args, &self.logs, Readiness::Ready)?
             }
         };
         self.daemon = Some(daemon);
-        self.grpc_addr = grpc_addr;
-        self.http_addr = http_addr;
+        self.addrs = addrs;
         Ok(())
     }
 }
@@ -282,7 +309,7 @@ fn launch(
     args: &ServerArgs,
     logs: &LogFiles,
     readiness: Readiness,
-) -> Result<(Daemon, SocketAddr, SocketAddr)> {
+) -> Result<(Daemon, ServerAddrs)> {
     let addr_file = args
         .addr_file
         .clone()
@@ -296,14 +323,14 @@ fn launch(
     command.args(args.to_args()).env("RUST_BACKTRACE", "1");
     let mut daemon = Daemon::spawn("buildkube-server", command, logs)?;
 
-    let started = wait_for_addr_file(&mut daemon, &addr_file).and_then(|(grpc, http)| {
+    let started = wait_for_addr_file(&mut daemon, &addr_file).and_then(|addrs| {
         if readiness == Readiness::Ready {
-            wait_until_ready(&mut daemon, http)?;
+            wait_until_ready(&mut daemon, addrs.metrics)?;
         }
-        Ok((grpc, http))
+        Ok(addrs)
     });
     match started {
-        Ok((grpc_addr, http_addr)) => Ok((daemon, grpc_addr, http_addr)),
+        Ok(addrs) => Ok((daemon, addrs)),
         Err(e) => {
             drop(daemon);
             Err(e).with_context(|| {
@@ -317,9 +344,9 @@ fn launch(
     }
 }
 
-/// Waits for the addr file (written once both ports are bound); fails early
+/// Waits for the addr file (written once all ports are bound); fails early
 /// if the server exits.
-fn wait_for_addr_file(daemon: &mut Daemon, addr_file: &Path) -> Result<(SocketAddr, SocketAddr)> {
+fn wait_for_addr_file(daemon: &mut Daemon, addr_file: &Path) -> Result<ServerAddrs> {
     poll_until("the server's addr file", START_TIMEOUT, || {
         if let Some(status) = daemon.exit_status()? {
             bail!("buildkube-server exited with {status} before writing its addr file");
@@ -328,21 +355,22 @@ fn wait_for_addr_file(daemon: &mut Daemon, addr_file: &Path) -> Result<(SocketAd
     })
 }
 
-/// Waits for /readyz to answer 200; fails early if the server exits.
-fn wait_until_ready(daemon: &mut Daemon, http_addr: SocketAddr) -> Result<()> {
+/// Waits for /readyz on the metrics listener (plain HTTP whatever the TLS
+/// settings) to answer 200; fails early if the server exits.
+fn wait_until_ready(daemon: &mut Daemon, metrics_addr: SocketAddr) -> Result<()> {
     poll_until("the server's /readyz to answer 200", START_TIMEOUT, || {
         if let Some(status) = daemon.exit_status()? {
             bail!("buildkube-server exited with {status} before it was ready");
         }
-        Ok(http_get(http_addr, READYZ_PATH, HTTP_TIMEOUT)
+        Ok(http_get(metrics_addr, READYZ_PATH, HTTP_TIMEOUT)
             .ok()
             .filter(|response| response.status == 200))
     })?;
     Ok(())
 }
 
-/// Parses the addr file (`grpc=ADDR` and `http=ADDR` lines); `None` until it exists.
-fn read_addr_file(path: &Path) -> Result<Option<(SocketAddr, SocketAddr)>> {
+/// Parses the addr file (`grpc=`, `http=` and `metrics=` lines); `None` until it exists.
+fn read_addr_file(path: &Path) -> Result<Option<ServerAddrs>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -353,9 +381,10 @@ fn read_addr_file(path: &Path) -> Result<Option<(SocketAddr, SocketAddr)>> {
         .map(Some)
 }
 
-fn parse_addr_file(text: &str) -> Result<(SocketAddr, SocketAddr)> {
+fn parse_addr_file(text: &str) -> Result<ServerAddrs> {
     let mut grpc = None;
     let mut http = None;
+    let mut metrics = None;
     for line in text.lines().map(str::trim).filter(|line| !line.is_empty()) {
         let (key, value) = line
             .split_once('=')
@@ -366,13 +395,15 @@ fn parse_addr_file(text: &str) -> Result<(SocketAddr, SocketAddr)> {
         match key {
             "grpc" => grpc = Some(addr),
             "http" => http = Some(addr),
+            "metrics" => metrics = Some(addr),
             _ => {} // later additions are fine
         }
     }
-    Ok((
-        grpc.context("no grpc= line")?,
-        http.context("no http= line")?,
-    ))
+    Ok(ServerAddrs {
+        grpc: grpc.context("no grpc= line")?,
+        http: http.context("no http= line")?,
+        metrics: metrics.context("no metrics= line")?,
+    })
 }
 
 /// Sum of the samples of metric `name` in Prometheus text format.
@@ -410,11 +441,14 @@ mod tests {
 
     #[test]
     fn addr_file() {
-        let (grpc, http) = parse_addr_file("grpc=127.0.0.1:4001\nhttp=127.0.0.1:4002\n").unwrap();
-        assert_eq!(grpc.port(), 4001);
-        assert_eq!(http.port(), 4002);
-        assert!(parse_addr_file("grpc=127.0.0.1:4001\n").is_err());
-        assert!(parse_addr_file("grpc=nowhere\nhttp=127.0.0.1:1\n").is_err());
+        let addrs =
+            parse_addr_file("grpc=127.0.0.1:4001\nhttp=127.0.0.1:4002\nmetrics=127.0.0.1:4003\n")
+                .unwrap();
+        assert_eq!(addrs.grpc.port(), 4001);
+        assert_eq!(addrs.http.port(), 4002);
+        assert_eq!(addrs.metrics.port(), 4003);
+        assert!(parse_addr_file("grpc=127.0.0.1:4001\nhttp=127.0.0.1:4002\n").is_err());
+        assert!(parse_addr_file("grpc=nowhere\nhttp=127.0.0.1:1\nmetrics=127.0.0.1:2\n").is_err());
     }
 
     #[test]

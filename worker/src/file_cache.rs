@@ -742,7 +742,8 @@ mod tests {
     /// A CAS client whose server does not exist: any fetch fails.
     fn unreachable_cas() -> CasClient {
         CasClient::new(
-            buildkube_reapi::connect_channel("http://127.0.0.1:1", None).unwrap(),
+            buildkube_reapi::connect_channel("http://127.0.0.1:1", None, &Default::default())
+                .unwrap(),
             "main",
         )
     }

@@ -244,15 +244,25 @@ impl Worker {
             }
             None => None,
         };
-        Worker::start_with_token(args, token).await
+        Worker::start_on(args, token, None).await
     }
 
-    /// Like [`Worker::start`], with the bearer token given instead of read
-    /// from `--auth-token-file` (the server's in-process workers get theirs
-    /// from memory).
-    pub async fn start_with_token(
+    /// Like [`Worker::start`], but talks to the server over `channel` (the
+    /// server's own in-process channel) instead of dialing `--server`, with
+    /// the bearer token given instead of read from `--auth-token-file` (the
+    /// server's in-process workers get theirs from memory).
+    pub async fn start_in_process(
         args: WorkerArgs,
         token: Option<String>,
+        channel: tonic::transport::Channel,
+    ) -> Result<Worker, WorkerError> {
+        Worker::start_on(args, token, Some(channel)).await
+    }
+
+    async fn start_on(
+        args: WorkerArgs,
+        token: Option<String>,
+        channel: Option<tonic::transport::Channel>,
     ) -> Result<Worker, WorkerError> {
         let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
         let concurrency = args
@@ -319,8 +329,11 @@ impl Worker {
         };
         let platform = offered_platform(&args.platform, sandbox_available);
 
-        let channel = buildkube_reapi::connect_channel(&args.server, token.as_deref())
-            .map_err(WorkerError::Endpoint)?;
+        let channel = match channel {
+            Some(channel) => buildkube_reapi::with_bearer_token(channel, token.as_deref()),
+            None => buildkube_reapi::connect_channel(&args.server, token.as_deref(), &args.tls),
+        }
+        .map_err(WorkerError::Endpoint)?;
         let info = WorkerInfo {
             worker_id: worker_id.clone(),
             instance_name: args.instance.clone(),

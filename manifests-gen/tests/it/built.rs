@@ -10,8 +10,12 @@ use std::process::Command;
 
 use buildkube_config::{ServerArgs, WorkerArgs};
 use clap::Parser;
-use manifests_gen::crd::{ScaledObject, ServiceMonitor};
-use manifests_gen::spec::{quantity_to_bytes, AutoscalingKind, ExposeSpec, StackSpec};
+use manifests_gen::crd::{
+    Certificate, Issuer, ScaledObject, ServiceMonitor, CERT_MANAGER_API_VERSION,
+};
+use manifests_gen::spec::{
+    quantity_to_bytes, AutoscalingKind, EgressAllowSpec, ExposeSpec, StackSpec, TlsKind,
+};
 use manifests_gen::{generate, owned_roots, KUBERNETES_VERSION};
 use serde_json::Value;
 
@@ -22,6 +26,8 @@ use serde_json::Value;
 const KINDS_WITHOUT_SCHEMA: &[(&str, &str)] = &[
     (ScaledObject::API_VERSION, ScaledObject::KIND),
     (ServiceMonitor::API_VERSION, ServiceMonitor::KIND),
+    (CERT_MANAGER_API_VERSION, Issuer::KIND),
+    (CERT_MANAGER_API_VERSION, Certificate::KIND),
 ];
 
 const INSTALL_KUBECTL: &str = "install kubectl (e.g. `apt-get install -y kubectl` from the Kubernetes apt repository, or a release binary on PATH); CI installs it in .ci/run";
@@ -129,6 +135,10 @@ fn validate(root: &Path, built: &Built) -> Vec<String> {
             }
             Some(ServiceMonitor::KIND) => {
                 serde_json::from_value::<ServiceMonitor>(doc.clone()).map(|_| ())
+            }
+            Some(Issuer::KIND) => serde_json::from_value::<Issuer>(doc.clone()).map(|_| ()),
+            Some(Certificate::KIND) => {
+                serde_json::from_value::<Certificate>(doc.clone()).map(|_| ())
             }
             _ => Ok(()),
         };
@@ -281,6 +291,15 @@ fn file_source(
                 m["name"]
             ));
         };
+        // A Secret that a cert-manager Certificate of the stack fills.
+        if kind == "Secret"
+            && built.of_kind(Certificate::KIND).any(|c| {
+                c["spec"]["secretName"] == name
+                    && ["tls.crt", "tls.key", "ca.crt"].contains(&key.as_str())
+            })
+        {
+            return Ok((kind.to_string(), name.to_string()));
+        }
         let Some(object) = built.find(kind, name) else {
             return Err(format!("{kind} {name} does not exist"));
         };
@@ -591,7 +610,11 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
             ));
         }
         for (kind, name) in refs {
-            if built.find(kind, name).is_none() {
+            let issued = kind == "Secret"
+                && built
+                    .of_kind(Certificate::KIND)
+                    .any(|c| c["spec"]["secretName"] == name);
+            if built.find(kind, name).is_none() && !issued {
                 bad.push(format!(
                     "{} {} references {kind} {name}, which does not exist",
                     w.kind, w.name
@@ -705,6 +728,22 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
     if container_port(server_pod, &"http".into()) != Some(server.http_listen.port().into()) {
         bad.push("server --http-listen port is not the container's http port".into());
     }
+    if container_port(server_pod, &"metrics".into()) != Some(server.metrics_listen.port().into()) {
+        bad.push("server --metrics-listen port is not the container's metrics port".into());
+    }
+    let tls_files = [
+        ("--tls-cert-file", &server.tls.tls_cert_file),
+        ("--tls-key-file", &server.tls.tls_key_file),
+        ("--tls-client-ca-file", &server.tls.tls_client_ca_file),
+    ];
+    for (flag, path) in tls_files {
+        if let Some(path) = path {
+            if let Err(e) = file_source(built, server_pod, server_container, path) {
+                bad.push(format!("server {flag}: {e}"));
+            }
+        }
+    }
+    bad.extend(network_policy_invariants(built));
     // Issue 8: worker and client tokens come from different Secrets, every
     // token the server's --auth-config names is mounted in the server.
     let auth = auth_invariants(built, &server, server_pod, server_container, &mut bad);
@@ -736,11 +775,34 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
                 worker.instance, server.instances
             ));
         }
-        // --server=http://SERVICE:PORT reaches the server's gRPC port.
-        let authority = worker
-            .server
-            .strip_prefix("http://")
-            .unwrap_or(&worker.server);
+        // --server=http://SERVICE:PORT (https:// with TLS) reaches the
+        // server's gRPC port, speaking what it speaks.
+        let server_tls = server.tls.tls_cert_file.is_some();
+        let scheme = if server_tls { "https://" } else { "http://" };
+        let Some(authority) = worker.server.strip_prefix(scheme) else {
+            bad.push(format!(
+                "{name}: --server={} does not start with {scheme}, which the server speaks",
+                worker.server
+            ));
+            continue;
+        };
+        if server.tls.tls_client_ca_file.is_some() && worker.tls.tls_client_cert_file.is_none() {
+            bad.push(format!(
+                "{name}: the server requires client certificates but the worker has none"
+            ));
+        }
+        let worker_tls_files = [
+            ("--tls-ca-file", &worker.tls.tls_ca_file),
+            ("--tls-client-cert-file", &worker.tls.tls_client_cert_file),
+            ("--tls-client-key-file", &worker.tls.tls_client_key_file),
+        ];
+        for (flag, path) in worker_tls_files {
+            if let Some(path) = path {
+                if let Err(e) = file_source(built, pod, container, path) {
+                    bad.push(format!("{name}: {flag}: {e}"));
+                }
+            }
+        }
         let (host, port) = authority.rsplit_once(':').expect("host:port");
         let reaches = built.find("Service", host).is_some_and(|s| {
             matches(
@@ -914,6 +976,112 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
             }
         }
         bad.extend(client_config_invariants(built, overlay, &server));
+    }
+    bad
+}
+
+/// The server's metrics port is open only to chosen namespaces, and the
+/// workers' egress is denied except to the server's gRPC port and DNS (plus
+/// IP blocks that never include the cloud metadata endpoint).
+fn network_policy_invariants(built: &Built) -> Vec<String> {
+    let mut bad = Vec::new();
+    let server_labels = labels(&server_pod_labels(built));
+    let selects = |policy: &Value, pod_labels: &BTreeMap<String, String>| {
+        matches(
+            &labels(&policy["spec"]["podSelector"]["matchLabels"]),
+            pod_labels,
+        )
+    };
+    for policy in built.of_kind("NetworkPolicy") {
+        if !selects(policy, &server_labels) {
+            continue;
+        }
+        for rule in policy["spec"]["ingress"].as_array().into_iter().flatten() {
+            let opens_metrics = rule["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["port"] == "metrics")
+                || rule["ports"].is_null();
+            let from_chosen_namespaces = rule["from"].as_array().is_some_and(|peers| {
+                !peers.is_empty()
+                    && peers.iter().all(|peer| {
+                        peer["namespaceSelector"]["matchLabels"]
+                            .as_object()
+                            .is_some_and(|m| !m.is_empty())
+                            && peer["ipBlock"].is_null()
+                    })
+            });
+            if opens_metrics && !from_chosen_namespaces {
+                bad.push(format!(
+                    "NetworkPolicy {} opens the server's metrics port to any source",
+                    name_of(policy)
+                ));
+            }
+        }
+    }
+    for w in built.workloads() {
+        let is_worker = w.pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| str_of(&c["image"]).contains(manifests_gen::objects::WORKER_IMAGE));
+        if !is_worker {
+            continue;
+        }
+        let policies: Vec<&Value> = built
+            .of_kind("NetworkPolicy")
+            .filter(|p| selects(p, &w.labels))
+            .collect();
+        let restricted = policies.iter().any(|p| {
+            p["spec"]["policyTypes"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t == "Egress"))
+        });
+        if !restricted {
+            bad.push(format!(
+                "{} {}: no policy restricts its egress",
+                w.kind, w.name
+            ));
+        }
+        for policy in policies {
+            for rule in policy["spec"]["egress"].as_array().into_iter().flatten() {
+                for peer in rule["to"].as_array().into_iter().flatten() {
+                    let block = &peer["ipBlock"];
+                    if block.is_null() {
+                        continue;
+                    }
+                    let cidr = str_of(&block["cidr"]);
+                    let (address, prefix) = manifests_gen::spec::parse_cidr(cidr)
+                        .unwrap_or((std::net::Ipv4Addr::UNSPECIFIED.into(), 0));
+                    let metadata = u32::from(manifests_gen::network::CLOUD_METADATA_ADDRESS);
+                    let covers_metadata = match address {
+                        std::net::IpAddr::V4(net) => {
+                            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                            u32::from(net) & mask == metadata & mask
+                        }
+                        std::net::IpAddr::V6(_) => false,
+                    };
+                    let excepted = block["except"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| e == "169.254.169.254/32");
+                    if covers_metadata && !excepted {
+                        bad.push(format!(
+                            "NetworkPolicy {} lets workers reach the cloud metadata endpoint through {cidr}",
+                            name_of(policy)
+                        ));
+                    }
+                }
+                if rule["to"].is_null() || rule["to"].as_array().is_some_and(|t| t.is_empty()) {
+                    bad.push(format!(
+                        "NetworkPolicy {} lets workers reach any destination",
+                        name_of(policy)
+                    ));
+                }
+            }
+        }
     }
     bad
 }
@@ -1569,7 +1737,19 @@ fn alternate_stack_builds_validates_and_holds_its_invariants() {
     node_port.auth = false;
     node_port.worker_replicas.insert("big".into(), 0);
     node_port.worker_credentials = true;
+    // Mutual TLS from Secrets the user makes, without cert-manager.
+    node_port.tls = TlsKind::Secrets;
     spec.overlays.insert("node-port".into(), node_port);
+    spec.worker_egress = vec![
+        EgressAllowSpec {
+            cidr: "0.0.0.0/0".into(),
+            ports: vec![443],
+        },
+        EgressAllowSpec {
+            cidr: "10.20.0.0/16".into(),
+            ports: vec![],
+        },
+    ];
     spec.validate().unwrap();
     let failures = build_and_check(&spec);
     assert!(failures.is_empty(), "{}", failures.join("\n"));

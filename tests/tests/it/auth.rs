@@ -19,6 +19,9 @@ use buildkube_tests::auth::{CI_TOKEN, DEV_TOKEN, WORKER_TOKEN};
 use buildkube_tests::{Server, TestCredentials};
 use futures::StreamExt;
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 use crate::reapi_client::{
     execute, get_action_result, last_operation, response_of, update_action_result,
@@ -37,7 +40,9 @@ fn auth_server(credentials: &TestCredentials, instances: &[&str]) -> Server {
 }
 
 fn worker_client(server: &Server, token: Option<&str>) -> WorkerServiceClient<AuthChannel> {
-    WorkerServiceClient::new(connect_channel(&server.worker_endpoint(), token).unwrap())
+    WorkerServiceClient::new(
+        connect_channel(&server.worker_endpoint(), token, &Default::default()).unwrap(),
+    )
 }
 
 fn worker_info(id: &str) -> Option<WorkerInfo> {
@@ -398,6 +403,34 @@ fn issue_8_operation_pages_need_a_read_token() {
     assert_eq!(listed.status, 200, "{}", listed.body);
     assert_eq!(server.http_get("/healthz").unwrap().status, 200);
     assert_eq!(server.http_get("/readyz").unwrap().status, 200);
+}
+
+/// gRPC health answers without a token (probes and load balancers carry
+/// none), while the REAPI services beside it on the same listener refuse.
+#[tokio::test]
+async fn issue_8_grpc_health_answers_without_a_token() {
+    let credentials = TestCredentials::new().unwrap();
+    let server = auth_server(&credentials, &[INSTANCE]);
+    let channel = connect_channel(&server.worker_endpoint(), None, &Default::default()).unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "build.bazel.remote.execution.v2.Execution"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {service:?} without a token: {e:?}"))
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let refused = reapi::capabilities_client::CapabilitiesClient::new(channel)
+        .get_capabilities(reapi::GetCapabilitiesRequest {
+            instance_name: INSTANCE.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
 }
 
 /// Keys rotate without a restart: several tokens of one role are valid at

@@ -10,6 +10,7 @@ mod compression;
 mod e2e_bazel;
 mod external_stores;
 mod faults;
+mod listeners;
 mod protocol;
 mod reapi_client;
 mod right_answers;

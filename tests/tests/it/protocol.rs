@@ -982,7 +982,7 @@ async fn queue_and_worker_metrics_are_exact() {
     assert_eq!(metric(buildkube_config::METRIC_WORKERS_CONNECTED), 1.0);
     assert_eq!(metric(buildkube_config::METRIC_WORKERS_BUSY), 0.0);
     let body = server
-        .http_get(buildkube_config::METRICS_PATH)
+        .metrics_get(buildkube_config::METRICS_PATH)
         .unwrap()
         .body;
     assert!(

@@ -40,7 +40,8 @@ pub(crate) struct Clients {
 impl Clients {
     /// Connects to `server`'s gRPC port, with `token` as the bearer token.
     pub(crate) fn connect(server: &Server, token: Option<&str>) -> Clients {
-        let channel = connect_channel(&server.worker_endpoint(), token).unwrap();
+        let channel =
+            connect_channel(&server.worker_endpoint(), token, &Default::default()).unwrap();
         Clients {
             cas: ContentAddressableStorageClient::new(channel.clone())
                 .max_decoding_message_size(64 << 20)

@@ -181,7 +181,7 @@ struct RawFindMissingBlobs {
 #[tokio::test]
 async fn undecodable_requests_are_invalid_argument() {
     let server = Server::start().unwrap();
-    let channel = connect_channel(&server.worker_endpoint(), None).unwrap();
+    let channel = connect_channel(&server.worker_endpoint(), None, &Default::default()).unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let status = grpc

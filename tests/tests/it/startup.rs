@@ -129,10 +129,18 @@ fn healthz_answers_while_storage_is_opening_and_readyz_once_open() {
         (503, "opening storage\n"),
         "{READYZ_PATH} while storage opens"
     );
-    assert_eq!(server.http_get(METRICS_PATH).unwrap().status, 503);
+    // The metrics listener, where the manifests' probes go, answers the same.
+    assert_eq!(server.metrics_get(HEALTHZ_PATH).unwrap().status, 200);
+    let ready = server.metrics_get(READYZ_PATH).unwrap();
+    assert_eq!(
+        (ready.status, ready.body.as_str()),
+        (503, "opening storage\n")
+    );
+    assert_eq!(server.metrics_get(METRICS_PATH).unwrap().status, 503);
 
     proxy.open();
     server.wait_ready().unwrap();
     assert_eq!(server.http_get(HEALTHZ_PATH).unwrap().status, 200);
-    assert_eq!(server.http_get(METRICS_PATH).unwrap().status, 200);
+    assert_eq!(server.http_get(READYZ_PATH).unwrap().status, 200);
+    assert_eq!(server.metrics_get(METRICS_PATH).unwrap().status, 200);
 }
