@@ -1,0 +1,13 @@
+//! CI jobs on the farm: what a repository asks to run and what starts it.
+//!
+//! - [`pipeline`]: `.buildkube/pipeline.yaml` typed and checked (steps,
+//!   commands, platform, env, timeouts, retries, artifacts, `depends_on`),
+//!   with the bounds that keep a hostile repository from making the server
+//!   hold unbounded data, and the order the steps can run in.
+//!
+//! This crate sits below the server and the worker: it does no I/O beyond
+//! reading files it is pointed at, and knows nothing of the scheduler.
+
+pub mod pipeline;
+
+pub use pipeline::{Pipeline, PipelineError, Step, StepKey};
