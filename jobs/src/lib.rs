@@ -4,10 +4,13 @@
 //!   commands, platform, env, timeouts, retries, artifacts, `depends_on`),
 //!   with the bounds that keep a hostile repository from making the server
 //!   hold unbounded data, and the order the steps can run in.
+//! - [`schema`]: the file's JSON schema for editors, generated from those
+//!   types and committed as `jobs/pipeline.schema.json`.
 //!
 //! This crate sits below the server and the worker: it does no I/O beyond
 //! reading files it is pointed at, and knows nothing of the scheduler.
 
 pub mod pipeline;
+pub mod schema;
 
 pub use pipeline::{Pipeline, PipelineError, Step, StepKey};
