@@ -17,6 +17,7 @@ pub mod fixture;
 mod http;
 pub mod operations;
 mod pki;
+pub mod podman;
 mod proxy;
 
 mod bazel;

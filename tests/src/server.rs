@@ -407,7 +407,7 @@ fn parse_addr_file(text: &str) -> Result<ServerAddrs> {
 }
 
 /// Sum of the samples of metric `name` in Prometheus text format.
-fn sum_metric(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn sum_metric(text: &str, name: &str) -> Option<f64> {
     let mut total = None;
     for line in text.lines().filter(|line| !line.starts_with('#')) {
         let Some(rest) = line.strip_prefix(name) else {

@@ -11,6 +11,7 @@ mod e2e_bazel;
 mod external_stores;
 mod faults;
 mod listeners;
+mod podman;
 mod protocol;
 mod reapi_client;
 mod right_answers;
