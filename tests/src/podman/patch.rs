@@ -358,6 +358,9 @@ fn workload_ops(
             let Some(arg) = arg.as_str() else { continue };
             let replacement = match arg.split_once('=') {
                 Some(("--listen", _)) => format!("--listen=127.0.0.1:{}", ports.grpc),
+                Some(("--metrics-listen", _)) => {
+                    format!("--metrics-listen=127.0.0.1:{}", ports.metrics)
+                }
                 Some(("--http-listen", _)) if container_name == "server" => {
                     format!("--http-listen=127.0.0.1:{}", ports.http)
                 }

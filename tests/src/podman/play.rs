@@ -38,8 +38,10 @@ impl Overlay {
 pub struct Ports {
     /// The server's gRPC port (`--listen`).
     pub grpc: u16,
-    /// The server's HTTP port (`--http-listen`: /readyz, /metrics).
+    /// The server's HTTP port (`--http-listen`: /readyz, /operations).
     pub http: u16,
+    /// The server's metrics port (`--metrics-listen`: /metrics).
+    pub metrics: u16,
     /// The worker's HTTP port.
     pub worker_http: u16,
     /// PostgreSQL's port (production).
@@ -50,8 +52,8 @@ pub struct Ports {
 
 impl Ports {
     fn choose() -> Result<Ports> {
-        // Held together so that the kernel hands out five distinct ports.
-        let listeners = (0..5)
+        // Held together so that the kernel hands out six distinct ports.
+        let listeners = (0..6)
             .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
             .collect::<std::io::Result<Vec<_>>>()?;
         let port = |i: usize| listeners[i].local_addr().map(|a| a.port());
@@ -61,6 +63,7 @@ impl Ports {
             worker_http: port(2)?,
             postgres: port(3)?,
             redis: port(4)?,
+            metrics: port(5)?,
         })
     }
 }
@@ -204,9 +207,19 @@ impl PlayedOverlay {
         serde_json::from_str(&response.body).with_context(|| format!("parsing {path}"))
     }
 
+    /// GET /metrics on the server pod's metrics port.
+    fn server_metrics(&self) -> Result<crate::HttpResponse> {
+        http_get_with(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.ports.metrics)),
+            buildkube_config::METRICS_PATH,
+            None,
+            Duration::from_secs(5),
+        )
+    }
+
     /// The sum of the server's Prometheus metric `name` (0 if absent).
     pub fn metric(&self, name: &str) -> Result<f64> {
-        let response = self.server_http(buildkube_config::METRICS_PATH)?;
+        let response = self.server_metrics()?;
         Ok(crate::server::sum_metric(&response.body, name).unwrap_or(0.0))
     }
 
@@ -214,7 +227,7 @@ impl PlayedOverlay {
     pub fn wait_for_workers(&self, count: usize, timeout: Duration) -> Result<()> {
         let metric = buildkube_config::METRIC_WORKERS_CONNECTED;
         poll_until(&format!("{count} worker(s) in {metric}"), timeout, || {
-            let Ok(response) = self.server_http(buildkube_config::METRICS_PATH) else {
+            let Ok(response) = self.server_metrics() else {
                 return Ok(None);
             };
             Ok(crate::server::sum_metric(&response.body, metric).filter(|n| *n >= count as f64))
