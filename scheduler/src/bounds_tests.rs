@@ -1,5 +1,7 @@
 //! What a client can make the scheduler hold: queues, series, operations.
 
+use buildkube_proto::worker as wire;
+
 use super::*;
 
 fn action_on(instance: &str, tag: &str, properties: &[(String, String)]) -> NewAction {

@@ -1,4 +1,9 @@
+use buildkube_proto::longrunning::operation;
+use buildkube_proto::worker as wire;
+use prost::Message;
+
 use super::*;
+use crate::operation::any;
 
 fn platform(props: &[(&str, &str)]) -> reapi::Platform {
     reapi::Platform {
