@@ -124,6 +124,7 @@ pub fn scale_down_behavior(pool: &WorkerPoolSpec) -> HorizontalPodAutoscalerBeha
                 period_seconds: bounds.scale_down_period_secs,
             }]),
             select_policy: Some("Min".into()),
+            tolerance: None,
         }),
         scale_up: None,
     }

@@ -25,5 +25,6 @@ pub mod tree;
 
 pub use overlays::{
     generate, generate_images, outputs, owned_roots, Output, KUBERNETES_VERSION, REGENERATE,
+    SUPPORTED_KUBERNETES_VERSIONS,
 };
 pub use spec::StackSpec;

@@ -57,7 +57,7 @@ pub fn server_network_policy(spec: &StackSpec) -> NetworkPolicy {
     NetworkPolicy {
         metadata: meta(SERVER_NAME, server_selector()),
         spec: Some(NetworkPolicySpec {
-            pod_selector: labels(server_selector()),
+            pod_selector: Some(labels(server_selector())),
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
@@ -150,7 +150,7 @@ pub fn worker_network_policy(spec: &StackSpec) -> NetworkPolicy {
     NetworkPolicy {
         metadata: meta(WORKER_NAME, workers_selector()),
         spec: Some(NetworkPolicySpec {
-            pod_selector: labels(workers_selector()),
+            pod_selector: Some(labels(workers_selector())),
             policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
             ingress: Some(vec![]),
             egress: Some(egress),

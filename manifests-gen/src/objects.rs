@@ -296,9 +296,9 @@ const STORE_SCRATCH_SIZE: &str = "64Mi";
 
 /// A byte count as a Kubernetes quantity (`36Gi`, `1280Mi`, `1000`).
 pub fn quantity(bytes: u64) -> Quantity {
-    let text = if bytes % (1 << 30) == 0 {
+    let text = if bytes.is_multiple_of(1 << 30) {
         format!("{}Gi", bytes >> 30)
-    } else if bytes % (1 << 20) == 0 {
+    } else if bytes.is_multiple_of(1 << 20) {
         format!("{}Mi", bytes >> 20)
     } else {
         bytes.to_string()
@@ -841,7 +841,7 @@ fn store_network_policy(name: &str, component: &str) -> NetworkPolicy {
     NetworkPolicy {
         metadata: meta(name, store_selector(component)),
         spec: Some(NetworkPolicySpec {
-            pod_selector: selector(store_selector(component)),
+            pod_selector: Some(selector(store_selector(component))),
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
                 from: Some(vec![NetworkPolicyPeer {
@@ -1034,7 +1034,7 @@ pub fn postgres(spec: &StackSpec) -> (StatefulSet, Service, NetworkPolicy) {
         metadata: meta(POSTGRES_NAME, store_selector(component)),
         spec: Some(StatefulSetSpec {
             replicas: Some(1),
-            service_name: POSTGRES_NAME.into(),
+            service_name: Some(POSTGRES_NAME.into()),
             selector: selector(store_selector(component)),
             template: store_pod_template(
                 component,

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use buildkube_config::{AUTHORIZATION_HEADER, DEFAULT_GRPC_PORT};
-use minijinja::{context, Environment};
+use minijinja::{context, syntax::SyntaxConfig, value::Serde, Environment};
 use serde::Serialize;
 
 use crate::auth::{
@@ -24,8 +24,14 @@ use crate::tls;
 use crate::tree::{GeneratedFile, Tree};
 
 /// The Kubernetes minor version whose API the objects are typed against
-/// (k8s-openapi's `v1_31` feature) and validated against.
-pub const KUBERNETES_VERSION: &str = "1.31";
+/// (k8s-openapi's `v1_35` feature): the oldest minor upstream still
+/// supports, so the manifests use nothing a supported cluster lacks.
+pub const KUBERNETES_VERSION: &str = "1.35";
+
+/// Every minor upstream supports (1.35 to 1.37 as of December 2026). The
+/// built overlays are validated strictly against each of them, so a field
+/// that a newer minor removed or renamed fails the tests.
+pub const SUPPORTED_KUBERNETES_VERSIONS: &[&str] = &["1.35", "1.36", "1.37"];
 
 /// Pod-template annotation `bin/up` sets to the loaded image's ID, so a
 /// rebuilt image of the same tag rolls the pods.
@@ -70,7 +76,12 @@ fn yaml<T: Serialize>(value: &T) -> GeneratedFile {
 
 fn templates() -> Environment<'static> {
     let mut env = Environment::new();
-    env.set_keep_trailing_newline(true);
+    env.set_syntax(
+        SyntaxConfig::builder()
+            .keep_trailing_newline(true)
+            .build()
+            .expect("the default syntax with kept trailing newlines"),
+    );
     for (name, source) in [
         ("env.sh", include_str!("../templates/env.sh.j2")),
         ("bazelrc", include_str!("../templates/bazelrc.j2")),
@@ -267,9 +278,9 @@ fn client_files(
     let ctx = context! {
         overlay => name,
         audience => audience,
-        endpoint => endpoint,
+        endpoint => Serde(&endpoint),
         tls => tls,
-        instance => spec.instances[0],
+        instance => spec.instances[0].clone(),
         auth => overlay.auth,
         auth_header => AUTHORIZATION_HEADER,
         token_path => token_path,
@@ -380,7 +391,7 @@ pub fn generate_images(spec: &StackSpec) -> Tree {
         http_port => buildkube_config::DEFAULT_HTTP_PORT,
         worker_http_port => buildkube_config::DEFAULT_WORKER_HTTP_PORT,
         server_example => server_example,
-        worker_example => worker_example,
+        worker_example => worker_example.clone(),
         worker_image_example => worker_example,
         home => WORKER_HOME,
         overlays => overlays,
@@ -412,7 +423,7 @@ pub fn generate(spec: &StackSpec) -> Tree {
     let overlays: Vec<_> = spec
         .overlays
         .iter()
-        .map(|(name, o)| context! { name => name, description => o.description })
+        .map(|(name, o)| context! { name => name, description => o.description.clone() })
         .collect();
     tree.insert(
         "README.md",
@@ -613,11 +624,11 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
             running_metric => buildkube_config::METRIC_ACTIONS_RUNNING,
             adapter_rules_file => ADAPTER_RULES_FILE,
             metrics_path => buildkube_config::METRICS_PATH,
-            prometheus_url => spec.monitoring.prometheus_url,
-            scrape_interval => spec.monitoring.scrape_interval,
-            ingress_host => spec.ingress.host,
-            ingress_class => spec.ingress.class_name,
-            cluster_issuer => spec.ingress.cluster_issuer,
+            prometheus_url => spec.monitoring.prometheus_url.clone(),
+            scrape_interval => spec.monitoring.scrape_interval.clone(),
+            ingress_host => spec.ingress.host.clone(),
+            ingress_class => spec.ingress.class_name.clone(),
+            cluster_issuer => spec.ingress.cluster_issuer.clone(),
             tls_secret => TLS_SECRET,
             postgres_secret => POSTGRES_SECRET,
             postgres_key => POSTGRES_PASSWORD_KEY,
@@ -626,14 +637,14 @@ fn components(spec: &StackSpec, env: &Environment<'_>, tree: &mut Tree) {
             postgres_max_size => objects::postgres_cas_max_size(spec),
             postgres_volume_percent => objects::POSTGRES_VOLUME_PERCENT,
             redis_maxmemory => objects::redis_maxmemory(spec),
-            redis_memory => spec.external_stores.redis_memory,
+            redis_memory => spec.external_stores.redis_memory.as_str(),
             server_tls_secret => tls::SERVER_TLS_SECRET,
             worker_tls_secret => tls::WORKER_TLS_SECRET,
             client_tls_secret => tls::CLIENT_TLS_SECRET,
             ca_secret => tls::CA_SECRET,
             tls_mount_dir => tls::TLS_MOUNT_DIR,
             metrics_port => buildkube_config::DEFAULT_METRICS_PORT,
-            monitoring_namespaces => spec.monitoring.namespace_labels,
+            monitoring_namespaces => Serde(&spec.monitoring.namespace_labels),
         },
     );
     tree.insert("components/README.md", GeneratedFile::text(readme));
@@ -1078,13 +1089,13 @@ fn overlay_dir(
             .collect();
         let ctx = context! {
             overlay => name,
-            cluster => kind.name,
-            namespace => overlay.namespace,
-            server_image => server_image,
-            worker_image => worker_image,
+            cluster => kind.name.as_str(),
+            namespace => overlay.namespace.as_str(),
+            server_image => server_image.as_str(),
+            worker_image => worker_image.as_str(),
             pools => pools,
-            endpoint => endpoint.bazel,
-            instance => instance,
+            endpoint => endpoint.bazel.as_str(),
+            instance => instance.as_str(),
             image_annotation => IMAGE_ID_ANNOTATION,
         };
         tree.insert(
@@ -1110,19 +1121,19 @@ fn overlay_dir(
         "overlay-README.md",
         context! {
             overlay => name,
-            description => overlay.description,
-            namespace => overlay.namespace,
+            description => overlay.description.as_str(),
+            namespace => overlay.namespace.as_str(),
             server_image => server_image,
             worker_image => worker_image,
-            instances => spec.instances,
+            instances => Serde(&spec.instances),
             instance => instance,
             components => overlay_components(overlay),
-            kind_cluster => overlay.kind_cluster,
-            secrets => secrets,
-            endpoint => endpoint,
-            in_cluster_endpoint => in_cluster_endpoint(overlay, spec),
-            server_resources => deployed.server.resources,
-            worker_resources => deployed.worker_pools[0].resources,
+            kind_cluster => Serde(&overlay.kind_cluster),
+            secrets => Serde(&secrets),
+            endpoint => Serde(&endpoint),
+            in_cluster_endpoint => Serde(in_cluster_endpoint(overlay, spec)),
+            server_resources => Serde(&deployed.server.resources),
+            worker_resources => Serde(&deployed.worker_pools[0].resources),
             disk_needed => crate::spec::human_bytes(disk_needed(&deployed, overlay)),
             auth => overlay.auth,
             auth_header => AUTHORIZATION_HEADER,

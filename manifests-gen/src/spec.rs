@@ -1265,7 +1265,7 @@ pub fn quantity_to_bytes(value: &str) -> Option<u64> {
 /// Bytes in binary units, e.g. `36GiB`, `1536MiB`, `100B`.
 pub fn human_bytes(bytes: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

@@ -1,5 +1,5 @@
 //! Builds every overlay with `kubectl kustomize`, validates the output in
-//! strict mode against the pinned Kubernetes version's schemas
+//! strict mode against the schemas of every supported Kubernetes minor
 //! (kubernetes-validate), and checks the cross-object invariants over the
 //! built objects. Nothing is skipped silently: a missing tool fails the test
 //! with the command that installs it.
@@ -16,7 +16,7 @@ use manifests_gen::crd::{
 use manifests_gen::spec::{
     quantity_to_bytes, AutoscalingKind, EgressAllowSpec, ExposeSpec, StackSpec, TlsKind,
 };
-use manifests_gen::{generate, owned_roots, KUBERNETES_VERSION};
+use manifests_gen::{generate, owned_roots, KUBERNETES_VERSION, SUPPORTED_KUBERNETES_VERSIONS};
 use serde_json::Value;
 
 /// Custom resource kinds kubernetes-validate has no schema for. Each is
@@ -75,13 +75,31 @@ fn build(root: &Path, overlay: &str) -> Built {
 
 use serde::Deserialize as _;
 
-/// Runs the strict schema validation; returns problems.
+/// Runs the strict schema validation against every supported minor;
+/// returns problems, each naming the minor.
 fn validate(root: &Path, built: &Built) -> Vec<String> {
+    assert_eq!(
+        SUPPORTED_KUBERNETES_VERSIONS.first(),
+        Some(&KUBERNETES_VERSION),
+        "the typed version is the oldest supported minor"
+    );
+    SUPPORTED_KUBERNETES_VERSIONS
+        .iter()
+        .flat_map(|version| {
+            validate_against(root, built, version)
+                .into_iter()
+                .map(move |problem| format!("Kubernetes {version}: {problem}"))
+        })
+        .collect()
+}
+
+/// Runs the strict schema validation of one Kubernetes minor.
+fn validate_against(root: &Path, built: &Built, version: &str) -> Vec<String> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/validate_k8s.py");
     let file = root.join(format!("{}.built.yaml", built.overlay));
     let out = Command::new("python3")
         .arg(&script)
-        .arg(KUBERNETES_VERSION)
+        .arg(version)
         .arg(&file)
         .output()
         .unwrap_or_else(|e| {
@@ -121,7 +139,7 @@ fn validate(root: &Path, built: &Built) -> Vec<String> {
                 "{what}: unexpectedly has a schema; drop it from KINDS_WITHOUT_SCHEMA"
             )),
             ("no-schema", false) => problems.push(format!(
-                "{what}: no schema for Kubernetes {KUBERNETES_VERSION}: {}",
+                "{what}: no schema for Kubernetes {version}: {}",
                 line["error"]
             )),
             (_, _) => problems.push(format!("{what}: {}", line["error"])),
