@@ -162,10 +162,13 @@ pub fn namespaced_server_dns_names(namespace: &str) -> Vec<String> {
     ]
 }
 
+/// Objects, each with the name of the file it is written to.
+pub type Named<T> = Vec<(String, T)>;
+
 /// The cert-manager component's objects, each with its file name: a
 /// self-signed Issuer that makes the CA, the CA Issuer, and the server,
 /// worker and client certificates it signs.
-pub fn cert_manager_objects() -> (Vec<(String, Issuer)>, Vec<(String, Certificate)>) {
+pub fn cert_manager_objects() -> (Named<Issuer>, Named<Certificate>) {
     let issuers = vec![
         (
             "issuer-selfsigned.yaml".to_string(),

@@ -236,7 +236,9 @@ pub async fn serve_http(
 ) {
     let graceful = GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let mut incoming = std::pin::pin!(incoming);
+    // Boxed, not pinned on the stack, so that dropping it below really
+    // drops the stream and the accept loop stops taking connections.
+    let mut incoming = Box::pin(incoming);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let connection = tokio::select! {
