@@ -762,6 +762,7 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
         }
     }
     bad.extend(network_policy_invariants(built));
+    bad.extend(redis_invariants(built));
     // Issue 8: worker and client tokens come from different Secrets, every
     // token the server's --auth-config names is mounted in the server.
     let auth = auth_invariants(built, &server, server_pod, server_container, &mut bad);
@@ -1001,6 +1002,40 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
 /// The server's metrics port is open only to chosen namespaces, and the
 /// workers' egress is denied except to the server's gRPC port and DNS (plus
 /// IP blocks that never include the cloud metadata endpoint).
+/// Issue 8: Redis (the action cache) is bounded: `--maxmemory` within its
+/// container's memory limit, and `allkeys-lru` so a full Redis evicts
+/// instead of failing every write.
+fn redis_invariants(built: &Built) -> Vec<String> {
+    let mut bad = Vec::new();
+    let Some(redis) = built.find("Deployment", manifests_gen::objects::REDIS_NAME) else {
+        return bad;
+    };
+    let container = &redis["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(str_of)
+        .collect();
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| *a == flag)
+            .and_then(|i| args.get(i + 1))
+            .copied()
+    };
+    let limit = quantity_to_bytes(str_of(&container["resources"]["limits"]["memory"]));
+    match (value_of("--maxmemory").map(str::parse::<u64>), limit) {
+        (Some(Ok(max)), Some(limit)) if max > 0 && max < limit => {}
+        (max, limit) => bad.push(format!(
+            "Redis --maxmemory {max:?} is not a positive number of bytes below its memory limit {limit:?}"
+        )),
+    }
+    if value_of("--maxmemory-policy") != Some("allkeys-lru") {
+        bad.push("Redis --maxmemory-policy is not allkeys-lru".into());
+    }
+    bad
+}
+
 fn network_policy_invariants(built: &Built) -> Vec<String> {
     let mut bad = Vec::new();
     let server_labels = labels(&server_pod_labels(built));
@@ -1803,6 +1838,77 @@ fn invariants_catch_a_broken_overlay() {
         "--instance=typo is not served",
         "does not exceed --drain-timeout-secs",
         "references Secret buildkube-worker-token-",
+    ] {
+        assert!(
+            failures.contains(expected),
+            "`{expected}` not reported in:\n{failures}"
+        );
+    }
+}
+
+/// Issue 8, item 7: the invariants catch the server's metrics port open to
+/// any source, workers whose egress nothing restricts or that may reach the
+/// cloud metadata endpoint, and an unbounded Redis.
+#[test]
+fn issue_8_invariants_catch_open_metrics_open_egress_and_unbounded_redis() {
+    let spec = StackSpec::default();
+    let dir = tempfile::tempdir().unwrap();
+    generate(&spec)
+        .write(dir.path(), &owned_roots(&spec))
+        .unwrap();
+    let production = build(dir.path(), "production");
+    assert!(
+        invariants(&production, &spec).is_empty(),
+        "{}",
+        invariants(&production, &spec).join("\n")
+    );
+    let mut broken = build(dir.path(), "production");
+    for doc in &mut broken.docs {
+        if doc["kind"] == "NetworkPolicy" && name_of(doc) == manifests_gen::objects::SERVER_NAME {
+            for rule in doc["spec"]["ingress"].as_array_mut().unwrap() {
+                rule.as_object_mut().unwrap().remove("from");
+            }
+        }
+        if doc["kind"] == "Deployment" && name_of(doc) == manifests_gen::objects::REDIS_NAME {
+            let args = &mut doc["spec"]["template"]["spec"]["containers"][0]["args"];
+            let kept: Vec<Value> = args
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| !str_of(a).starts_with("--maxmemory") && !str_of(a).contains("lru"))
+                .cloned()
+                .collect();
+            *args = kept.into();
+        }
+    }
+    let mut open_egress = build(dir.path(), "production");
+    for doc in &mut open_egress.docs {
+        if doc["kind"] == "NetworkPolicy" && name_of(doc) == manifests_gen::objects::WORKER_NAME {
+            doc["spec"]["egress"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}));
+        }
+    }
+    let mut unrestricted = build(dir.path(), "production");
+    for doc in &mut unrestricted.docs {
+        if doc["kind"] == "NetworkPolicy" && name_of(doc) == manifests_gen::objects::WORKER_NAME {
+            doc["spec"]["policyTypes"] = serde_json::json!(["Ingress"]);
+        }
+    }
+    let failures = [
+        invariants(&broken, &spec),
+        invariants(&open_egress, &spec),
+        invariants(&unrestricted, &spec),
+    ]
+    .concat()
+    .join("\n");
+    for expected in [
+        "opens the server's metrics port to any source",
+        "Redis --maxmemory None",
+        "Redis --maxmemory-policy is not allkeys-lru",
+        "lets workers reach the cloud metadata endpoint through 0.0.0.0/0",
+        "no policy restricts its egress",
     ] {
         assert!(
             failures.contains(expected),
