@@ -7,15 +7,19 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use buildkube_config::DEFAULT_INSTANCE;
-use buildkube_tests::fixture::{self, ALL_TARGETS};
+use buildkube_config::{DEFAULT_INSTANCE, METRIC_ACTIONS_RUNNING};
+use buildkube_tests::fixture::{self, ALL_TARGETS, SLOW_TARGET};
+use buildkube_tests::operations::EVENT_REQUEUED;
 use buildkube_tests::podman::{
     Overlay, PlayedOverlay, Podman, SERVER_IMAGE, WORKER_IMAGE, WORKER_TOOLCHAIN_IMAGE,
 };
-use buildkube_tests::{Bazel, BazelRun};
+use buildkube_tests::{poll_until, Bazel, BazelRun};
 
 /// Pods start from images already built; the server opens an empty store.
 const POD_READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bazel's first actions reach the worker pod.
+const BUILD_START_TIMEOUT: Duration = Duration::from_secs(180);
+const WORKER_WORKLOAD: &str = "buildkube-worker-default";
 
 /// Bazel's flags for an all-remote build through the played server pod,
 /// with the token of the generated Secret.
@@ -147,4 +151,89 @@ fn podman_images_carry_what_the_manifests_assume() -> Result<()> {
 fn podman_example_overlay_builds_and_tests_through_the_pods() -> Result<()> {
     let (_podman, played) = play(Overlay::Example)?;
     build_and_test_through(&played)
+}
+
+/// Runs `bazel build //... //slow` on another thread while `during` runs
+/// on this one, once actions run on the worker pod.
+fn build_during(
+    played: &PlayedOverlay,
+    bazel: &Bazel,
+    during: impl FnOnce() -> Result<()>,
+) -> Result<BazelRun> {
+    let args = with(&remote_flags(played), &[ALL_TARGETS, SLOW_TARGET]);
+    std::thread::scope(|scope| {
+        let build = scope.spawn(|| bazel.build(&args));
+        let done = poll_until(
+            "actions running on the worker pod",
+            BUILD_START_TIMEOUT,
+            || Ok((played.metric(METRIC_ACTIONS_RUNNING).unwrap_or(0.0) >= 1.0).then_some(())),
+        )
+        .and_then(|()| during());
+        let run = build
+            .join()
+            .map_err(|_| anyhow::anyhow!("the Bazel thread panicked"))??;
+        done.with_context(|| format!("the build:\n{run}"))?;
+        Ok(run)
+    })
+}
+
+/// The worker pod stopped with its grace period while it runs actions (a
+/// node drain): it finishes and reports them and exits 0; the pod started
+/// again (the Deployment's replacement) takes the rest; nothing is lost.
+#[test]
+fn podman_example_worker_pod_stopped_mid_build_drains() -> Result<()> {
+    let (podman, played) = play(Overlay::Example)?;
+    // The worker's id is its pod's name (BUILDKUBE_WORKER_ID from metadata.name).
+    let pod = played.pod(WORKER_WORKLOAD);
+    let worker_id = pod.clone();
+    let container = played.container(WORKER_WORKLOAD, "worker");
+    let grace = played.termination_grace_secs(WORKER_WORKLOAD)?;
+    let bazel = Bazel::new()?;
+    let mut draining = Vec::new();
+    let run = build_during(&played, &bazel, || {
+        draining = played
+            .operations()?
+            .into_iter()
+            .filter(|op| op.is_running_on(&worker_id))
+            .map(|op| op.name)
+            .collect();
+        ensure!(
+            !draining.is_empty(),
+            "no action ran on {worker_id} at the stop"
+        );
+        let stopped = Instant::now();
+        podman.run(["pod", "stop", "--time", &grace.to_string(), &pod])?;
+        eprintln!("the worker pod stopped after {:?}", stopped.elapsed());
+        let code = played.exit_code(&container)?;
+        ensure!(
+            code == 0,
+            "the drained worker exited with {code}\n{}",
+            played.logs()
+        );
+        podman.run(["pod", "start", &pod])?;
+        Ok(())
+    })?;
+    ensure_all_remote(&run)?;
+    fixture::check_build_outputs(&bazel)?;
+    fixture::check_slow_outputs(&bazel)?;
+    let ops = played.operations()?;
+    for name in &draining {
+        let op = ops
+            .iter()
+            .find(|op| &op.name == name)
+            .with_context(|| format!("operation {name} is gone"))?;
+        // The pod started again has the same name, so the same worker id:
+        // only a timeline without a requeue shows the drained worker did it.
+        ensure!(
+            op.completed_by() == Some(worker_id.as_str())
+                && !op.timeline.iter().any(|e| e.event == EVENT_REQUEUED),
+            "{name}, running at the stop, was not completed by the draining worker: {}",
+            op.describe()
+        );
+    }
+    eprintln!(
+        "{} action(s) running at the stop were finished by the draining worker",
+        draining.len()
+    );
+    Ok(())
 }
