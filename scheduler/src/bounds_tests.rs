@@ -4,6 +4,18 @@ use buildkube_proto::worker as wire;
 
 use super::*;
 
+fn platform_of(properties: &[(String, String)]) -> reapi::Platform {
+    reapi::Platform {
+        properties: properties
+            .iter()
+            .map(|(name, value)| reapi::platform::Property {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+    }
+}
+
 fn action_on(instance: &str, tag: &str, properties: &[(String, String)]) -> NewAction {
     let command = reapi::Command {
         arguments: vec!["echo".into(), tag.into()],
@@ -11,15 +23,7 @@ fn action_on(instance: &str, tag: &str, properties: &[(String, String)]) -> NewA
     };
     let action = reapi::Action {
         command_digest: Some(Digest::of_message(&command).to_proto()),
-        platform: Some(reapi::Platform {
-            properties: properties
-                .iter()
-                .map(|(name, value)| reapi::platform::Property {
-                    name: name.clone(),
-                    value: value.clone(),
-                })
-                .collect(),
-        }),
+        platform: Some(platform_of(properties)),
         ..Default::default()
     };
     NewAction {
@@ -35,20 +39,23 @@ fn worker_offering(properties: &[(String, String)]) -> wire::WorkerInfo {
     wire::WorkerInfo {
         worker_id: "w".into(),
         instance_name: "main".into(),
-        platform: Some(reapi::Platform {
-            properties: properties
-                .iter()
-                .map(|(name, value)| reapi::platform::Property {
-                    name: name.clone(),
-                    value: value.clone(),
-                })
-                .collect(),
-        }),
+        platform: Some(platform_of(properties)),
         concurrency: 1,
     }
 }
 
 const NO_WAIT: Duration = Duration::from_millis(1);
+
+/// Worker `w` (credential `open`) reports a successful run; whether it was accepted.
+fn report_success(s: &Scheduler, lease_id: &str, operation: &str) -> bool {
+    let holder = LeaseHolder {
+        identity: "open".into(),
+        worker_id: "w".into(),
+    };
+    let outcome = LeaseOutcome::Ran(reapi::ActionResult::default());
+    s.complete(&holder, lease_id, operation, outcome, String::new())
+        .unwrap()
+}
 
 /// Issue 8, finding 7: every platform value a client sent left a queue
 /// and two metric series behind forever.
@@ -68,19 +75,7 @@ async fn finished_platforms_leave_no_queues_or_series() {
     assert_eq!(s.stats().queue_depth.len(), 1500);
     for _ in 0..1500 {
         let lease = s.lease(&worker, "open", NO_WAIT).await.unwrap();
-        let outcome = LeaseOutcome::Ran(reapi::ActionResult::default());
-        assert!(s
-            .complete(
-                &LeaseHolder {
-                    identity: "open".into(),
-                    worker_id: "w".into(),
-                },
-                &lease.lease_id,
-                &lease.operation_name,
-                outcome,
-                String::new()
-            )
-            .unwrap());
+        assert!(report_success(&s, &lease.lease_id, &lease.operation_name));
     }
     assert!(receivers.iter().all(|(_, r)| r.borrow().done));
     assert!(s.state.lock().unwrap().queues.is_empty());
@@ -129,19 +124,7 @@ async fn an_instance_holds_at_most_its_limit_of_unfinished_actions() {
         .await
         .unwrap();
     assert!(s.enqueue(action_on("main", "3", &[])).is_err());
-    let outcome = LeaseOutcome::Ran(reapi::ActionResult::default());
-    assert!(s
-        .complete(
-            &LeaseHolder {
-                identity: "open".into(),
-                worker_id: "w".into(),
-            },
-            &lease.lease_id,
-            &lease.operation_name,
-            outcome,
-            String::new()
-        )
-        .unwrap());
+    assert!(report_success(&s, &lease.lease_id, &lease.operation_name));
     let _r5 = s.enqueue(action_on("main", "3", &[])).unwrap();
     assert!(s.enqueue(action_on("main", "4", &[])).is_err());
     // Cancelling frees a place too.
@@ -171,17 +154,6 @@ async fn leases_carry_the_command_digest_and_finished_operations_drop_the_comman
         lease.command_digest.unwrap(),
         Digest::of_message(&*command).to_proto()
     );
-    assert!(s
-        .complete(
-            &LeaseHolder {
-                identity: "open".into(),
-                worker_id: "w".into(),
-            },
-            &lease.lease_id,
-            &name,
-            LeaseOutcome::Ran(reapi::ActionResult::default()),
-            String::new()
-        )
-        .unwrap());
+    assert!(report_success(&s, &lease.lease_id, &name));
     assert_eq!(Arc::strong_count(&command), 2);
 }

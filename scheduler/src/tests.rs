@@ -56,6 +56,25 @@ const NO_WAIT: Duration = Duration::from_millis(1);
 /// The worker credential every test worker uses (as without auth).
 const ID: &str = "open";
 
+/// A scheduler with a 10 ms lease timeout whose one action was leased to
+/// `w1`, and that lease expired and was reaped (the action requeued).
+async fn lease_expired_on_w1() -> (
+    Scheduler,
+    String,
+    wire::Lease,
+    watch::Receiver<longrunning::Operation>,
+) {
+    let s = Scheduler::new(SchedulerConfig {
+        lease_timeout: Duration::from_millis(10),
+        ..Default::default()
+    });
+    let (name, receiver) = s.enqueue(action("x", &[], 0)).unwrap();
+    let l1 = s.lease(&worker("w1", &[]), ID, NO_WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.reap();
+    (s, name, l1, receiver)
+}
+
 fn holder(worker_id: &str) -> LeaseHolder {
     LeaseHolder {
         identity: ID.into(),
@@ -248,14 +267,7 @@ async fn expired_lease_is_requeued_then_fails_after_max_attempts() {
 
 #[tokio::test]
 async fn late_result_of_expired_lease_is_accepted_once() {
-    let s = Scheduler::new(SchedulerConfig {
-        lease_timeout: Duration::from_millis(10),
-        ..Default::default()
-    });
-    let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
-    let l1 = s.lease(&worker("w1", &[]), ID, NO_WAIT).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    s.reap();
+    let (s, name, l1, _r) = lease_expired_on_w1().await;
     assert!(s
         .complete(&holder("w1"), &l1.lease_id, &name, ran(0), String::new())
         .unwrap());
@@ -445,14 +457,7 @@ async fn only_the_lease_holder_may_report_on_a_lease() {
 
 #[tokio::test]
 async fn late_result_is_accepted_only_from_the_expired_lease_holder() {
-    let s = Scheduler::new(SchedulerConfig {
-        lease_timeout: Duration::from_millis(10),
-        ..Default::default()
-    });
-    let (name, _r) = s.enqueue(action("x", &[], 0)).unwrap();
-    let l1 = s.lease(&worker("w1", &[]), ID, NO_WAIT).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    s.reap();
+    let (s, name, l1, _r) = lease_expired_on_w1().await;
     assert!(s
         .complete(&holder("w2"), &l1.lease_id, &name, ran(0), String::new())
         .is_err());
