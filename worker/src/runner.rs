@@ -622,8 +622,9 @@ mod tests {
         if !sandbox_available().await {
             return;
         }
-        let outside_tmp =
-            tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).unwrap();
+        // /var/tmp, not the checkout's target/: a checkout may itself live
+        // under /tmp (CI clones anywhere), which the sandbox hides.
+        let outside_tmp = tempfile::tempdir_in("/var/tmp").unwrap();
         let secrets = outside_tmp.path().join("secrets");
         std::fs::create_dir_all(secrets.join("..2026_12_01")).unwrap();
         std::fs::write(secrets.join("..2026_12_01/token"), "s3cret").unwrap();
