@@ -121,7 +121,7 @@ impl ByteStreamService {
                 let mut writer = upload.lock().await;
                 match decoder.as_mut() {
                     None => {
-                        self.append(&mut *writer, message.write_offset, message.data)
+                        self.append(&mut writer, message.write_offset, message.data)
                             .await?
                     }
                     Some(decoder) => {
@@ -140,7 +140,7 @@ impl ByteStreamService {
                             decoder.next_piece(&message.data, &mut consumed, &what)?
                         {
                             let at = writer.committed_size() as i64;
-                            self.append(&mut *writer, at, piece).await?;
+                            self.append(&mut writer, at, piece).await?;
                         }
                     }
                 }
