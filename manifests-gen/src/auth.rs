@@ -85,7 +85,9 @@ pub fn auth_configmap() -> ConfigMap {
     }
 }
 
-fn secret_volume(name: &str, secret: &str, dir: &str) -> (Volume, VolumeMount) {
+/// A Secret mounted read-only at `dir`, files mode 0440 (readable by the
+/// pod's fsGroup).
+pub(crate) fn secret_volume(name: &str, secret: &str, dir: &str) -> (Volume, VolumeMount) {
     (
         Volume {
             name: name.into(),

@@ -452,17 +452,10 @@ fn env(name: &str, value: &str) -> EnvVar {
 /// with group `fsGroup` and mode 0440: readable by the worker, and accepted
 /// by ssh (which only rejects group-readable keys the user itself owns).
 pub fn credentials_volume() -> (Volume, VolumeMount) {
-    (
-        Volume {
-            name: "credentials".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(WORKER_CREDENTIALS_SECRET.into()),
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        mount("credentials", CREDENTIALS_MOUNT_DIR, true),
+    crate::auth::secret_volume(
+        "credentials",
+        WORKER_CREDENTIALS_SECRET,
+        CREDENTIALS_MOUNT_DIR,
     )
 }
 

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use buildkube_config::{ClientTlsArgs, ServerTlsArgs};
-use k8s_openapi::api::core::v1::{SecretVolumeSource, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{Volume, VolumeMount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::crd::{
@@ -86,23 +86,7 @@ pub fn client_tls_files() -> (PathBuf, PathBuf, PathBuf) {
 /// Volume and mount of a TLS Secret at [`TLS_MOUNT_DIR`] (mode 0440: the
 /// process reads it through its fsGroup).
 pub fn tls_volume(secret: &str) -> (Volume, VolumeMount) {
-    (
-        Volume {
-            name: "tls".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.into()),
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        VolumeMount {
-            name: "tls".into(),
-            mount_path: TLS_MOUNT_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        },
-    )
+    crate::auth::secret_volume("tls", secret, TLS_MOUNT_DIR)
 }
 
 fn meta(name: &str) -> ObjectMeta {
