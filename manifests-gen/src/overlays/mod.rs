@@ -222,6 +222,7 @@ pub fn generate_images(spec: &StackSpec) -> Tree {
         grpc_port => DEFAULT_GRPC_PORT,
         http_port => buildkube_config::DEFAULT_HTTP_PORT,
         worker_http_port => buildkube_config::DEFAULT_WORKER_HTTP_PORT,
+        metrics_port => buildkube_config::DEFAULT_METRICS_PORT,
         server_example => server_example,
         worker_example => worker_example.clone(),
         worker_image_example => worker_example,
