@@ -13,13 +13,15 @@
 //!         password_file: /etc/buildkube/postgres/password
 //! action_cache:
 //!   redis: { url: redis://buildkube-redis:6379/ }
+//! records:     # optional; default: filesystem: {path: records}
+//!   postgres: { url: postgres://buildkube@buildkube-postgres:5432/buildkube }
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Where the CAS and the action cache live.
+/// Where the CAS, the action cache and the durable records live.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
@@ -29,6 +31,17 @@ pub struct StorageConfig {
     /// The action cache (action digest → ActionResult), kept apart per instance.
     #[serde(with = "serde_yaml::with::singleton_map_recursive")]
     pub action_cache: StoreConfig,
+    /// The server's durable records: operations queued or running (so they
+    /// survive a restart) and CI jobs. `filesystem` (an append log with group
+    /// commit; a relative path is under `--data-dir`) or `postgres` (table
+    /// `buildkube_records`; the `url`, `password_file` and `pool_size` fields
+    /// apply). Default `filesystem: {path: records}`.
+    #[serde(
+        default = "default_records",
+        skip_serializing_if = "is_default_records",
+        with = "serde_yaml::with::singleton_map_recursive"
+    )]
+    pub records: StoreConfig,
 }
 
 /// One store: a backend, or a decorator wrapping other stores. Written in
@@ -147,6 +160,15 @@ pub struct SizePartitionedStore {
     pub large: StoreConfig,
 }
 
+fn default_records() -> StoreConfig {
+    StoreConfig::Filesystem(FilesystemStore {
+        path: "records".into(),
+        max_size: None,
+    })
+}
+fn is_default_records(records: &StoreConfig) -> bool {
+    *records == default_records()
+}
 fn default_pool_size() -> usize {
     4
 }
@@ -203,7 +225,13 @@ impl StorageConfig {
                 path: "action-cache".into(),
                 max_size: None,
             }),
+            records: default_records(),
         }
+    }
+
+    /// The default record store: `filesystem: {path: records}` under `--data-dir`.
+    pub fn default_records() -> StoreConfig {
+        default_records()
     }
 
     /// Parses YAML; the error names the offending field and its position.
@@ -254,11 +282,27 @@ mod tests {
         };
         assert_eq!(redis.expire_after_secs, 604800);
         assert_eq!(StorageConfig::from_yaml(&config.to_yaml()).unwrap(), config);
+        assert_eq!(config.records, StorageConfig::embedded().records);
         let embedded = StorageConfig::embedded();
         assert_eq!(
             StorageConfig::from_yaml(&embedded.to_yaml()).unwrap(),
             embedded
         );
+    }
+
+    #[test]
+    fn records_default_to_the_data_dir_and_may_be_postgres() {
+        let config = StorageConfig::from_yaml(
+            "cas: {filesystem: {path: cas}}\naction_cache: {filesystem: {path: ac}}\nrecords: {postgres: {url: 'postgres://u@h/db', password_file: /p}}\n",
+        )
+        .unwrap();
+        let StoreConfig::Postgres(pg) = &config.records else {
+            panic!("{config:?}")
+        };
+        assert_eq!(pg.url, "postgres://u@h/db");
+        assert_eq!(StorageConfig::from_yaml(&config.to_yaml()).unwrap(), config);
+        // The default is not written out, so existing configs render unchanged.
+        assert!(!StorageConfig::embedded().to_yaml().contains("records"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::error::{bad_digest, missing_blobs_status, to_tonic};
 use crate::instances::Instances;
 use crate::metrics::Metrics;
 use crate::storage::{ActionResultStore, SharedBlobStore};
+use buildkube_records::RecordStore;
 use buildkube_scheduler::Scheduler;
 
 /// Shared state of one server.
@@ -21,6 +22,9 @@ pub struct Farm {
     pub cas: SharedBlobStore,
     /// Action results, per instance.
     pub action_cache: Arc<dyn ActionResultStore>,
+    /// Durable records (`--storage-config` `records`: the data dir by
+    /// default): the scheduler's journal of unfinished operations, CI jobs.
+    pub records: Arc<dyn RecordStore>,
     /// Operations and workers.
     pub scheduler: Arc<Scheduler>,
     /// Served instance names.

@@ -153,8 +153,11 @@ pub async fn run(
             return Ok(());
         }
     };
-    let storage::factory::Stores { cas, action_cache } =
-        opened.context("opening storage (--storage-config)")?;
+    let storage::factory::Stores {
+        cas,
+        action_cache,
+        records,
+    } = opened.context("opening storage (--storage-config)")?;
     let scheduler = Arc::new(Scheduler::new(SchedulerConfig {
         lease_timeout: Duration::from_secs(args.lease_timeout_secs.max(1)),
         max_attempts: args.max_attempts.max(1),
@@ -162,9 +165,11 @@ pub async fn run(
         max_unfinished_per_instance: args.max_queued_actions,
         ..Default::default()
     }));
+    tracing::info!(records = %records.describe(), "durable records opened");
     let farm = Arc::new(Farm {
         cas,
         action_cache,
+        records,
         scheduler: scheduler.clone(),
         instances,
         metrics: Metrics::default(),

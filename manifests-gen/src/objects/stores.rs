@@ -104,6 +104,7 @@ pub fn external_storage_config(spec: &StackSpec) -> StorageConfig {
             key_prefix: "buildkube:".into(),
             expire_after_secs: 7 * 24 * 3600,
         }),
+        records: StorageConfig::default_records(),
     }
 }
 

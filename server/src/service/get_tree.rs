@@ -352,6 +352,11 @@ mod tests {
         let farm = Arc::new(Farm {
             cas: store.clone(),
             action_cache: Arc::new(FsActionCache::open(&dir.path().join("ac")).unwrap()),
+            records: Arc::new(
+                buildkube_records::FsRecords::open(&dir.path().join("records"))
+                    .await
+                    .unwrap(),
+            ),
             scheduler: Arc::new(buildkube_scheduler::Scheduler::new(Default::default())),
             instances: crate::instances::Instances::new(&["main".into()]).unwrap(),
             metrics: Default::default(),

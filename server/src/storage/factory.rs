@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use buildkube_config::storage::{StorageConfig, StoreConfig};
+use buildkube_records::{FsRecords, RecordStore};
 use futures::future::BoxFuture;
 
 use super::{
     ActionResultStore, FsActionCache, FsCas, PostgresActionCache, PostgresCas, PostgresCasOptions,
-    PostgresPool, ReadCache, RedisActionCache, SharedBlobStore, SizePartitioned,
+    PostgresPool, PostgresRecords, ReadCache, RedisActionCache, SharedBlobStore, SizePartitioned,
 };
 
 /// The server's two stores.
@@ -21,6 +22,8 @@ pub struct Stores {
     pub cas: SharedBlobStore,
     /// Action results.
     pub action_cache: Arc<dyn ActionResultStore>,
+    /// Durable records: unfinished operations, CI jobs.
+    pub records: Arc<dyn RecordStore>,
 }
 
 /// What relative paths and unset sizes default to.
@@ -42,7 +45,51 @@ pub async fn open(
     };
     let cas = blob_store(&config.cas, "cas".into(), &defaults).await?;
     let action_cache = action_store(&config.action_cache, "action_cache".into(), &defaults).await?;
-    Ok(Stores { cas, action_cache })
+    let records = record_store(&config.records, "records", &defaults).await?;
+    Ok(Stores {
+        cas,
+        action_cache,
+        records,
+    })
+}
+
+async fn record_store(
+    config: &StoreConfig,
+    field: &str,
+    defaults: &Defaults<'_>,
+) -> anyhow::Result<Arc<dyn RecordStore>> {
+    Ok(match config {
+        StoreConfig::Filesystem(fs) => {
+            let field = format!("{field}.filesystem");
+            if fs.max_size.is_some() {
+                bail!("{field}.max_size: only a CAS has a size budget");
+            }
+            let dir = resolve(defaults, &fs.path);
+            Arc::new(
+                FsRecords::open(&dir)
+                    .await
+                    .with_context(|| format!("{field}: opening {}", dir.display()))?,
+            )
+        }
+        StoreConfig::Postgres(pg) => {
+            let field = format!("{field}.postgres");
+            if pg.max_size.is_some() || pg.expire_unused_after_secs.is_some() {
+                bail!("{field}: max_size and expire_unused_after_secs do not apply to records (they are deleted when done)");
+            }
+            let password = read_password(&field, pg.password_file.as_ref())?;
+            let pool = PostgresPool::connect(&pg.url, password.as_deref(), pg.pool_size)
+                .await
+                .with_context(|| format!("{field}: opening the database"))?;
+            Arc::new(PostgresRecords::new(pool))
+        }
+        StoreConfig::Redis(_) => bail!("{field}.redis: records live in filesystem or postgres"),
+        StoreConfig::ReadCache(_) => {
+            bail!("{field}.read_cache: records live in filesystem or postgres")
+        }
+        StoreConfig::SizePartitioned(_) => {
+            bail!("{field}.size_partitioned: records live in filesystem or postgres")
+        }
+    })
 }
 
 fn resolve(defaults: &Defaults<'_>, path: &Path) -> PathBuf {
@@ -183,6 +230,12 @@ mod tests {
             .join(format!("{hash}-10"))
             .exists());
         assert!(dir.path().join("action-cache/entries").exists());
+        stores
+            .records
+            .put("test", "k", bytes::Bytes::from_static(b"v"))
+            .await
+            .unwrap();
+        assert!(dir.path().join("records/records.log").exists());
     }
 
     #[tokio::test]
@@ -231,6 +284,15 @@ mod tests {
             err.to_string()
                 .starts_with("cas.postgres.expire_unused_after_secs: only an action cache"),
             "{err:#}"
+        );
+        let config = StorageConfig::from_yaml(
+            "cas: {filesystem: {path: c}}\naction_cache: {filesystem: {path: a}}\nrecords: {redis: {url: 'redis://127.0.0.1:1/'}}\n",
+        )
+        .unwrap();
+        let err = open(&config, dir.path(), 1).await.err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "records.redis: records live in filesystem or postgres"
         );
     }
 }

@@ -1,6 +1,7 @@
 //! Where bytes live. Two narrow traits — [`BlobStore`] for the CAS and
 //! [`ActionResultStore`] for the action cache — with backends (filesystem,
-//! PostgreSQL, Redis) and decorators that wrap other stores (read cache,
+//! PostgreSQL, Redis), plus the durable records
+//! ([`buildkube_records::RecordStore`]: the data dir, or [`PostgresRecords`]) and decorators that wrap other stores (read cache,
 //! size partitioning). [`factory::open`] builds the tree from the typed
 //! `--storage-config`; every implementation passes the same conformance
 //! suite (`conformance.rs`).
@@ -9,6 +10,7 @@ mod action_cache;
 pub mod factory;
 mod fs_cas;
 mod postgres;
+mod postgres_records;
 mod read_cache;
 mod redis_store;
 mod size_partitioned;
@@ -25,6 +27,7 @@ pub use fs_cas::{FsBlobWriter, FsCas};
 pub use postgres::{
     MaintenanceReport, PostgresActionCache, PostgresCas, PostgresCasOptions, PostgresPool,
 };
+pub use postgres_records::PostgresRecords;
 pub use read_cache::ReadCache;
 pub use redis_store::RedisActionCache;
 pub use size_partitioned::SizePartitioned;

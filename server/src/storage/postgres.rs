@@ -83,6 +83,13 @@ CREATE TABLE IF NOT EXISTS buildkube_action_results (
 );
 ALTER TABLE buildkube_action_results ADD COLUMN IF NOT EXISTS accessed timestamptz NOT NULL DEFAULT now();
 CREATE INDEX IF NOT EXISTS buildkube_action_results_by_access ON buildkube_action_results (accessed);
+CREATE TABLE IF NOT EXISTS buildkube_records (
+    kind text NOT NULL,
+    key text NOT NULL,
+    value bytea NOT NULL,
+    updated timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kind, key)
+);
 COMMIT;
 ";
 
@@ -185,7 +192,12 @@ impl PostgresPool {
         Ok(())
     }
 
-    async fn client(&self) -> Result<Arc<Client>, StorageError> {
+    /// Where the database is (hosts and database name, never the password).
+    pub fn target(&self) -> &str {
+        &self.inner.target
+    }
+
+    pub(super) async fn client(&self) -> Result<Arc<Client>, StorageError> {
         let inner = &self.inner;
         let i = inner.next.fetch_add(1, Ordering::Relaxed) % inner.slots.len();
         let mut slot = inner.slots[i].lock().await;

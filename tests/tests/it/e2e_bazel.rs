@@ -290,6 +290,7 @@ fn bazel_builds_on_postgres_and_redis_and_rebuilds_from_them() -> Result<()> {
             key_prefix: format!("buildkube-e2e-{}:", uuid::Uuid::new_v4()),
             expire_after_secs: 3600,
         }),
+        records: StorageConfig::default_records(),
     };
     let config_path = config_dir.path().join("storage.yaml");
     std::fs::write(&config_path, config.to_yaml())?;

@@ -48,6 +48,7 @@ fn write_config(dir: &Path, action_cache: StoreConfig) -> std::path::PathBuf {
             backing: postgres(),
         })),
         action_cache,
+        records: StorageConfig::default_records(),
     };
     let path = dir.join("storage.yaml");
     std::fs::write(&path, config.to_yaml()).unwrap();

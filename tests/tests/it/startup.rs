@@ -109,6 +109,7 @@ fn healthz_answers_while_storage_is_opening_and_readyz_once_open() {
             path: "ac".into(),
             max_size: None,
         }),
+        records: StorageConfig::default_records(),
     };
     let config_path = dir.path().join("storage.yaml");
     std::fs::write(&config_path, config.to_yaml()).unwrap();
