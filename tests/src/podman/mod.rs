@@ -9,6 +9,7 @@
 //! test patch, plays it, and removes every pod, container, volume and secret
 //! it made when dropped.
 
+mod certificates;
 mod patch;
 mod play;
 
@@ -17,6 +18,7 @@ use std::process::{Command, Output, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+pub use certificates::{CA_KEY, CERT_KEY, KEY_KEY};
 pub use play::{Overlay, PlayedOverlay, Ports};
 
 /// Tag of the images `tests/podman/build-images.sh` builds.

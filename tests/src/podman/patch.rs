@@ -9,15 +9,18 @@ use std::fmt::Write as _;
 use anyhow::{bail, Context, Result};
 use serde_yaml::{Mapping, Value};
 
+use super::certificates::IssuedSecret;
 use super::play::Ports;
 use super::{POSTGRES_IMAGE, REDIS_IMAGE, SERVER_IMAGE, WORKER_TOOLCHAIN_IMAGE};
 
 /// Files of the kustomization directory (path relative to it, contents),
-/// beside `rendered.yaml`, the overlay as `kubectl kustomize` printed it.
+/// beside `rendered.yaml`, the overlay as `kubectl kustomize` printed it;
+/// `issued` are the Secrets cert-manager would make for its Certificates.
 pub(crate) fn kustomization(
     rendered: &str,
     ports: &Ports,
     suffix: &str,
+    issued: &[IssuedSecret],
 ) -> Result<Vec<(String, String)>> {
     let objects = parse(rendered)?;
     let services = service_ports(&objects, ports)?;
@@ -37,7 +40,12 @@ pub(crate) fn kustomization(
             statefulsets_as_deployments(&statefulsets)?,
         ));
     }
-    let secrets: Vec<&Value> = objects.iter().filter(|o| kind(o) == "Secret").collect();
+    let issued: Vec<Value> = issued.iter().map(issued_secret).collect::<Result<_>>()?;
+    let secrets: Vec<&Value> = objects
+        .iter()
+        .filter(|o| kind(o) == "Secret")
+        .chain(&issued)
+        .collect();
     if !secrets.is_empty() {
         kustomization.push_str("- secrets-as-configmaps.yaml\n");
         files.push((
@@ -139,7 +147,22 @@ fn render_ops(ops: &[Op]) -> String {
     out
 }
 
-fn parse(rendered: &str) -> Result<Vec<Value>> {
+/// The Secret cert-manager would write, in the overlay's namespace.
+fn issued_secret(secret: &IssuedSecret) -> Result<Value> {
+    let mut value: Value = serde_yaml::from_str(&format!(
+        "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata:\n  name: {}\n  namespace: {}\n",
+        secret.name, secret.namespace
+    ))?;
+    let data: Mapping = secret
+        .data
+        .iter()
+        .map(|(k, v)| (Value::from(k.as_str()), Value::from(v.as_str())))
+        .collect();
+    value["stringData"] = Value::Mapping(data);
+    Ok(value)
+}
+
+pub(super) fn parse(rendered: &str) -> Result<Vec<Value>> {
     serde_yaml::Deserializer::from_str(rendered)
         .map(|document| Value::deserialize(document).context("parsing the rendered overlay"))
         .filter(|object| !matches!(object, Ok(Value::Null)))
@@ -415,6 +438,22 @@ fn workload_ops(
             .flatten()
             .enumerate()
         {
+            let mount_path = mount["mountPath"].as_str().unwrap_or_default();
+            if let Some(under_run) = mount_path.strip_prefix("/var/run/") {
+                let path = format!("{base}/volumeMounts/{mount_index}/mountPath");
+                ops.push(Op::new(
+                    "the overlay's mount path",
+                    "test",
+                    path.clone(),
+                    Some(mount_path.into()),
+                ));
+                ops.push(Op::new(
+                    "podman 4.3 resolves the image's /var/run -> /run symlink on the host when it fills a new volume: the same directory without the symlink",
+                    "replace",
+                    path,
+                    Some(format!("/run/{under_run}").into()),
+                ));
+            }
             if let Some(unique) = mount["name"].as_str().and_then(|n| renamed.get(n)) {
                 ops.push(Op::new(
                     "the renamed emptyDir",

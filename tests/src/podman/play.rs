@@ -1,5 +1,6 @@
 //! One overlay played as pods: rendered, patched, played, and removed on drop.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,6 +12,7 @@ use serde::Deserialize as _;
 use serde_yaml::Value;
 use tempfile::TempDir;
 
+use super::certificates::{self, IssuedSecret};
 use super::{patch, repo_dir, Podman};
 use crate::{http_get_with, poll_until};
 
@@ -79,12 +81,28 @@ pub struct PlayedOverlay {
     played: PathBuf,
     ports: Ports,
     token: String,
+    issued: Vec<IssuedSecret>,
+    tls: bool,
 }
 
 impl PlayedOverlay {
     /// `kubectl kustomize` of `overlay`, the test patch on top (see
     /// tests/podman/README.md), then `podman kube play`.
     pub fn play(podman: &Podman, overlay: Overlay) -> Result<PlayedOverlay> {
+        let name = overlay.dir().trim_start_matches("overlays/");
+        Self::play_from(podman, &repo_dir().join("overlays"), name, &BTreeMap::new())
+    }
+
+    /// [`PlayedOverlay::play`] of overlay `name` of the `overlays/` tree at
+    /// `overlays` (e.g. what `manifests-gen --config … --out` wrote), with
+    /// `secrets` (file name under its `secrets/` → contents) filled in
+    /// before the tokens and passwords.
+    pub fn play_from(
+        podman: &Podman,
+        overlays: &Path,
+        name: &str,
+        secrets: &BTreeMap<String, String>,
+    ) -> Result<PlayedOverlay> {
         static PLAYED: AtomicUsize = AtomicUsize::new(0);
         let suffix = format!(
             "t{}x{}",
@@ -94,12 +112,13 @@ impl PlayedOverlay {
         let dir = tempfile::Builder::new()
             .prefix("buildkube-podman-")
             .tempdir()?;
-        let overlay_dir = stage_overlays(dir.path(), overlay)?;
+        let overlay_dir = stage_overlays(dir.path(), overlays, name, secrets)?;
         let rendered = kustomize(&overlay_dir)?;
         std::fs::write(dir.path().join("rendered.yaml"), &rendered)?;
         let token = auth_token(&rendered)?;
         let ports = Ports::choose()?;
-        for (file, contents) in patch::kustomization(&rendered, &ports, &suffix)? {
+        let issued = certificates::issue(&patch::parse(&rendered)?)?;
+        for (file, contents) in patch::kustomization(&rendered, &ports, &suffix, &issued)? {
             std::fs::write(dir.path().join(&file), contents)
                 .with_context(|| format!("writing {file}"))?;
         }
@@ -113,10 +132,12 @@ impl PlayedOverlay {
             played,
             ports,
             token,
+            issued,
+            tls: rendered.contains("--tls-cert-file="),
         };
         eprintln!(
             "playing {} as pods (suffix {}, ports {:?}; files in {})",
-            overlay.dir(),
+            overlay_dir.display(),
             this.suffix,
             this.ports,
             this.dir.path().display()
@@ -160,9 +181,34 @@ impl PlayedOverlay {
         &self.token
     }
 
-    /// The gRPC URL of the server pod, for Bazel.
+    /// Key `key` of the Secret `secret` that the test issued in cert-manager's
+    /// place (e.g. `buildkube-client-tls`, `tls.crt`), written to a file.
+    pub fn issued_file(&self, secret: &str, key: &str) -> Result<PathBuf> {
+        let issued = self
+            .issued
+            .iter()
+            .find(|s| s.name == secret)
+            .with_context(|| format!("no Certificate of the overlay makes Secret {secret}"))?;
+        let pem = issued
+            .data
+            .get(key)
+            .with_context(|| format!("Secret {secret} has no {key}"))?;
+        let dir = self.dir.path().join("issued").join(secret);
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(key);
+        std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Whether the server pod's listeners speak TLS (`--tls-cert-file`).
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The gRPC URL of the server pod, for Bazel (`grpcs://` with TLS).
     pub fn grpc_url(&self) -> String {
-        format!("grpc://127.0.0.1:{}", self.ports.grpc)
+        let scheme = if self.tls { "grpcs" } else { "grpc" };
+        format!("{scheme}://127.0.0.1:{}", self.ports.grpc)
     }
 
     /// The name podman gave the pod of `workload` (e.g. `buildkube-server`).
@@ -185,13 +231,18 @@ impl PlayedOverlay {
         )
     }
 
-    /// Waits until the server pod answers /readyz with 200.
+    /// Waits until the server pod answers /readyz with 200 (on its metrics
+    /// port: plain HTTP also where the HTTP port speaks TLS, as probes do).
     pub fn wait_until_server_ready(&self, timeout: Duration) -> Result<()> {
         poll_until("the server pod's /readyz", timeout, || {
-            Ok(self
-                .server_http(buildkube_config::READYZ_PATH)
-                .ok()
-                .filter(|r| r.status == 200))
+            Ok(http_get_with(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, self.ports.metrics)),
+                buildkube_config::READYZ_PATH,
+                None,
+                Duration::from_secs(5),
+            )
+            .ok()
+            .filter(|r| r.status == 200))
         })
         .with_context(|| self.logs())?;
         Ok(())
@@ -324,29 +375,34 @@ impl Drop for PlayedOverlay {
     }
 }
 
-/// `overlays/` copied into `dir`, the secrets of `overlay` filled in as a
-/// user does (overlays/*/README.md): random tokens and passwords instead of
-/// the placeholders, which the server refuses (every token is the same).
+/// The `overlays/` tree at `overlays` copied into `dir`, the secrets of
+/// overlay `name` filled in as a user does (overlays/*/README.md): the
+/// files of `secrets` as given, random tokens and passwords instead of the
+/// placeholders, which the server refuses (every token is the same).
 /// Returns the copy of the overlay's directory.
-fn stage_overlays(dir: &Path, overlay: Overlay) -> Result<PathBuf> {
+fn stage_overlays(
+    dir: &Path,
+    overlays: &Path,
+    name: &str,
+    secrets: &BTreeMap<String, String>,
+) -> Result<PathBuf> {
     let copy = dir.join("overlays");
-    copy_dir(&repo_dir().join("overlays"), &copy)?;
-    let overlay_dir = copy.join(overlay.dir().trim_start_matches("overlays/"));
-    let secrets = overlay_dir.join("secrets");
-    for entry in
-        std::fs::read_dir(&secrets).with_context(|| format!("reading {}", secrets.display()))?
+    copy_dir(overlays, &copy)?;
+    let overlay_dir = copy.join(name);
+    let secrets_dir = overlay_dir.join("secrets");
+    for entry in std::fs::read_dir(&secrets_dir)
+        .with_context(|| format!("reading {}", secrets_dir.display()))?
     {
         let entry = entry?;
         let file = entry.file_name().to_string_lossy().into_owned();
-        let value = if file.ends_with("-token") || file.ends_with("-password") {
-            random_hex(32)?
+        let value = if let Some(value) = secrets.get(&file) {
+            value.clone()
+        } else if file.ends_with("-token") || file.ends_with("-password") {
+            format!("{}\n", random_hex(32)?)
         } else {
-            bail!(
-                "{}: the podman tests know no value for secrets/{file}",
-                overlay.dir()
-            );
+            bail!("overlay {name}: the podman test gave no value for secrets/{file}");
         };
-        std::fs::write(entry.path(), format!("{value}\n"))?;
+        std::fs::write(entry.path(), value)?;
     }
     Ok(overlay_dir)
 }

@@ -11,7 +11,8 @@ use buildkube_config::{DEFAULT_INSTANCE, METRIC_ACTIONS_RUNNING};
 use buildkube_tests::fixture::{self, ALL_TARGETS, SLOW_TARGET};
 use buildkube_tests::operations::EVENT_REQUEUED;
 use buildkube_tests::podman::{
-    Overlay, PlayedOverlay, Podman, SERVER_IMAGE, WORKER_IMAGE, WORKER_TOOLCHAIN_IMAGE,
+    Overlay, PlayedOverlay, Podman, CA_KEY, CERT_KEY, KEY_KEY, SERVER_IMAGE, WORKER_IMAGE,
+    WORKER_TOOLCHAIN_IMAGE,
 };
 use buildkube_tests::{poll_until, Bazel, BazelRun};
 
@@ -20,6 +21,10 @@ const POD_READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bazel's first actions reach the worker pod.
 const BUILD_START_TIMEOUT: Duration = Duration::from_secs(180);
 const WORKER_WORKLOAD: &str = "buildkube-worker-default";
+/// The Secret of the client certificate in the cert-manager component.
+const CLIENT_TLS_SECRET: &str = "buildkube-client-tls";
+/// The server's Service: the name its certificate is for.
+const SERVER_SERVICE: &str = "buildkube-server";
 
 /// Bazel's flags for an all-remote build through the played server pod,
 /// with the token of the generated Secret.
@@ -32,6 +37,21 @@ fn remote_flags(played: &PlayedOverlay) -> Vec<String> {
         "--genrule_strategy=remote".into(),
         "--jobs=8".into(),
     ]
+}
+
+/// [`remote_flags`] over mutual TLS with what cert-manager would issue: the
+/// CA and the client certificate of `buildkube-client-tls`; the server's
+/// certificate names `buildkube-server`, which Bazel dials as 127.0.0.1.
+fn mutual_tls_flags(played: &PlayedOverlay) -> Result<Vec<String>> {
+    let file = |key| played.issued_file(CLIENT_TLS_SECRET, key);
+    let mut flags = remote_flags(played);
+    flags.extend([
+        format!("--tls_certificate={}", file(CA_KEY)?.display()),
+        format!("--tls_client_certificate={}", file(CERT_KEY)?.display()),
+        format!("--tls_client_key={}", file(KEY_KEY)?.display()),
+        format!("--tls_authority_override={SERVER_SERVICE}"),
+    ]);
+    Ok(flags)
 }
 
 fn with(flags: &[String], extra: &[&str]) -> Vec<String> {
@@ -65,26 +85,24 @@ fn ensure_all_remote(run: &BazelRun) -> Result<()> {
 
 /// `bazel build //...` and `bazel test //...`, every spawn on the worker
 /// pod, outputs byte-correct; after `bazel clean`, all cache hits.
-fn build_and_test_through(played: &PlayedOverlay) -> Result<()> {
-    let bazel = Bazel::new()?;
-    let flags = remote_flags(played);
-    let build = bazel.build(with(&flags, &[ALL_TARGETS]))?;
+fn build_and_test_through(played: &PlayedOverlay, bazel: &Bazel, flags: &[String]) -> Result<()> {
+    let build = bazel.build(with(flags, &[ALL_TARGETS]))?;
     ensure_all_remote(&build).with_context(|| played.logs())?;
-    fixture::check_build_outputs(&bazel)?;
-    let test = bazel.test(with(&flags, &[ALL_TARGETS]))?;
+    fixture::check_build_outputs(bazel)?;
+    let test = bazel.test(with(flags, &[ALL_TARGETS]))?;
     ensure_all_remote(&test).with_context(|| played.logs())?;
-    fixture::check_test_outputs(&bazel)?;
+    fixture::check_test_outputs(bazel)?;
 
     let spawns = build.summary()?.spawns();
     bazel.clean()?;
-    let again = bazel.build(with(&flags, &[ALL_TARGETS]))?;
+    let again = bazel.build(with(flags, &[ALL_TARGETS]))?;
     again.ensure_success()?;
     let summary = again.summary()?;
     ensure!(
         summary.remote_cache_hits() == spawns && summary.remote() == 0,
         "after clean, expected {spawns} cache hits: {summary}\n{again}"
     );
-    fixture::check_build_outputs(&bazel)
+    fixture::check_build_outputs(bazel)
 }
 
 /// The images carry what the manifests assume: a passwd and group entry
@@ -150,7 +168,61 @@ fn podman_images_carry_what_the_manifests_assume() -> Result<()> {
 #[test]
 fn podman_example_overlay_builds_and_tests_through_the_pods() -> Result<()> {
     let (_podman, played) = play(Overlay::Example)?;
-    build_and_test_through(&played)
+    build_and_test_through(&played, &Bazel::new()?, &remote_flags(&played))
+}
+
+/// `overlays/production` as pods: the server, a worker, PostgreSQL and
+/// Redis, mutual TLS between them with the certificates cert-manager would
+/// issue. Bazel builds and tests the fixture through the server pod with
+/// the client certificate; the CAS's small blobs land in PostgreSQL and the
+/// action cache in Redis, which serve the cache hits after `bazel clean`.
+#[test]
+fn podman_production_overlay_builds_and_tests_through_the_pods_over_mutual_tls() -> Result<()> {
+    let bazel = Bazel::new()?;
+    bazel.ensure_tls_capable()?;
+    let (podman, played) = play(Overlay::Production)?;
+    ensure!(played.tls(), "the production server pod does not speak TLS");
+    build_and_test_through(&played, &bazel, &mutual_tls_flags(&played)?)?;
+
+    let ports = played.ports();
+    let redis_keys = podman.run([
+        "exec",
+        &played.container("buildkube-redis", "redis"),
+        "redis-cli",
+        "-p",
+        &ports.redis.to_string(),
+        "--no-auth-warning",
+        "eval",
+        "return #redis.call('keys', ARGV[1])",
+        "0",
+        "buildkube:*",
+    ])?;
+    let postgres_blobs = podman.run([
+        "exec",
+        &played.container("buildkube-postgres", "postgres"),
+        "psql",
+        "-p",
+        &ports.postgres.to_string(),
+        "-U",
+        "buildkube",
+        "-d",
+        "buildkube",
+        "-tAc",
+        "SELECT count(*) FROM buildkube_cas_blobs",
+    ])?;
+    eprintln!(
+        "action results in Redis: {}; CAS blobs in PostgreSQL: {}",
+        redis_keys.trim(),
+        postgres_blobs.trim()
+    );
+    for (store, count) in [("Redis", &redis_keys), ("PostgreSQL", &postgres_blobs)] {
+        let count: u64 = count
+            .trim()
+            .parse()
+            .with_context(|| format!("{store} count {count:?}"))?;
+        ensure!(count > 0, "the build stored nothing in the {store} pod");
+    }
+    Ok(())
 }
 
 /// Runs `bazel build //... //slow` on another thread while `during` runs
