@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "protos/google/rpc/error_details.proto",
     "protos/google/rpc/status.proto",
     "protos/buildkube/worker/v1/worker.proto",
+    "protos/buildkube/jobs/v1/jobs.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -11,7 +11,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, ValueEnum};
 
 pub mod auth;
+pub mod jobs;
 pub mod storage;
+
+pub use jobs::{ClientArgs, JobArgs, WebhookCloneUrl};
 
 /// Default gRPC port of the server (REAPI and the worker protocol).
 pub const DEFAULT_GRPC_PORT: u16 = 8980;
@@ -331,7 +334,7 @@ pub struct ServerArgs {
     /// gRPC listen address (REAPI services, worker protocol, health).
     #[arg(long, env = "BUILDKUBE_LISTEN", default_value_t = loopback(DEFAULT_GRPC_PORT))]
     pub listen: SocketAddr,
-    /// HTTP listen address (/healthz, /readyz, /operations); TLS like the
+    /// HTTP listen address (/healthz, /readyz, /operations, /jobs, /webhooks/github and /webhooks/gitlab); TLS like the
     /// gRPC listener when --tls-cert-file is set.
     #[arg(long, env = "BUILDKUBE_HTTP_LISTEN", default_value_t = loopback(DEFAULT_HTTP_PORT))]
     pub http_listen: SocketAddr,
@@ -390,6 +393,9 @@ pub struct ServerArgs {
     /// Bounds on the Action, Command and input tree of an action.
     #[command(flatten)]
     pub action_limits: ActionLimits,
+    /// CI jobs: webhook secrets and job bounds.
+    #[command(flatten)]
+    pub jobs: JobArgs,
     /// Log format.
     #[arg(long, env = "BUILDKUBE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -432,6 +438,7 @@ impl ServerArgs {
             args.push(format!("--max-open-uploads={}", self.max_open_uploads));
         }
         self.action_limits.push_args(&mut args);
+        self.jobs.push_args(&mut args);
         if let Some(path) = &self.auth_config {
             args.push(format!("--auth-config={}", path.display()));
         }
@@ -663,6 +670,14 @@ mod tests {
         args.max_open_uploads = 9;
         args.action_limits.max_input_depth = 12;
         args.action_limits.max_message_blob_size = 1 << 20;
+        args.jobs = JobArgs {
+            github_webhook_secret_file: Some("/etc/buildkube/webhooks/github".into()),
+            gitlab_webhook_token_file: Some("/etc/buildkube/webhooks/gitlab".into()),
+            webhook_instance: Some("ci".into()),
+            webhook_clone_url: WebhookCloneUrl::Https,
+            max_unfinished_jobs: 3,
+            retain_finished_jobs: 4,
+        };
         args.tls = ServerTlsArgs {
             tls_cert_file: Some("/etc/buildkube/tls/tls.crt".into()),
             tls_key_file: Some("/etc/buildkube/tls/tls.key".into()),

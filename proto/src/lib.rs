@@ -64,10 +64,19 @@ pub mod buildkube {
             tonic::include_proto!("buildkube.worker.v1");
         }
     }
+    /// `buildkube.jobs.*` protobuf packages.
+    pub mod jobs {
+        /// CI jobs: run, follow, cancel, logs.
+        #[allow(clippy::all, unreachable_pub, missing_docs, rustdoc::all)]
+        pub mod v1 {
+            tonic::include_proto!("buildkube.jobs.v1");
+        }
+    }
 }
 
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use build::bazel::semver;
+pub use buildkube::jobs::v1 as jobs;
 pub use buildkube::worker::v1 as worker;
 pub use google::bytestream;
 pub use google::longrunning;
