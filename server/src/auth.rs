@@ -17,8 +17,14 @@
 //!
 //! Tokens are compared by SHA-256 digest in constant time, and token files
 //! are re-read by [`Authenticator::reload`] so keys rotate without a restart.
+//!
+//! A CI job's steps get a credential of their own, minted for the job
+//! ([`Authenticator`]'s `JobCredentials`): a client with scopes `read`,
+//! `write-cas` and `execute` on the job's instance only (never `write-ac`,
+//! never the worker protocol), revoked when the job ends. Only its SHA-256
+//! is kept, in memory and in the job's stored record.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -184,9 +190,39 @@ struct Credential {
     digest: Option<TokenDigest>,
 }
 
+/// The scopes of a job's farm credential: what a step's Bazel needs to
+/// build remotely, and nothing that could change another build's results.
+pub const JOB_TOKEN_SCOPES: [Scope; 3] = [Scope::Read, Scope::WriteCas, Scope::Execute];
+
+/// Prefix of minted job tokens, so one found in a log is recognisable.
+const JOB_TOKEN_PREFIX: &str = "bkjob_";
+
+/// Credentials minted for CI jobs, by the SHA-256 of their token.
+#[derive(Default)]
+struct JobTokens {
+    by_digest: HashMap<TokenDigest, Arc<ClientGrant>>,
+    by_job: HashMap<String, Vec<TokenDigest>>,
+}
+
+impl JobTokens {
+    fn add(&mut self, job_id: &str, instance: &str, digest: TokenDigest) {
+        let grant = Arc::new(ClientGrant {
+            name: format!("job {job_id}"),
+            instances: Some([instance.to_string()].into()),
+            scopes: JOB_TOKEN_SCOPES.into(),
+        });
+        self.by_digest.insert(digest, grant);
+        self.by_job
+            .entry(job_id.to_string())
+            .or_default()
+            .push(digest);
+    }
+}
+
 /// The credentials of a server with `--auth-config`.
 pub struct Authenticator {
     credentials: RwLock<Vec<Credential>>,
+    jobs: RwLock<JobTokens>,
 }
 
 impl Authenticator {
@@ -219,7 +255,45 @@ impl Authenticator {
         check_roles_apart(&credentials)?;
         Ok(Authenticator {
             credentials: RwLock::new(credentials),
+            jobs: RwLock::default(),
         })
+    }
+
+    /// Mints a credential for CI job `job_id`'s steps: a random token
+    /// valid for [`JOB_TOKEN_SCOPES`] on `instance` until
+    /// [`Authenticator::revoke_job_tokens`]. Returns the token and the hex
+    /// SHA-256 that is all the server keeps of it.
+    pub fn mint_job_token(&self, job_id: &str, instance: &str) -> (String, String) {
+        let token = format!(
+            "{JOB_TOKEN_PREFIX}{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let digest = digest_of(&token);
+        self.jobs.write().unwrap().add(job_id, instance, digest);
+        (token, hex::encode(digest))
+    }
+
+    /// Accepts again a job token minted before a restart, known by its hex
+    /// SHA-256; a hash that is not 64 hex digits is ignored (logged).
+    pub fn honour_job_token(&self, job_id: &str, instance: &str, hash: &str) {
+        let mut digest = [0u8; 32];
+        if hex::decode_to_slice(hash, &mut digest).is_err() {
+            tracing::warn!(
+                job = job_id,
+                "a stored job token hash is not SHA-256 hex; ignored"
+            );
+            return;
+        }
+        self.jobs.write().unwrap().add(job_id, instance, digest);
+    }
+
+    /// Revokes every token of job `job_id`.
+    pub fn revoke_job_tokens(&self, job_id: &str) {
+        let mut jobs = self.jobs.write().unwrap();
+        for digest in jobs.by_job.remove(job_id).unwrap_or_default() {
+            jobs.by_digest.remove(&digest);
+        }
     }
 
     /// Adds a worker credential that lives only in memory, for the
@@ -312,8 +386,13 @@ impl Authenticator {
                 }
             }
         }
-        match found {
-            Some(identity) => Caller::Known(identity.clone()),
+        if let Some(identity) = found {
+            return Caller::Known(identity.clone());
+        }
+        // Job tokens are 244 random bits: a hash-map lookup by their SHA-256
+        // tells a guesser nothing a comparison would hide.
+        match self.jobs.read().unwrap().by_digest.get(&digest) {
+            Some(grant) => Caller::Known(Identity::Client(grant.clone())),
             None => Caller::Unauthenticated("unknown bearer token"),
         }
     }
@@ -490,6 +569,56 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn job_tokens_execute_on_their_instance_only_and_are_revoked_when_the_job_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Authenticator::from_config(&config(dir.path())).unwrap();
+        let (token, hash) = auth.mint_job_token("j1", "main");
+        assert_eq!(hash, hex::encode(Sha256::digest(token.as_bytes())));
+        let header = format!("Bearer {token}");
+        let caller = auth.resolve(Some(header.as_bytes()));
+        for scope in JOB_TOKEN_SCOPES {
+            assert!(caller.require_client(scope, "main").is_ok(), "{scope}");
+            assert_eq!(
+                caller.require_client(scope, "other").unwrap_err().code(),
+                tonic::Code::PermissionDenied
+            );
+        }
+        let denied = caller.require_client(Scope::WriteAc, "main").unwrap_err();
+        assert!(denied.message().contains("job j1"), "{}", denied.message());
+        assert_eq!(
+            caller.require_worker().unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        // A second token of the same job (minted after a restart) and the
+        // first honoured again by its hash: both go with the job.
+        auth.revoke_job_tokens("j1");
+        assert!(matches!(
+            auth.resolve(Some(header.as_bytes())),
+            Caller::Unauthenticated(_)
+        ));
+        auth.honour_job_token("j1", "main", &hash);
+        let (second, _) = auth.mint_job_token("j1", "main");
+        let (other_job, _) = auth.mint_job_token("j2", "main");
+        assert!(matches!(
+            auth.resolve(Some(header.as_bytes())),
+            Caller::Known(_)
+        ));
+        auth.revoke_job_tokens("j1");
+        for revoked in [&token, &second] {
+            let header = format!("Bearer {revoked}");
+            assert!(matches!(
+                auth.resolve(Some(header.as_bytes())),
+                Caller::Unauthenticated(_)
+            ));
+        }
+        let header = format!("Bearer {other_job}");
+        assert!(matches!(
+            auth.resolve(Some(header.as_bytes())),
+            Caller::Known(_)
+        ));
     }
 
     #[test]
