@@ -6,6 +6,7 @@
 //!   hold unbounded data, and the order the steps can run in.
 //! - [`schema`]: the file's JSON schema for editors, generated from those
 //!   types and committed as `jobs/pipeline.schema.json`.
+//! - [`logs`]: the live logs of running steps, bounded, with followers.
 //! - [`webhook`]: GitHub and GitLab deliveries, authenticated (HMAC
 //!   signature or token, against secrets from a file) and turned into a
 //!   [`webhook::Trigger`]: repository, ref and commit to run.
@@ -13,6 +14,7 @@
 //! This crate sits below the server and the worker: it does no I/O beyond
 //! reading files it is pointed at, and knows nothing of the scheduler.
 
+pub mod logs;
 pub mod pipeline;
 pub mod schema;
 pub mod webhook;

@@ -204,6 +204,13 @@ impl LeaseTable {
         Some(record.operation.clone())
     }
 
+    /// The operation and holder of a live lease.
+    pub(crate) fn live(&self, lease_id: &str) -> Option<(&str, &LeaseHolder)> {
+        self.active
+            .get(lease_id)
+            .map(|r| (r.operation.as_str(), &r.holder))
+    }
+
     /// Live leases whose deadline passed.
     pub(crate) fn expired(&self, now: Instant) -> Vec<String> {
         self.active

@@ -9,7 +9,7 @@ use buildkube_proto::worker as wire;
 use buildkube_reapi::Digest;
 
 use crate::lease_table::{LeaseHolder, LeaseRefused, LeaseState};
-use crate::operation::{event, failed_response, ran_response, status, worker_events, Stage};
+use crate::operation::{event, failed_response, ran_response, status, worker_events, Stage, Work};
 use crate::platform::PlatformKey;
 use crate::{LeaseOutcome, Outcome, Scheduler, State};
 
@@ -68,7 +68,7 @@ impl Scheduler {
             Some(format!("attempt {}", op.attempts)),
         ));
         op.publish(&name, execution_stage::Value::Executing);
-        tracing::debug!(operation = %name, action = %op.work.digest(), worker = %worker.worker_id, attempt = op.attempts, "action assigned");
+        tracing::debug!(operation = %name, work = %op.work.describe(), worker = %worker.worker_id, attempt = op.attempts, "assigned");
         Some(
             op.work
                 .lease(lease_id, name, self.keep_alive_interval(), op.attempts),
@@ -179,7 +179,7 @@ impl Scheduler {
                     .operations
                     .get(&name)
                     .is_some_and(|op| op.stage != Stage::Completed);
-                if !running || !matches!(outcome, LeaseOutcome::Ran(_)) {
+                if !running || matches!(outcome, LeaseOutcome::Failed(_)) {
                     tracing::info!(worker = worker_id, lease = lease_id, operation = %name, "result for an ended lease dropped");
                     return Ok(false);
                 }
@@ -199,7 +199,37 @@ impl Scheduler {
             return Ok(false);
         };
         let (digest, queued_at) = (op.work.digest(), op.queued_at);
+        let is_step = matches!(op.work, Work::Step(_));
+        // A result of the wrong kind fails the operation rather than
+        // passing as a result it is not.
+        let outcome = match (is_step, outcome) {
+            (true, LeaseOutcome::Ran(_)) => LeaseOutcome::Failed(status(
+                tonic::Code::Internal,
+                format!("{worker_id} reported an action result for a CI step"),
+            )),
+            (false, LeaseOutcome::StepRan(_)) => LeaseOutcome::Failed(status(
+                tonic::Code::Internal,
+                format!("{worker_id} reported a CI step result for an action"),
+            )),
+            (_, outcome) => outcome,
+        };
+        let mut step_result = None;
         let (response, kind) = match outcome {
+            LeaseOutcome::StepRan(result) => {
+                let kind = if result.exit_code == 0 {
+                    Outcome::Success
+                } else {
+                    Outcome::NonZeroExit
+                };
+                tracing::debug!(operation = %name, worker = worker_id, exit_code = result.exit_code, "step completed");
+                let response = reapi::ExecuteResponse {
+                    status: Some(status(tonic::Code::Ok, "")),
+                    message,
+                    ..Default::default()
+                };
+                step_result = Some(result);
+                (response, kind)
+            }
             LeaseOutcome::Ran(result) => {
                 let kind = if result.exit_code == 0 {
                     Outcome::Success
@@ -232,6 +262,7 @@ impl Scheduler {
         state.finish(
             &name,
             response,
+            step_result,
             kind,
             "completed",
             Some(worker_id),
@@ -259,10 +290,11 @@ impl Scheduler {
         let Some(op) = state.operations.get(name) else {
             return false;
         };
-        if op.stage == Stage::Completed || op.attempts >= self.config.max_attempts {
+        let max_attempts = op.work.max_attempts().unwrap_or(self.config.max_attempts);
+        if op.stage == Stage::Completed || op.attempts >= max_attempts {
             return false;
         }
-        tracing::warn!(operation = %name, action = %op.work.digest(), worker, reason = why, "worker gave the action back; requeueing");
+        tracing::warn!(operation = %name, work = %op.work.describe(), worker, reason = why, "worker gave the work back; requeueing");
         Self::put_back(state, name, worker, why);
         true
     }
@@ -281,20 +313,25 @@ impl Scheduler {
                 continue;
             };
             let worker = record.holder.worker_id;
-            let max_attempts = self.config.max_attempts;
             let Some(op) = state_ref.operations.get_mut(&record.operation) else {
                 continue;
             };
             op.lease = None;
+            let (max_attempts, limit) = match op.work.max_attempts() {
+                Some(own) => (own, format!("its max attempts {own}")),
+                None => (
+                    self.config.max_attempts,
+                    format!("--max-attempts={}", self.config.max_attempts),
+                ),
+            };
             if op.attempts >= max_attempts {
                 let message = format!(
-                    "action {} was lost by its worker {} times (workers: {}); giving up after --max-attempts={}",
-                    op.work.digest(),
+                    "{} was lost by its worker {} times (workers: {}); giving up after {limit}",
+                    op.work.describe(),
                     op.attempts,
                     op.workers_tried.join(", "),
-                    max_attempts
                 );
-                tracing::error!(operation = %record.operation, action = %op.work.digest(), %worker, "{message}");
+                tracing::error!(operation = %record.operation, %worker, "{message}");
                 let response = reapi::ExecuteResponse {
                     status: Some(status(tonic::Code::Aborted, message)),
                     ..Default::default()
@@ -302,6 +339,7 @@ impl Scheduler {
                 state_ref.finish(
                     &record.operation,
                     response,
+                    None,
                     Outcome::Error,
                     "lost",
                     Some(&worker),
@@ -309,7 +347,7 @@ impl Scheduler {
                 );
                 continue;
             }
-            tracing::warn!(operation = %record.operation, action = %op.work.digest(), %worker, attempt = op.attempts, "lease expired; requeueing action");
+            tracing::warn!(operation = %record.operation, work = %op.work.describe(), %worker, attempt = op.attempts, "lease expired; requeueing");
             Self::put_back(state_ref, &record.operation, &worker, "lease expired");
             requeued = true;
         }
@@ -323,7 +361,7 @@ impl Scheduler {
             if op.stage == Stage::Completed {
                 continue;
             }
-            if op.updates.receiver_count() > 0 {
+            if op.watched() {
                 op.unwatched_since = None;
             } else {
                 let since = *op.unwatched_since.get_or_insert(now);

@@ -28,17 +28,21 @@ use std::time::{Duration, SystemTime};
 use buildkube_proto::longrunning;
 use buildkube_proto::reapi::{self, execution_stage};
 use buildkube_proto::rpc;
+use buildkube_proto::worker as wire;
 use buildkube_reapi::Digest;
 use tokio::sync::{watch, Notify};
 
 pub use lease_table::{LeaseHolder, LeaseRefused};
-pub use operation::{instance_of_operation, operation_name, OperationSummary, TimelineEvent};
+pub use operation::{
+    instance_of_operation, operation_name, OperationSummary, StepOutcome, StepProgress,
+    TimelineEvent,
+};
 pub use platform::PlatformKey;
 pub use stats::{Outcome, SchedulerStats};
 
 use lease_table::LeaseTable;
 use operation::{
-    done_operation, event, pending_operation, status, ActionWork, Operation, Stage, Work,
+    done_operation, event, pending_operation, status, ActionWork, Operation, Stage, StepWork, Work,
 };
 use queue::Queues;
 
@@ -85,6 +89,36 @@ pub struct NewAction {
     pub priority: i32,
 }
 
+/// A CI job step to queue beside the actions.
+#[derive(Debug, Clone)]
+pub struct NewStep {
+    /// Instance whose queues and workers it uses.
+    pub instance: String,
+    /// Properties a worker must offer to run it.
+    pub platform: Vec<(String, String)>,
+    /// Lower runs sooner.
+    pub priority: i32,
+    /// What the worker runs.
+    pub spec: wire::StepSpec,
+    /// Hand-outs before a step whose workers keep getting lost fails (at least 1).
+    pub max_attempts: u32,
+}
+
+/// Who holds a step's live lease and what it is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepLeaseInfo {
+    /// The lease's holder (credential and worker id).
+    pub holder: LeaseHolder,
+    /// The step's operation.
+    pub operation: String,
+    /// `StepSpec.job_id`.
+    pub job_id: String,
+    /// `StepSpec.step_key`.
+    pub step_key: String,
+    /// `StepSpec.attempt` (the job's count, not the scheduler's hand-outs).
+    pub attempt: u32,
+}
+
 /// The outcome a worker reports for a lease.
 // Short-lived, moved once from the RPC into the scheduler: boxing would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -92,8 +126,10 @@ pub struct NewAction {
 pub enum LeaseOutcome {
     /// The action ran.
     Ran(reapi::ActionResult),
-    /// The action could not run.
+    /// The action or step could not run.
     Failed(rpc::Status),
+    /// The CI step ran.
+    StepRan(wire::StepResult),
 }
 
 /// Why [`Scheduler::enqueue`] refused an action.
@@ -125,10 +161,12 @@ struct State {
 
 impl State {
     /// Marks an operation finished, wakes its watchers, releases its lease.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &mut self,
         name: &str,
         response: reapi::ExecuteResponse,
+        step_result: Option<wire::StepResult>,
         outcome: Outcome,
         what: &str,
         worker: Option<&str>,
@@ -138,7 +176,7 @@ impl State {
             return;
         };
         let merge_key = (op.instance.clone(), op.work.digest());
-        let lease = op.complete(name, &response, what, worker);
+        let lease = op.complete(name, &response, step_result, what, worker);
         if let Some(count) = self.unfinished.get_mut(&merge_key.0) {
             *count -= 1;
             if *count == 0 {
@@ -259,6 +297,101 @@ impl Scheduler {
         drop(state);
         self.work_available.notify_waiters();
         Ok((name, receiver))
+    }
+
+    /// Queues a CI job step beside the actions (never merged with other
+    /// work). Returns the operation name and a receiver of its progress;
+    /// refuses it when its instance has `max_unfinished_per_instance`
+    /// operations already.
+    pub fn enqueue_step(
+        &self,
+        new: NewStep,
+    ) -> Result<(String, watch::Receiver<StepProgress>), EnqueueError> {
+        let platform = PlatformKey::from_pairs(new.platform);
+        // The farm token is a secret: it stays out of the step's name.
+        let digest = Digest::of_message(&wire::StepSpec {
+            farm_token: String::new(),
+            ..new.spec.clone()
+        });
+        let what = format!("step {}/{}", new.spec.job_id, new.spec.step_key);
+        let (progress, receiver) = watch::channel(StepProgress::Queued { attempt: 0 });
+        let work = Work::Step(StepWork {
+            digest,
+            spec: new.spec,
+            max_attempts: new.max_attempts.max(1),
+            progress,
+        });
+        let mut state = self.state.lock().unwrap();
+        let limit = self.config.max_unfinished_per_instance;
+        let unfinished = state.unfinished.entry(new.instance.clone()).or_default();
+        if *unfinished >= limit {
+            tracing::warn!(instance = %new.instance, limit, "instance queue full; refusing the {what}");
+            return Err(EnqueueError::InstanceFull {
+                instance: new.instance,
+                limit,
+            });
+        }
+        *unfinished += 1;
+        let name = operation_name(&new.instance);
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let (updates, _) = watch::channel(pending_operation(
+            &name,
+            &digest,
+            execution_stage::Value::Queued,
+        ));
+        tracing::debug!(operation = %name, instance = %new.instance, %platform, "{what} queued");
+        let op = Operation {
+            instance: new.instance,
+            work,
+            platform,
+            priority: new.priority,
+            seq,
+            stage: Stage::Queued,
+            attempts: 0,
+            lease: None,
+            workers_tried: vec![],
+            queued_at: SystemTime::now(),
+            updates,
+            timeline: vec![event("queued", None, Some(what))],
+            unwatched_since: None,
+        };
+        state.queues.push(&name, &op);
+        state.operations.insert(name.clone(), op);
+        drop(state);
+        self.work_available.notify_waiters();
+        Ok((name, receiver))
+    }
+
+    /// Subscribes to a step's progress; `None` if `operation` is not a step
+    /// the scheduler still remembers.
+    pub fn watch_step(&self, operation: &str) -> Option<watch::Receiver<StepProgress>> {
+        let state = self.state.lock().unwrap();
+        match &state.operations.get(operation)?.work {
+            Work::Step(step) => Some(step.progress.subscribe()),
+            Work::Action(_) => None,
+        }
+    }
+
+    /// The step whose live lease `lease_id` is, if `worker_id` holds it
+    /// (the caller still checks the credential in `holder`).
+    pub fn step_lease(&self, worker_id: &str, lease_id: &str) -> Option<StepLeaseInfo> {
+        let state = self.state.lock().unwrap();
+        let (operation, holder) = state.leases.live(lease_id)?;
+        if holder.worker_id != worker_id {
+            return None;
+        }
+        let op = state.operations.get(operation)?;
+        match &op.work {
+            Work::Step(step) if op.stage == Stage::Executing => Some(StepLeaseInfo {
+                holder: holder.clone(),
+                operation: operation.to_string(),
+                job_id: step.spec.job_id.clone(),
+                step_key: step.spec.step_key.clone(),
+                attempt: step.spec.attempt,
+            }),
+            _ => None,
+        }
     }
 
     /// Records an operation answered from the action cache and returns it (done).
@@ -429,6 +562,7 @@ impl Scheduler {
         state.finish(
             name,
             response,
+            None,
             Outcome::Cancelled,
             "cancelled",
             None,
@@ -453,3 +587,6 @@ mod tests;
 
 #[cfg(test)]
 mod bounds_tests;
+
+#[cfg(test)]
+mod step_tests;

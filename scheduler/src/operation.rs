@@ -56,11 +56,13 @@ pub(crate) enum Stage {
 }
 
 /// What an operation runs: the queued work a worker slot takes. Queues,
-/// priorities, leases, requeue and metrics do not look inside it; a CI job
-/// step (issue 9) is to be one more variant here, not a second scheduler.
+/// priorities, leases, requeue and metrics do not look inside it: a CI job
+/// step is one more variant, not a second scheduler.
 pub(crate) enum Work {
     /// A REAPI action.
     Action(ActionWork),
+    /// A step of a CI job (never merged, never cached).
+    Step(StepWork),
 }
 
 pub(crate) struct ActionWork {
@@ -70,13 +72,54 @@ pub(crate) struct ActionWork {
     pub(crate) command: Option<Arc<reapi::Command>>,
 }
 
+pub(crate) struct StepWork {
+    /// Names the step in logs and on the operations page: the digest of its
+    /// spec without the farm token.
+    pub(crate) digest: Digest,
+    pub(crate) spec: wire::StepSpec,
+    /// Hand-outs before a step whose workers keep getting lost fails.
+    pub(crate) max_attempts: u32,
+    pub(crate) progress: watch::Sender<StepProgress>,
+}
+
+/// Where a CI step stands, as its watchers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepProgress {
+    /// Waiting for a worker; `attempt` hand-outs so far.
+    Queued {
+        /// Hand-outs so far (0 before the first).
+        attempt: u32,
+    },
+    /// Leased to `worker`.
+    Running {
+        /// The worker running it.
+        worker: String,
+        /// Which hand-out this is (1-based).
+        attempt: u32,
+    },
+    /// Done; the last value the channel carries.
+    Finished(StepOutcome),
+}
+
+/// How a CI step ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    /// The worker ran it (whatever the exit code) and reported this.
+    Ran(wire::StepResult),
+    /// It could not run: its workers were lost beyond its attempts (the
+    /// message names every worker tried), it was cancelled, or the worker
+    /// refused it.
+    Failed(rpc::Status),
+}
+
 impl Work {
     /// The key identical work in flight on `instance` shares one operation
     /// under, and its result's action cache entry; `None` for work that
-    /// must run on its own and is never cached (`do_not_cache`).
+    /// must run on its own and is never cached (`do_not_cache`, steps).
     pub(crate) fn cache_key(&self, instance: &str) -> Option<(String, Digest)> {
         match self {
             Work::Action(a) => (!a.action.do_not_cache).then(|| (instance.to_string(), a.digest)),
+            Work::Step(_) => None,
         }
     }
 
@@ -84,15 +127,41 @@ impl Work {
     pub(crate) fn digest(&self) -> Digest {
         match self {
             Work::Action(a) => a.digest,
+            Work::Step(s) => s.digest,
         }
     }
 
-    /// Drops what only an unfinished operation needs (the action and its command).
+    /// What the work is, for logs: "action HASH/SIZE" or "step JOB/KEY".
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Work::Action(a) => format!("action {}", a.digest),
+            Work::Step(s) => format!("step {}/{}", s.spec.job_id, s.spec.step_key),
+        }
+    }
+
+    /// Hand-outs before it fails, if the work sets its own.
+    pub(crate) fn max_attempts(&self) -> Option<u32> {
+        match self {
+            Work::Action(_) => None,
+            Work::Step(s) => Some(s.max_attempts),
+        }
+    }
+
+    /// Drops what only an unfinished operation needs (the action and its
+    /// command; a step's commands, environment and credential).
     pub(crate) fn release(&mut self) {
         match self {
             Work::Action(a) => {
                 a.action = reapi::Action::default();
                 a.command = None;
+            }
+            Work::Step(s) => {
+                s.spec = wire::StepSpec {
+                    job_id: std::mem::take(&mut s.spec.job_id),
+                    step_key: std::mem::take(&mut s.spec.step_key),
+                    attempt: s.spec.attempt,
+                    ..Default::default()
+                };
             }
         }
     }
@@ -114,6 +183,15 @@ impl Work {
                 command_digest: a.action.command_digest.clone(),
                 keep_alive_interval: Some(duration_proto(keep_alive)),
                 attempt,
+                step: None,
+            },
+            Work::Step(s) => wire::Lease {
+                lease_id,
+                operation_name,
+                keep_alive_interval: Some(duration_proto(keep_alive)),
+                attempt,
+                step: Some(s.spec.clone()),
+                ..Default::default()
             },
         }
     }
@@ -138,18 +216,39 @@ pub(crate) struct Operation {
 }
 
 impl Operation {
-    /// Tells watchers the operation is at `stage` (not done).
+    /// Tells watchers the operation is at `stage` (not done): queued, or
+    /// executing on the last worker tried.
     pub(crate) fn publish(&self, name: &str, stage: execution_stage::Value) {
         self.updates
             .send_replace(pending_operation(name, &self.work.digest(), stage));
+        if let Work::Step(step) = &self.work {
+            let progress = match (stage, self.workers_tried.last()) {
+                (execution_stage::Value::Executing, Some(worker)) => StepProgress::Running {
+                    worker: worker.clone(),
+                    attempt: self.attempts,
+                },
+                _ => StepProgress::Queued {
+                    attempt: self.attempts,
+                },
+            };
+            step.progress.send_replace(progress);
+        }
     }
 
-    /// Marks the operation completed with `response` and tells its watchers;
-    /// returns its lease, for the caller to release.
+    /// Whether anyone watches the operation (a client, or a step's job).
+    pub(crate) fn watched(&self) -> bool {
+        self.updates.receiver_count() > 0
+            || matches!(&self.work, Work::Step(s) if s.progress.receiver_count() > 0)
+    }
+
+    /// Marks the operation completed with `response` (a step: with
+    /// `step_result` if it ran) and tells its watchers; returns its lease,
+    /// for the caller to release.
     pub(crate) fn complete(
         &mut self,
         name: &str,
         response: &reapi::ExecuteResponse,
+        step_result: Option<wire::StepResult>,
         what: &str,
         worker: Option<&str>,
     ) -> Option<String> {
@@ -157,6 +256,15 @@ impl Operation {
         self.timeline.push(event(what, worker, None));
         self.updates
             .send_replace(done_operation(name, &self.work.digest(), response));
+        if let Work::Step(step) = &self.work {
+            let outcome = match step_result {
+                Some(result) => StepOutcome::Ran(result),
+                None => StepOutcome::Failed(response.status.clone().unwrap_or_else(|| {
+                    status(tonic::Code::Unknown, "the step ended without a result")
+                })),
+            };
+            step.progress.send_replace(StepProgress::Finished(outcome));
+        }
         // Keep a finished operation's action and command only as long as needed.
         self.work.release();
         self.lease.take()

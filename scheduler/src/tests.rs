@@ -17,7 +17,7 @@ fn platform(props: &[(&str, &str)]) -> reapi::Platform {
     }
 }
 
-fn worker(id: &str, props: &[(&str, &str)]) -> wire::WorkerInfo {
+pub(crate) fn worker(id: &str, props: &[(&str, &str)]) -> wire::WorkerInfo {
     wire::WorkerInfo {
         worker_id: id.into(),
         instance_name: "main".into(),
@@ -26,7 +26,7 @@ fn worker(id: &str, props: &[(&str, &str)]) -> wire::WorkerInfo {
     }
 }
 
-fn action(tag: &str, props: &[(&str, &str)], priority: i32) -> NewAction {
+pub(crate) fn action(tag: &str, props: &[(&str, &str)], priority: i32) -> NewAction {
     let command = reapi::Command {
         arguments: vec!["echo".into(), tag.into()],
         ..Default::default()
@@ -52,9 +52,9 @@ fn ran(exit_code: i32) -> LeaseOutcome {
     })
 }
 
-const NO_WAIT: Duration = Duration::from_millis(1);
+pub(crate) const NO_WAIT: Duration = Duration::from_millis(1);
 /// The worker credential every test worker uses (as without auth).
-const ID: &str = "open";
+pub(crate) const ID: &str = "open";
 
 /// A scheduler with a 10 ms lease timeout whose one action was leased to
 /// `w1`, and that lease expired and was reaped (the action requeued).
@@ -75,7 +75,7 @@ async fn lease_expired_on_w1() -> (
     (s, name, l1, receiver)
 }
 
-fn holder(worker_id: &str) -> LeaseHolder {
+pub(crate) fn holder(worker_id: &str) -> LeaseHolder {
     LeaseHolder {
         identity: ID.into(),
         worker_id: worker_id.into(),

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use buildkube_config::ActionLimits;
+use buildkube_jobs::logs::LiveLogs;
 use buildkube_proto::reapi;
 use buildkube_reapi::Digest;
 use prost::Message;
@@ -38,6 +39,8 @@ pub struct Farm {
     pub limits: ActionLimits,
     /// Commands decoded once and shared by the operations that run them.
     pub commands: SharedCommands,
+    /// Live logs of the CI steps workers run (AppendStepLog writes them).
+    pub live_logs: Arc<LiveLogs>,
 }
 
 /// Decoded Commands by digest, held weakly: a Command stays decoded (once)

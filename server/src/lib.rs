@@ -176,6 +176,7 @@ pub async fn run(
         stopping: stop_rx.clone(),
         limits: args.action_limits.clone(),
         commands: Default::default(),
+        live_logs: Default::default(),
     });
     let _ = http_state.farm.set(farm.clone());
 

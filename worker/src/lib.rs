@@ -589,7 +589,15 @@ async fn run_lease(shared: &Arc<Shared>, lease: Lease) {
             kill: kill_rx,
             give_up: shared.give_up.subscribe(),
         };
-        let outcome = action::execute(&shared.ctx, &lease, &tracker, signals).await;
+        let outcome = if lease.step.is_some() {
+            // A CI step is not an action: refuse it rather than run an empty one.
+            ActionOutcome::Failed(action_error::ActionError::new(
+                tonic::Code::FailedPrecondition,
+                "this worker does not run steps",
+            ))
+        } else {
+            action::execute(&shared.ctx, &lease, &tracker, signals).await
+        };
         shared
             .metrics
             .actions_running

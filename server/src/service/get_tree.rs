@@ -363,6 +363,7 @@ mod tests {
             stopping,
             limits: Default::default(),
             commands: Default::default(),
+            live_logs: Default::default(),
         });
         let orders = Arc::new(TreeOrders::default());
 

@@ -8,13 +8,15 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::farm::Farm;
-use buildkube_scheduler::{LeaseHolder, LeaseOutcome, LeaseRefused};
+use buildkube_jobs::logs::{LogError, StepLogKey, MAX_APPEND_BYTES};
+use buildkube_scheduler::{LeaseHolder, LeaseOutcome, LeaseRefused, StepLeaseInfo};
 
 /// Longest a Lease call is held open.
 const MAX_LEASE_WAIT: Duration = Duration::from_secs(60);
 
-/// The worker protocol: Lease, KeepAlive, Complete. Only worker
-/// credentials may call it, and only a lease's holder may report on it.
+/// The worker protocol: Lease, KeepAlive, Complete, AppendStepLog. Only
+/// worker credentials may call it, and only a lease's holder may report on
+/// it.
 pub struct WorkerProtocolService {
     farm: Arc<Farm>,
 }
@@ -32,6 +34,15 @@ impl WorkerProtocolService {
         }
         self.farm.instances.check(&worker.instance_name)?;
         Ok(worker.clone())
+    }
+}
+
+/// The live log a step lease writes.
+fn log_key(step: &StepLeaseInfo) -> StepLogKey {
+    StepLogKey {
+        job_id: step.job_id.clone(),
+        step_key: step.step_key.clone(),
+        attempt: step.attempt,
     }
 }
 
@@ -102,9 +113,10 @@ impl WorkerService for WorkerProtocolService {
         let outcome = match request.outcome {
             Some(complete_request::Outcome::Result(result)) => LeaseOutcome::Ran(result),
             Some(complete_request::Outcome::Error(status)) => LeaseOutcome::Failed(status),
+            Some(complete_request::Outcome::StepResult(result)) => LeaseOutcome::StepRan(result),
             None => {
                 return Err(Status::invalid_argument(
-                    "outcome is missing: set result or error",
+                    "outcome is missing: set result, error or step_result",
                 ))
             }
         };
@@ -126,6 +138,10 @@ impl WorkerService for WorkerProtocolService {
                 }
             }
         }
+        // A step's live log closes when its holder reports.
+        let step = scheduler
+            .step_lease(&holder.worker_id, &request.lease_id)
+            .filter(|step| step.holder == holder);
         let accepted = scheduler
             .complete(
                 &holder,
@@ -135,6 +151,251 @@ impl WorkerService for WorkerProtocolService {
                 request.message,
             )
             .map_err(|refusal| refused(&holder, "Complete", refusal))?;
+        if let Some(step) = step {
+            self.farm.live_logs.finish(&log_key(&step));
+        }
         Ok(Response::new(wire::CompleteResponse { accepted }))
+    }
+
+    #[tracing::instrument(skip_all, fields(worker = request.get_ref().worker.as_ref().map(|w| w.worker_id.as_str()).unwrap_or(""), lease = %request.get_ref().lease_id))]
+    async fn append_step_log(
+        &self,
+        request: Request<wire::AppendStepLogRequest>,
+    ) -> Result<Response<wire::AppendStepLogResponse>, Status> {
+        let identity = Caller::of(&request).require_worker()?;
+        let request = request.into_inner();
+        let worker = self.check_worker(request.worker.as_ref())?;
+        if request.data.len() > MAX_APPEND_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "data: {} bytes, more than the {MAX_APPEND_BYTES} a log chunk may hold",
+                request.data.len()
+            )));
+        }
+        let holder = LeaseHolder {
+            identity: identity.to_string(),
+            worker_id: worker.worker_id,
+        };
+        // Not a live step lease of this worker (cancelled, requeued, ended):
+        // the worker must stop the step.
+        let Some(step) = self
+            .farm
+            .scheduler
+            .step_lease(&holder.worker_id, &request.lease_id)
+        else {
+            tracing::debug!("log for a step lease the worker no longer holds; abandon");
+            return Ok(Response::new(wire::AppendStepLogResponse { abandon: true }));
+        };
+        if step.holder != holder {
+            let refusal = LeaseRefused {
+                lease_id: request.lease_id,
+                operation: step.operation,
+                reason: format!("held by {}, not {holder}", step.holder),
+            };
+            return Err(refused(&holder, "AppendStepLog", refusal));
+        }
+        match self.farm.live_logs.append(
+            &log_key(&step),
+            &request.lease_id,
+            request.offset,
+            &request.data,
+        ) {
+            Ok(_) => Ok(Response::new(wire::AppendStepLogResponse {
+                abandon: false,
+            })),
+            // Only a report closes the log, and the lease ends with it.
+            Err(LogError::Finished { .. }) => {
+                Ok(Response::new(wire::AppendStepLogResponse { abandon: true }))
+            }
+            Err(error @ LogError::ChunkTooLarge { .. }) => {
+                Err(Status::invalid_argument(error.to_string()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use buildkube_proto::worker as wire;
+    use buildkube_scheduler::{NewStep, StepOutcome, StepProgress};
+
+    use super::*;
+    use crate::auth::Identity;
+    use crate::storage::{FsActionCache, FsCas};
+
+    /// A farm, and the sender that keeps it from stopping (a dropped
+    /// sender reads as stopping: Lease calls would answer empty).
+    async fn farm(dir: &std::path::Path) -> (Arc<Farm>, tokio::sync::watch::Sender<bool>) {
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let farm = Arc::new(Farm {
+            cas: Arc::new(FsCas::open(&dir.join("cas"), u64::MAX).await.unwrap()),
+            action_cache: Arc::new(FsActionCache::open(&dir.join("ac")).unwrap()),
+            records: Arc::new(
+                buildkube_records::FsRecords::open(&dir.join("records"))
+                    .await
+                    .unwrap(),
+            ),
+            scheduler: Arc::new(buildkube_scheduler::Scheduler::new(Default::default())),
+            instances: crate::instances::Instances::new(&["main".into()]).unwrap(),
+            metrics: Default::default(),
+            stopping,
+            limits: Default::default(),
+            commands: Default::default(),
+            live_logs: Default::default(),
+        });
+        (farm, stop)
+    }
+
+    fn worker(id: &str) -> wire::WorkerInfo {
+        wire::WorkerInfo {
+            worker_id: id.into(),
+            instance_name: "main".into(),
+            ..Default::default()
+        }
+    }
+
+    fn as_caller<T>(caller: Caller, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.extensions_mut().insert(caller);
+        request
+    }
+
+    fn append(
+        worker_id: &str,
+        lease_id: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> wire::AppendStepLogRequest {
+        wire::AppendStepLogRequest {
+            worker: Some(worker(worker_id)),
+            lease_id: lease_id.into(),
+            offset,
+            data: bytes::Bytes::copy_from_slice(data),
+        }
+    }
+
+    #[tokio::test]
+    async fn job_step_log_and_result_reach_the_job_side_only_from_the_lease_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let (farm, _stop) = farm(dir.path()).await;
+        let service = WorkerProtocolService::new(farm.clone());
+        let (name, progress) = farm
+            .scheduler
+            .enqueue_step(NewStep {
+                instance: "main".into(),
+                platform: vec![],
+                priority: 0,
+                spec: wire::StepSpec {
+                    job_id: "job-7".into(),
+                    step_key: "build".into(),
+                    attempt: 1,
+                    ..Default::default()
+                },
+                max_attempts: 1,
+            })
+            .unwrap();
+        let lease = service
+            .lease(as_caller(
+                Caller::Open,
+                wire::LeaseRequest {
+                    worker: Some(worker("w1")),
+                    wait: None,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .lease
+            .unwrap();
+        let key = StepLogKey {
+            job_id: "job-7".into(),
+            step_key: "build".into(),
+            attempt: 1,
+        };
+        let mut follower = farm.live_logs.follow(&key, 0);
+        let line = b"2026-12-02T06:01:02.345Z | hello\n";
+        for _ in 0..2 {
+            // The second call is a retry of the first: appended once.
+            let response = service
+                .append_step_log(as_caller(
+                    Caller::Open,
+                    append("w1", &lease.lease_id, 0, line),
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!response.abandon);
+        }
+        let chunk = follower.next().await.unwrap();
+        assert_eq!((chunk.offset, &chunk.data[..]), (0, &line[..]));
+
+        // Another worker naming the lease is told to stop, and appends nothing.
+        let other = service
+            .append_step_log(as_caller(
+                Caller::Open,
+                append("w2", &lease.lease_id, 33, b"x"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(other.abandon);
+        // The holder's worker id with another credential is refused.
+        let forged = Caller::Known(Identity::Worker {
+            name: Arc::from("someone-else"),
+        });
+        let status = service
+            .append_step_log(as_caller(forged, append("w1", &lease.lease_id, 33, b"x")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        let too_big = vec![b'x'; MAX_APPEND_BYTES + 1];
+        let status = service
+            .append_step_log(as_caller(
+                Caller::Open,
+                append("w1", &lease.lease_id, 33, &too_big),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("data"), "{status:?}");
+
+        let result = wire::StepResult {
+            exit_code: 0,
+            commit: "c".repeat(40),
+            ..Default::default()
+        };
+        let accepted = service
+            .complete(as_caller(
+                Caller::Open,
+                wire::CompleteRequest {
+                    worker: Some(worker("w1")),
+                    lease_id: lease.lease_id.clone(),
+                    operation_name: name.clone(),
+                    outcome: Some(complete_request::Outcome::StepResult(result.clone())),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted;
+        assert!(accepted);
+        assert_eq!(
+            *progress.borrow(),
+            StepProgress::Finished(StepOutcome::Ran(result))
+        );
+        // The live log closed: its followers end; later appends are told to stop.
+        let end = tokio::time::timeout(Duration::from_secs(5), follower.next()).await;
+        assert_eq!(end.unwrap(), None);
+        let late = service
+            .append_step_log(as_caller(
+                Caller::Open,
+                append("w1", &lease.lease_id, 33, b"x"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(late.abandon);
     }
 }

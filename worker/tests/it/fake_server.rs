@@ -15,8 +15,8 @@ use buildkube_proto::reapi::{self, batch_read_blobs_response, batch_update_blobs
 use buildkube_proto::rpc;
 use buildkube_proto::worker::worker_service_server::{WorkerService, WorkerServiceServer};
 use buildkube_proto::worker::{
-    CompleteRequest, CompleteResponse, KeepAliveRequest, KeepAliveResponse, Lease, LeaseRequest,
-    LeaseResponse, WorkerInfo,
+    AppendStepLogRequest, AppendStepLogResponse, CompleteRequest, CompleteResponse,
+    KeepAliveRequest, KeepAliveResponse, Lease, LeaseRequest, LeaseResponse, WorkerInfo,
 };
 use buildkube_reapi::Digest;
 use bytes::Bytes;
@@ -35,6 +35,8 @@ pub(crate) struct State {
     /// Completions, each with whether the AC held the action at that moment.
     pub(crate) completed: Mutex<Vec<(CompleteRequest, bool)>>,
     pub(crate) keep_alives: Mutex<Vec<KeepAliveRequest>>,
+    /// AppendStepLog calls, in order.
+    pub(crate) step_logs: Mutex<Vec<AppendStepLogRequest>>,
     pub(crate) workers: Mutex<Vec<WorkerInfo>>,
     pub(crate) changed: Notify,
     /// Blobs whose BatchReadBlobs never answers (a CAS too slow to finish).
@@ -163,6 +165,17 @@ impl WorkerService for Services {
         self.0.completed.lock().unwrap().push((request, cached));
         self.0.changed.notify_waiters();
         Ok(Response::new(CompleteResponse { accepted: true }))
+    }
+
+    async fn append_step_log(
+        &self,
+        request: Request<AppendStepLogRequest>,
+    ) -> Result<Response<AppendStepLogResponse>, Status> {
+        let request = request.into_inner();
+        let abandon = self.0.abandon.lock().unwrap().contains(&request.lease_id);
+        self.0.step_logs.lock().unwrap().push(request);
+        self.0.changed.notify_waiters();
+        Ok(Response::new(AppendStepLogResponse { abandon }))
     }
 }
 

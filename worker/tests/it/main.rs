@@ -163,6 +163,7 @@ fn enqueue(state: &State, spec: Spec<'_>) -> (String, Digest) {
             nanos: 200_000_000,
         }),
         attempt: 1,
+        step: None,
     });
     (lease_id, action_digest)
 }
@@ -653,4 +654,31 @@ async fn two_workers_with_default_http_listen_share_a_host() {
         workers.push(worker);
     }
     assert_ne!(workers[0].http_addr(), workers[1].http_addr());
+}
+
+#[tokio::test]
+async fn job_step_lease_is_refused_cleanly_by_a_worker_without_a_step_runner() {
+    let server = FakeServer::start().await;
+    let mut worker = start_worker(&server, &[]).await;
+    server.state.enqueue(Lease {
+        lease_id: "step-lease".into(),
+        operation_name: "operations/step".into(),
+        attempt: 1,
+        step: Some(buildkube_proto::worker::StepSpec {
+            job_id: "job".into(),
+            step_key: "build".into(),
+            kind: buildkube_proto::worker::StepKind::Command as i32,
+            commands: vec!["true".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let completed = server
+        .state
+        .wait_completed(1, Duration::from_secs(20))
+        .await;
+    let error = error_of(&completed[0].0);
+    assert_eq!(error.code, tonic::Code::FailedPrecondition as i32);
+    assert_eq!(error.message, "this worker does not run steps");
+    worker.drain().await.unwrap();
 }
