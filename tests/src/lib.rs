@@ -14,6 +14,7 @@
 pub mod auth;
 mod daemon;
 pub mod fixture;
+pub mod git_servers;
 mod http;
 pub mod operations;
 mod pki;

@@ -12,6 +12,7 @@ mod external_stores;
 mod faults;
 mod listeners;
 mod podman;
+mod podman_git;
 mod protocol;
 mod reapi_client;
 mod right_answers;

@@ -40,8 +40,12 @@ pub(crate) struct Clients {
 impl Clients {
     /// Connects to `server`'s gRPC port, with `token` as the bearer token.
     pub(crate) fn connect(server: &Server, token: Option<&str>) -> Clients {
-        let channel =
-            connect_channel(&server.worker_endpoint(), token, &Default::default()).unwrap();
+        Clients::connect_to(&server.worker_endpoint(), token)
+    }
+
+    /// Connects to the plaintext gRPC `endpoint` (`http://host:port`).
+    pub(crate) fn connect_to(endpoint: &str, token: Option<&str>) -> Clients {
+        let channel = connect_channel(endpoint, token, &Default::default()).unwrap();
         Clients {
             cas: ContentAddressableStorageClient::new(channel.clone())
                 .max_decoding_message_size(64 << 20)
