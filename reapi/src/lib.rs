@@ -9,6 +9,7 @@ mod paths;
 mod resource;
 pub mod tls;
 mod tree;
+mod tree_stream;
 
 pub use cas_client::{
     connect_channel, with_bearer_token, AuthChannel, BearerToken, CasClient, CasClientError,
@@ -22,3 +23,4 @@ pub use resource::{Compression, ReadResource, ResourceError, WriteResource};
 pub use tree::{
     validate_directory, validate_tree, EntryKind, TreeError, TreeLimits, TreePath, TreeStats,
 };
+pub use tree_stream::{TreeStreamDecoder, TreeStreamError};

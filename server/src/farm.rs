@@ -16,6 +16,11 @@ use crate::metrics::Metrics;
 use crate::storage::{ActionResultStore, SharedBlobStore};
 use buildkube_records::RecordStore;
 use buildkube_scheduler::Scheduler;
+use futures::StreamExt;
+
+/// Digests of a cached result checked per FindMissing while its output
+/// trees are read.
+const RESULT_CHECK_BATCH: usize = 10_000;
 
 /// Shared state of one server.
 pub struct Farm {
@@ -229,6 +234,10 @@ impl Farm {
 
     /// Whether every blob an action result references is still stored
     /// (outputs, stdout/stderr, output trees and the files inside them).
+    /// Output trees are read as a stream, one directory at a time (each
+    /// bounded by `--max-message-blob-size`), and their files checked in
+    /// batches: a result pointing at a huge Tree costs bounded memory. A
+    /// tree that cannot be decoded makes the result incomplete (not served).
     pub async fn result_is_complete(&self, result: &reapi::ActionResult) -> Result<bool, Status> {
         let mut wanted = Vec::new();
         let parse = |d: Option<&reapi::Digest>| Digest::from_field(d).ok();
@@ -241,16 +250,34 @@ impl Farm {
             let Some(tree_digest) = parse(dir.tree_digest.as_ref()) else {
                 return Ok(false);
             };
-            let Some(tree) = self
-                .read_message::<reapi::Tree>(&tree_digest, "tree")
-                .await?
-            else {
+            let Some(mut chunks) = self.cas.read(&tree_digest, 0, tree_digest.size()).await? else {
                 return Ok(false);
             };
-            for directory in tree.root.iter().chain(tree.children.iter()) {
-                for file in &directory.files {
-                    wanted.extend(parse(file.digest.as_ref()));
+            let mut decoder =
+                buildkube_reapi::TreeStreamDecoder::new(self.limits.max_message_blob_size);
+            while let Some(chunk) = chunks.next().await {
+                let directories = match decoder.push(&chunk?) {
+                    Ok(directories) => directories,
+                    Err(e) => {
+                        tracing::warn!(tree = %tree_digest, error = %e, "cached result's output tree is unusable; not serving it");
+                        return Ok(false);
+                    }
+                };
+                for directory in &directories {
+                    for file in &directory.files {
+                        wanted.extend(parse(file.digest.as_ref()));
+                    }
                 }
+                if wanted.len() >= RESULT_CHECK_BATCH {
+                    if !self.cas.find_missing(&wanted).await?.is_empty() {
+                        return Ok(false);
+                    }
+                    wanted.clear();
+                }
+            }
+            if let Err(e) = decoder.finish() {
+                tracing::warn!(tree = %tree_digest, error = %e, "cached result's output tree is unusable; not serving it");
+                return Ok(false);
             }
         }
         Ok(self.cas.find_missing(&wanted).await?.is_empty())

@@ -15,8 +15,9 @@ use prost::Message;
 use tonic::Code;
 
 use crate::reapi_client::{
-    execute, execute_rejected, last_operation, missing, query_write_status, response_of, upload,
-    upload_resource, upload_shell_action, write, Clients, INSTANCE,
+    execute, execute_rejected, get_action_result, last_operation, missing, query_write_status,
+    response_of, update_action_result, upload, upload_resource, upload_shell_action, write,
+    Clients, INSTANCE,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -459,4 +460,95 @@ async fn queued_actions_sharing_a_1_mib_command_memory() {
         after >> 20,
         (after.saturating_sub(before)) >> 20
     );
+}
+
+/// A cached result's output Tree was read whole (unbounded) to check its
+/// files are stored: a client with `write-ac` could point a result at a
+/// CAS-sized Tree. Now it is read one directory at a time: a tree larger
+/// than `--max-message-blob-size` made of small directories is served, one
+/// whose single directory exceeds it is not (NOT_FOUND: a cache miss).
+#[tokio::test]
+async fn cached_output_trees_are_checked_a_directory_at_a_time() {
+    let server =
+        Server::start_with(|args| args.action_limits.max_message_blob_size = 64 << 10).unwrap();
+    let mut c = Clients::connect(&server, None);
+    let content = b"an output file inside the tree".to_vec();
+    upload(&mut c, &[&content]).await;
+    let file = reapi::FileNode {
+        name: "f".into(),
+        digest: Some(Digest::of_bytes(&content).to_proto()),
+        ..Default::default()
+    };
+    let small = |i: usize| reapi::Directory {
+        files: vec![reapi::FileNode {
+            name: format!("file-{i}"),
+            ..file.clone()
+        }],
+        ..Default::default()
+    };
+    // 4,000 directories: ~0.3 MiB of Tree, every directory far under 64 KiB.
+    let wide = reapi::Tree {
+        root: Some(small(0)),
+        children: (1..4000).map(small).collect(),
+    }
+    .encode_to_vec();
+    assert!(wide.len() > 64 << 10);
+    // One directory of 4,000 files: over 64 KiB on its own.
+    let big_directory = reapi::Tree {
+        root: Some(reapi::Directory {
+            files: (0..4000).map(|i| small(i).files[0].clone()).collect(),
+            ..Default::default()
+        }),
+        children: vec![],
+    }
+    .encode_to_vec();
+    assert!(big_directory.len() > 64 << 10);
+    upload(&mut c, &[&wide, &big_directory]).await;
+
+    let result_with_tree = |tree: &[u8]| reapi::ActionResult {
+        output_directories: vec![reapi::OutputDirectory {
+            path: "out".into(),
+            tree_digest: Some(Digest::of_bytes(tree).to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let served = Digest::of_bytes(b"action whose output tree is wide");
+    update_action_result(&mut c, served, result_with_tree(&wide))
+        .await
+        .unwrap();
+    let result = get_action_result(&mut c, served).await.unwrap();
+    assert_eq!(result.output_directories.len(), 1);
+
+    let refused = Digest::of_bytes(b"action whose output tree has a huge directory");
+    update_action_result(&mut c, refused, result_with_tree(&big_directory))
+        .await
+        .unwrap();
+    let status = get_action_result(&mut c, refused).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    // And a tree whose files are gone is still a miss, past the first batch.
+    let missing_file = reapi::Tree {
+        root: Some(small(0)),
+        children: (1..12_000)
+            .map(|i| reapi::Directory {
+                files: vec![reapi::FileNode {
+                    name: format!("gone-{i}"),
+                    digest: Some(
+                        Digest::of_bytes(format!("never uploaded {i}").as_bytes()).to_proto(),
+                    ),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect(),
+    }
+    .encode_to_vec();
+    upload(&mut c, &[&missing_file]).await;
+    let incomplete = Digest::of_bytes(b"action whose tree lists missing files");
+    update_action_result(&mut c, incomplete, result_with_tree(&missing_file))
+        .await
+        .unwrap();
+    let status = get_action_result(&mut c, incomplete).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
 }
