@@ -52,6 +52,10 @@ pub const GIT_CREDENTIALS_FILE: &str = "git-credentials";
 pub const SSH_KEY_FILE: &str = "ssh-private-key";
 /// In `--git-credentials-dir`: the host keys SSH trusts; others are refused.
 pub const KNOWN_HOSTS_FILE: &str = "known_hosts";
+/// Default of the worker's `--redacted-vars`: variables whose values are
+/// kept out of CI step logs.
+pub const DEFAULT_REDACTED_VARS: &str =
+    "*_PASSWORD,*_SECRET,*_TOKEN,*_ACCESS_KEY,*_SECRET_KEY,*_PRIVATE_KEY";
 /// Prometheus counter: requests refused because they exceeded a limit,
 /// labelled `limit` (the flag's name, e.g. `max-queued-actions`).
 pub const METRIC_LIMITS_HIT: &str = "buildkube_limits_hit_total";
@@ -500,6 +504,22 @@ pub struct WorkerArgs {
     /// Every action on this worker can read them.
     #[arg(long, env = "BUILDKUBE_GIT_CREDENTIALS_DIR")]
     pub git_credentials_dir: Option<PathBuf>,
+    /// Directory of CI step hooks (in a cluster, a ConfigMap): executable
+    /// files named `pre-checkout`, `post-checkout`, `pre-command` and
+    /// `post-command` run around a step's checkout and commands, with the
+    /// step's environment; absent ones are skipped (docs/pipelines.md).
+    #[arg(long, env = "BUILDKUBE_HOOKS_DIR")]
+    pub hooks_dir: Option<PathBuf>,
+    /// Names of environment variables (globs, comma separated) whose
+    /// values are redacted from CI step logs, besides the job's farm token
+    /// and the git credentials, which always are.
+    #[arg(
+        long,
+        env = "BUILDKUBE_REDACTED_VARS",
+        value_delimiter = ',',
+        default_value = DEFAULT_REDACTED_VARS
+    )]
+    pub redacted_vars: Vec<String>,
     /// Local input file cache budget.
     #[arg(long, env = "BUILDKUBE_CACHE_MAX_SIZE", default_value = "5GiB", value_parser = parse_byte_size)]
     pub cache_max_size: u64,
@@ -573,6 +593,13 @@ impl WorkerArgs {
         }
         if let Some(path) = &self.git_credentials_dir {
             args.push(format!("--git-credentials-dir={}", path.display()));
+        }
+        if let Some(path) = &self.hooks_dir {
+            args.push(format!("--hooks-dir={}", path.display()));
+        }
+        // Only when changed: generated manifests stay as they were.
+        if self.redacted_vars.join(",") != DEFAULT_REDACTED_VARS {
+            args.push(format!("--redacted-vars={}", self.redacted_vars.join(",")));
         }
         args.push(format!("--cache-max-size={}", self.cache_max_size));
         args.push(format!("--drain-timeout-secs={}", self.drain_timeout_secs));
@@ -702,6 +729,8 @@ mod tests {
         args.max_action_timeout_secs = 900;
         args.addr_file = Some("/run/buildkube-worker.addr".into());
         args.git_credentials_dir = Some("/etc/buildkube/credentials".into());
+        args.hooks_dir = Some("/etc/buildkube/hooks".into());
+        args.redacted_vars = vec!["DEPLOY_*".into(), "*_TOKEN".into()];
         args.action_limits.max_input_files = 10;
         args.tls = ClientTlsArgs {
             tls_ca_file: Some("/etc/buildkube/tls/ca.crt".into()),

@@ -264,12 +264,26 @@ pub async fn run(
     let grpc =
         tokio::spawn(router.serve_with_incoming_shutdown(grpc_incoming, stopped(stop_rx.clone())));
 
+    // In-process workers dial through a pipe, not the TCP listener, so
+    // they connect whatever TLS or mTLS the listener requires; their
+    // `server` is the listener's real address, which the CI steps they run
+    // point Bazel at.
+    let local_server = {
+        let mut addr = grpc_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        let scheme = if grpc_tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{addr}")
+    };
     let mut local_workers = Vec::new();
     for i in 0..args.local_workers {
-        // In-process workers dial through a pipe, not the TCP listener, so
-        // they connect whatever TLS or mTLS the listener requires.
         let worker_args = WorkerArgs {
-            server: "in-process".into(),
+            server: local_server.clone(),
             instance: farm.instances.first().to_string(),
             work_dir: args.data_dir.join("local-workers").join(i.to_string()),
             concurrency: Some(1),

@@ -90,13 +90,16 @@ pub(crate) enum ActionOutcome {
     Failed(ActionError),
     /// The server no longer wants it: report nothing.
     Abandoned,
+    /// A CI step ran (whatever its exit code); its log and artifacts are in the CAS.
+    StepRan(buildkube_proto::worker::StepResult),
 }
 
 impl ActionOutcome {
     pub(crate) fn metric(&self) -> Outcome {
         match self {
             ActionOutcome::Ran(result) if result.exit_code == 0 => Outcome::Success,
-            ActionOutcome::Ran(_) => Outcome::Failure,
+            ActionOutcome::StepRan(result) if result.exit_code == 0 => Outcome::Success,
+            ActionOutcome::Ran(_) | ActionOutcome::StepRan(_) => Outcome::Failure,
             ActionOutcome::Failed(e) if e.code == Code::DeadlineExceeded => Outcome::Timeout,
             ActionOutcome::Failed(_) => Outcome::Error,
             ActionOutcome::Abandoned => Outcome::Abandoned,

@@ -39,6 +39,30 @@ pub enum GitCredentialsError {
 #[derive(Debug, Clone)]
 pub(crate) struct GitCredentials {
     env: Vec<(String, String)>,
+    /// The credential store, whose passwords are secrets.
+    store: Option<PathBuf>,
+    /// The SSH key, whose lines are secrets.
+    key: Option<PathBuf>,
+}
+
+/// `%XX` escapes decoded (an invalid escape is kept as written).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `text` as one shell word.
@@ -71,7 +95,7 @@ impl GitCredentials {
             }
             _ => {}
         }
-        if let Some(store) = store {
+        if let Some(store) = &store {
             // Configuration by environment (git 2.31+): no file to write,
             // and the action's own ~/.gitconfig, if any, still applies.
             env.extend([
@@ -86,7 +110,7 @@ impl GitCredentials {
                 ),
             ]);
         }
-        if let (Some(key), Some(known_hosts)) = (key, known_hosts) {
+        if let (Some(key), Some(known_hosts)) = (&key, known_hosts) {
             let option = |o: &str| format!("-o {}", shell_quote(o));
             let command = [
                 "ssh".to_string(),
@@ -100,7 +124,44 @@ impl GitCredentials {
             .join(" ");
             env.push(("GIT_SSH_COMMAND".to_string(), command));
         }
-        Ok(GitCredentials { env })
+        Ok(GitCredentials { env, store, key })
+    }
+
+    /// The values a log must not show: the passwords of the credential
+    /// store (as written and percent-decoded) and the SSH key's lines.
+    /// Read now, so that rotated files count.
+    pub(crate) fn secret_values(&self) -> Vec<String> {
+        let mut secrets = Vec::new();
+        if let Some(text) = self
+            .store
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+        {
+            for line in text.lines() {
+                // scheme://user:password@host/...
+                let Some((_, rest)) = line.trim().split_once("://") else {
+                    continue;
+                };
+                let userinfo = rest.split('/').next().unwrap_or("");
+                let Some((userinfo, _host)) = userinfo.rsplit_once('@') else {
+                    continue;
+                };
+                if let Some((_, password)) = userinfo.split_once(':') {
+                    secrets.push(password.to_string());
+                    secrets.push(percent_decode(password));
+                }
+            }
+        }
+        if let Some(text) = self
+            .key
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+        {
+            secrets.push(text);
+        }
+        secrets.sort();
+        secrets.dedup();
+        secrets
     }
 
     /// Adds the variables to an action's environment, except those the
@@ -136,6 +197,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("holds neither"), "{error}");
+    }
+
+    #[test]
+    fn step_log_secrets_are_the_store_passwords_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(GIT_CREDENTIALS_FILE),
+            "https://ci:s3cr%40t-pass@git.example\nhttps://nopass@host\n",
+        )
+        .unwrap();
+        let git = GitCredentials::from_dir(dir.path()).unwrap();
+        assert_eq!(git.secret_values(), ["s3cr%40t-pass", "s3cr@t-pass"]);
     }
 
     #[test]

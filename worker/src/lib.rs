@@ -47,6 +47,7 @@ mod metrics;
 mod outputs;
 mod runner;
 mod server_link;
+mod step;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -131,6 +132,9 @@ pub enum WorkerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `--redacted-vars` holds a pattern that is not a glob.
+    #[error("--redacted-vars: {0}")]
+    RedactedVars(String),
     /// The env script does not exist.
     #[error("the env script {} cannot be read: {source}", path.display())]
     EnvScript {
@@ -158,7 +162,9 @@ struct Shared {
     metrics: Arc<WorkerMetrics>,
     leases: Mutex<HashMap<String, RunningLease>>,
     ctx: ActionContext,
-    link: ServerLink,
+    /// What CI steps need besides.
+    steps: step::StepContext,
+    link: Arc<ServerLink>,
     /// True once draining: no new leases.
     draining: watch::Sender<bool>,
     /// True when results stop waiting for an unreachable server.
@@ -290,7 +296,9 @@ impl Worker {
                 source,
             })?;
         let metrics = Arc::new(WorkerMetrics::default());
+        let steps_dir = work_dir.join("steps");
         let (actions_dir, cache) = {
+            let steps_dir = steps_dir.clone();
             let (dir, metrics, max) = (work_dir.clone(), metrics.clone(), args.cache_max_size);
             tokio::task::spawn_blocking(move || -> std::io::Result<_> {
                 std::fs::create_dir_all(&dir)?;
@@ -298,6 +306,9 @@ impl Worker {
                 leftovers::kill_leftover_actions(&actions_dir);
                 fs_util::remove_tree(&actions_dir)?;
                 std::fs::create_dir_all(&actions_dir)?;
+                leftovers::kill_leftover_actions(&steps_dir);
+                fs_util::remove_tree(&steps_dir)?;
+                std::fs::create_dir_all(&steps_dir)?;
                 let cache = FileCache::open(dir.join("cache"), max, metrics)?;
                 Ok((actions_dir, cache))
             })
@@ -340,6 +351,16 @@ impl Worker {
             platform: Some(platform.clone()),
             concurrency: concurrency as u32,
         };
+        let link = Arc::new(ServerLink::new(channel.clone(), info));
+        let steps = step::StepContext::new(
+            &args,
+            &worker_id,
+            CasClient::new(channel.clone(), &args.instance),
+            link.clone(),
+            git.clone(),
+            &work_dir,
+        )
+        .map_err(WorkerError::RedactedVars)?;
         let ctx = ActionContext {
             worker_id: worker_id.clone(),
             cas: CasClient::new(channel.clone(), &args.instance),
@@ -366,7 +387,8 @@ impl Worker {
             metrics,
             leases: Mutex::new(HashMap::new()),
             ctx,
-            link: ServerLink::new(channel, info),
+            steps,
+            link,
             draining: watch::channel(false).0,
             give_up: watch::channel(false).0,
             keep_alive_wake: Notify::new(),
@@ -589,14 +611,12 @@ async fn run_lease(shared: &Arc<Shared>, lease: Lease) {
             kill: kill_rx,
             give_up: shared.give_up.subscribe(),
         };
-        let outcome = if lease.step.is_some() {
-            // A CI step is not an action: refuse it rather than run an empty one.
-            ActionOutcome::Failed(action_error::ActionError::new(
-                tonic::Code::FailedPrecondition,
-                "this worker does not run steps",
-            ))
-        } else {
-            action::execute(&shared.ctx, &lease, &tracker, signals).await
+        let outcome = match &lease.step {
+            Some(spec) => {
+                tracker.set(buildkube_proto::worker::Stage::Executing);
+                step::execute(&shared.steps, &lease.lease_id, spec, signals.kill).await
+            }
+            None => action::execute(&shared.ctx, &lease, &tracker, signals).await,
         };
         shared
             .metrics
@@ -604,6 +624,10 @@ async fn run_lease(shared: &Arc<Shared>, lease: Lease) {
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         shared.metrics.completed(outcome.metric());
         let (result, message) = match outcome {
+            ActionOutcome::StepRan(result) => {
+                debug!(exit_code = result.exit_code, "step ran");
+                (complete_request::Outcome::StepResult(result), String::new())
+            }
             ActionOutcome::Abandoned => {
                 debug!("abandoned; nothing reported");
                 shared.leases.lock().unwrap().remove(&lease.lease_id);

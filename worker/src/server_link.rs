@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use buildkube_proto::worker::worker_service_client::WorkerServiceClient;
 use buildkube_proto::worker::{
-    CompleteRequest, KeepAliveRequest, Lease, LeaseProgress, LeaseRequest, WorkerInfo,
+    AppendStepLogRequest, CompleteRequest, KeepAliveRequest, Lease, LeaseProgress, LeaseRequest,
+    WorkerInfo,
 };
 use buildkube_reapi::AuthChannel;
 use tokio::sync::watch;
@@ -22,6 +23,19 @@ const MAX_MESSAGE: usize = 64 << 20;
 const LEASE_GRACE: Duration = Duration::from_secs(10);
 /// Deadline of KeepAlive and Complete calls.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What became of a piece of a step's log sent to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogAppend {
+    /// The server has it.
+    Appended,
+    /// The lease is no longer ours: stop the step.
+    Abandon,
+    /// The server is unreachable: try again later.
+    Retry,
+    /// The server refused it for good; the live log stops (the CAS gets it all).
+    Refused,
+}
 
 /// A client of the server's WorkerService for one worker.
 #[derive(Debug)]
@@ -113,6 +127,37 @@ impl ServerLink {
             .map(|r| r.into_inner().abandon_lease_ids);
         self.note("KeepAlive", &result);
         result
+    }
+
+    /// Sends a piece of a step's log (one attempt; the caller retries).
+    pub(crate) async fn append_step_log(
+        &self,
+        lease_id: &str,
+        offset: u64,
+        data: bytes::Bytes,
+    ) -> LogAppend {
+        let message = AppendStepLogRequest {
+            worker: Some(self.info.clone()),
+            lease_id: lease_id.to_string(),
+            offset,
+            data,
+        };
+        let result = self
+            .client
+            .clone()
+            .append_step_log(request(message, CALL_TIMEOUT))
+            .await
+            .map(|r| r.into_inner().abandon);
+        self.note("AppendStepLog", &result);
+        match result {
+            Ok(false) => LogAppend::Appended,
+            Ok(true) => LogAppend::Abandon,
+            Err(status) if is_transient(status.code()) => LogAppend::Retry,
+            Err(status) => {
+                warn!(code = ?status.code(), detail = status.message(), "the server refused the step's log; live logging stops");
+                LogAppend::Refused
+            }
+        }
     }
 
     /// Reports an outcome, retrying while the server is unreachable, until

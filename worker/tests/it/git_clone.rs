@@ -19,13 +19,13 @@ use buildkube_config::{GIT_CREDENTIALS_FILE, KNOWN_HOSTS_FILE, SSH_KEY_FILE};
 use crate::fake_server::FakeServer;
 use crate::{enqueue, result_of, start_worker, text, Spec, WAIT};
 
-const SSHD: &str = "/usr/sbin/sshd";
+pub(crate) const SSHD: &str = "/usr/sbin/sshd";
 /// `Authorization` the HTTP server demands: Basic `buildkube:s3cret`.
-const BASIC_AUTH: &str = "Basic YnVpbGRrdWJlOnMzY3JldA==";
+pub(crate) const BASIC_AUTH: &str = "Basic YnVpbGRrdWJlOnMzY3JldA==";
 /// What the repository's one file holds.
 const CONTENT: &str = "cloned through the worker's credentials\n";
 
-fn run(program: &str, args: &[&str], dir: &Path) {
+pub(crate) fn run(program: &str, args: &[&str], dir: &Path) {
     let output = Command::new(program)
         .args(args)
         .current_dir(dir)
@@ -77,14 +77,14 @@ fn bare_repository(root: &Path) -> PathBuf {
 
 /// sshd in inetd mode (`-i`) on each connection to a loopback listener:
 /// the port is the kernel's choice, and every sshd is reaped on drop.
-struct Sshd {
-    port: u16,
+pub(crate) struct Sshd {
+    pub(crate) port: u16,
     children: Arc<Mutex<Vec<Child>>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
 impl Sshd {
-    async fn start(config: PathBuf, log: PathBuf) -> Sshd {
+    pub(crate) async fn start(config: PathBuf, log: PathBuf) -> Sshd {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let children = Arc::new(Mutex::new(Vec::new()));
@@ -128,7 +128,10 @@ impl Drop for Sshd {
 }
 
 /// git http-backend as CGI, for requests carrying [`BASIC_AUTH`].
-async fn git_http_backend(State(root): State<Arc<PathBuf>>, request: Request) -> Response {
+pub(crate) async fn git_http_backend(
+    State(root): State<Arc<PathBuf>>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let header = |headers: &HeaderMap, name: &str| {
         headers
@@ -202,9 +205,101 @@ async fn git_http_backend(State(root): State<Arc<PathBuf>>, request: Request) ->
         .unwrap()
 }
 
-fn user_name() -> String {
+pub(crate) fn user_name() -> String {
     let out = Command::new("id").arg("-un").output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A repository served over SSH by sshd (a host the worker's known_hosts
+/// lists, and one it does not) and over HTTP by git http-backend behind
+/// Basic auth, with the worker's credentials directory for both.
+pub(crate) struct GitServers {
+    pub(crate) trusted: Sshd,
+    pub(crate) unknown: Sshd,
+    pub(crate) http_port: u16,
+    pub(crate) credentials: PathBuf,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for GitServers {
+    fn drop(&mut self) {
+        self.http.abort();
+    }
+}
+
+impl GitServers {
+    /// Serves the bare repositories under `root` (the SSH path is absolute,
+    /// the HTTP path relative to `root`).
+    pub(crate) async fn start(root: &Path) -> GitServers {
+        // sshd: its host key, the worker's key as the only authorized one.
+        let keygen = |name: &str| {
+            run(
+                "ssh-keygen",
+                &["-q", "-t", "ed25519", "-N", "", "-C", name, "-f", name],
+                root,
+            );
+        };
+        keygen("host_key");
+        keygen("client_key");
+        std::fs::copy(root.join("client_key.pub"), root.join("authorized_keys")).unwrap();
+        // sshd running as root keeps its privilege separation in /run/sshd
+        // (made by Debian's service, which is not running here).
+        if unsafe { libc::geteuid() } == 0 {
+            std::fs::create_dir_all("/run/sshd").unwrap();
+        }
+        let config = root.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "HostKey {root}/host_key\nAuthorizedKeysFile {root}/authorized_keys\n\
+                 AuthenticationMethods publickey\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
+                 PermitRootLogin prohibit-password\nAllowUsers {user}\n",
+                root = root.display(),
+                user = user_name(),
+            ),
+        )
+        .unwrap();
+        let trusted = Sshd::start(config.clone(), root.join("sshd.log")).await;
+        let unknown = Sshd::start(config, root.join("sshd-unknown.log")).await;
+
+        // git http-backend behind a server that demands the credentials.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_port = listener.local_addr().unwrap().port();
+        let router = axum::Router::new()
+            .fallback(git_http_backend)
+            .with_state(Arc::new(root.to_path_buf()));
+        let http = tokio::spawn(async move { axum::serve(listener, router).await });
+
+        // The worker's credentials: known_hosts lists only `trusted`.
+        let credentials = root.join("credentials");
+        std::fs::create_dir(&credentials).unwrap();
+        std::fs::copy(root.join("client_key"), credentials.join(SSH_KEY_FILE)).unwrap();
+        let host_key = std::fs::read_to_string(root.join("host_key.pub")).unwrap();
+        let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
+        std::fs::write(
+            credentials.join(KNOWN_HOSTS_FILE),
+            format!("[127.0.0.1]:{} {}\n", trusted.port, host_key.join(" ")),
+        )
+        .unwrap();
+        std::fs::write(
+            credentials.join(GIT_CREDENTIALS_FILE),
+            format!("http://buildkube:s3cret@127.0.0.1:{http_port}\n"),
+        )
+        .unwrap();
+        GitServers {
+            trusted,
+            unknown,
+            http_port,
+            credentials,
+            http,
+        }
+    }
+
+    /// The SSH URL of the bare repository at `path` on sshd `port`.
+    pub(crate) fn ssh_url(port: u16, path: &Path) -> String {
+        format!("ssh://{}@127.0.0.1:{port}{}", user_name(), path.display())
+    }
 }
 
 #[tokio::test]
@@ -212,72 +307,15 @@ async fn actions_clone_over_ssh_and_http_with_the_worker_s_credentials() {
     let scratch = tempfile::tempdir().unwrap();
     let root = scratch.path();
     let repo = bare_repository(root);
-
-    // sshd: its host key, the worker's key as the only authorized one.
-    let keygen = |name: &str| {
-        run(
-            "ssh-keygen",
-            &["-q", "-t", "ed25519", "-N", "", "-C", name, "-f", name],
-            root,
-        );
-    };
-    keygen("host_key");
-    keygen("client_key");
-    std::fs::copy(root.join("client_key.pub"), root.join("authorized_keys")).unwrap();
-    // sshd running as root keeps its privilege separation in /run/sshd
-    // (made by Debian's service, which is not running here).
-    if unsafe { libc::geteuid() } == 0 {
-        std::fs::create_dir_all("/run/sshd").unwrap();
-    }
-    let config = root.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "HostKey {root}/host_key\nAuthorizedKeysFile {root}/authorized_keys\n\
-             AuthenticationMethods publickey\nPasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
-             PermitRootLogin prohibit-password\nAllowUsers {user}\n",
-            root = root.display(),
-            user = user_name(),
-        ),
-    )
-    .unwrap();
-    let trusted = Sshd::start(config.clone(), root.join("sshd.log")).await;
-    let unknown = Sshd::start(config, root.join("sshd-unknown.log")).await;
-
-    // git http-backend behind a server that demands the credentials.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_port = listener.local_addr().unwrap().port();
-    let router = axum::Router::new()
-        .fallback(git_http_backend)
-        .with_state(Arc::new(root.to_path_buf()));
-    let http = tokio::spawn(async move { axum::serve(listener, router).await });
-
-    // The worker's credentials: known_hosts lists only `trusted`.
-    let credentials = root.join("credentials");
-    std::fs::create_dir(&credentials).unwrap();
-    std::fs::copy(root.join("client_key"), credentials.join(SSH_KEY_FILE)).unwrap();
-    let host_key = std::fs::read_to_string(root.join("host_key.pub")).unwrap();
-    let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
-    std::fs::write(
-        credentials.join(KNOWN_HOSTS_FILE),
-        format!("[127.0.0.1]:{} {}\n", trusted.port, host_key.join(" ")),
-    )
-    .unwrap();
-    std::fs::write(
-        credentials.join(GIT_CREDENTIALS_FILE),
-        format!("http://buildkube:s3cret@127.0.0.1:{http_port}\n"),
-    )
-    .unwrap();
+    let servers = GitServers::start(root).await;
+    let (trusted, unknown, http_port) = (&servers.trusted, &servers.unknown, servers.http_port);
 
     let server = FakeServer::start().await;
     let state = server.state.clone();
-    let flag = format!("--git-credentials-dir={}", credentials.display());
+    let flag = format!("--git-credentials-dir={}", servers.credentials.display());
     let mut worker = start_worker(&server, &[&flag]).await;
-    let user = user_name();
-    let repo = repo.display();
     let clone =
-        |port: u16, into: &str| format!("git clone -q ssh://{user}@127.0.0.1:{port}{repo} {into}");
+        |port: u16, into: &str| format!("git clone -q {} {into}", GitServers::ssh_url(port, &repo));
     let script = format!(
         "export PATH=/usr/local/bin:/usr/bin:/bin && {} && \
          git clone -q http://127.0.0.1:{http_port}/repo.git over-http && \
@@ -313,5 +351,4 @@ async fn actions_clone_over_ssh_and_http_with_the_worker_s_credentials() {
         "the unknown host is refused for its key: {stderr}"
     );
     worker.drain().await.unwrap();
-    http.abort();
 }

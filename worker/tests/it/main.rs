@@ -7,6 +7,7 @@
 mod fake_server;
 mod git_clone;
 mod input_bounds;
+mod job_steps;
 
 use std::time::Duration;
 
@@ -657,7 +658,7 @@ async fn two_workers_with_default_http_listen_share_a_host() {
 }
 
 #[tokio::test]
-async fn job_step_lease_is_refused_cleanly_by_a_worker_without_a_step_runner() {
+async fn job_step_lease_without_a_kind_is_refused_naming_the_field() {
     let server = FakeServer::start().await;
     let mut worker = start_worker(&server, &[]).await;
     server.state.enqueue(Lease {
@@ -667,7 +668,7 @@ async fn job_step_lease_is_refused_cleanly_by_a_worker_without_a_step_runner() {
         step: Some(buildkube_proto::worker::StepSpec {
             job_id: "job".into(),
             step_key: "build".into(),
-            kind: buildkube_proto::worker::StepKind::Command as i32,
+            repository: "file:///nowhere".into(),
             commands: vec!["true".into()],
             ..Default::default()
         }),
@@ -678,7 +679,7 @@ async fn job_step_lease_is_refused_cleanly_by_a_worker_without_a_step_runner() {
         .wait_completed(1, Duration::from_secs(20))
         .await;
     let error = error_of(&completed[0].0);
-    assert_eq!(error.code, tonic::Code::FailedPrecondition as i32);
-    assert_eq!(error.message, "this worker does not run steps");
+    assert_eq!(error.code, tonic::Code::InvalidArgument as i32);
+    assert_eq!(error.message, "step.kind is neither PIPELINE nor COMMAND");
     worker.drain().await.unwrap();
 }
