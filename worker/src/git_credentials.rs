@@ -200,7 +200,7 @@ mod tests {
     }
 
     #[test]
-    fn step_log_secrets_are_the_store_passwords_and_the_key() {
+    fn job_step_log_secrets_are_the_store_passwords_and_the_key() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join(GIT_CREDENTIALS_FILE),

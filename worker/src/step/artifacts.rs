@@ -124,7 +124,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn step_artifacts_stay_inside_the_checkout() {
+    fn job_step_artifacts_stay_inside_the_checkout() {
         let dir = tempfile::tempdir().unwrap();
         let checkout = dir.path().join("checkout");
         std::fs::create_dir_all(checkout.join("out/sub")).unwrap();

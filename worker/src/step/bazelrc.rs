@@ -83,7 +83,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn step_bazelrc_points_at_the_farm() {
+    fn job_step_bazelrc_points_at_the_farm() {
         let farm = FarmEndpoint::from_server("https://farm.example:8980/", Some("/ca.pem".into()));
         let rc = render(&farm, "ci", "tok-123");
         assert_eq!(

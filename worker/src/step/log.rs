@@ -348,7 +348,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn step_log_timestamps_are_utc_with_milliseconds() {
+    fn job_step_log_timestamps_are_utc_with_milliseconds() {
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_191_262_345);
         assert_eq!(timestamp(at), "2026-12-02T06:01:02.345Z");
         assert_eq!(

@@ -102,7 +102,7 @@ mod tests {
     }
 
     #[test]
-    fn step_log_secret_split_across_chunks_is_redacted() {
+    fn job_step_log_secret_split_across_chunks_is_redacted() {
         let mut r = Redactor::new(["hunter2-secret", "abc"]);
         // Every way of cutting the line into two pieces.
         let line = b"token=hunter2-secret; abc stays\n";
@@ -122,7 +122,7 @@ mod tests {
     }
 
     #[test]
-    fn step_log_multi_line_secrets_are_redacted_line_by_line() {
+    fn job_step_log_multi_line_secrets_are_redacted_line_by_line() {
         let key = "-----BEGIN KEY-----\nAAAAsecretline1\nBBBBsecretline2\n-----END KEY-----\n";
         let mut r = Redactor::new([key, "short"]);
         let out = run(

@@ -627,3 +627,37 @@ async fn job_step_pipeline_file_missing_fails_with_a_clear_message() {
     assert!(result.pipeline_file.is_none());
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn job_step_running_when_the_worker_drains_is_finished_and_reported() {
+    let scratch = tempfile::tempdir().unwrap();
+    let root = scratch.path();
+    let (repo, commit) = repository(root, "repo.git");
+    let url = format!("file://{}", repo.display());
+    let farm = TestFarm::start().await;
+    let worker = RunningWorker::start(&farm, root, &[]).await;
+    let started = root.join("started");
+    let mut spec = step(
+        StepKind::Command,
+        "drained",
+        &url,
+        &commit,
+        &["touch \"$STARTED\"; sleep 2; echo finished after the drain began"],
+    );
+    spec.env
+        .insert("STARTED".into(), started.display().to_string());
+    let (_, progress) = farm.enqueue(spec);
+    tokio::time::timeout(WAIT, async {
+        while !started.exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the step started");
+    // SIGTERM's path: drain; the running step finishes and is reported.
+    worker.stop().await;
+    let result = ran(progress).await;
+    let log = String::from_utf8(farm.blob(&result.log).await).unwrap();
+    assert_eq!(result.exit_code, 0, "{}\n{log}", result.message);
+    assert!(log.contains("finished after the drain began"), "{log}");
+}
