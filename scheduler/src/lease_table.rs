@@ -155,6 +155,42 @@ impl LeaseTable {
         lease_id
     }
 
+    /// Puts back a lease that was live when the server stopped: same id and
+    /// holder, a fresh `deadline`. Its worker is known from now on (it may
+    /// keep the lease alive and complete it), serving `instance`.
+    pub(crate) fn restore(
+        &mut self,
+        lease_id: &str,
+        operation: &str,
+        holder: &LeaseHolder,
+        instance: &str,
+        deadline: Instant,
+    ) {
+        self.active.insert(
+            lease_id.to_string(),
+            LeaseRecord {
+                operation: operation.to_string(),
+                holder: holder.clone(),
+                deadline,
+            },
+        );
+        self.workers
+            .entry(holder.worker_id.clone())
+            .or_insert_with(|| WorkerRecord {
+                instance: instance.to_string(),
+                platform: String::new(),
+                last_seen: Instant::now(),
+                leases: HashSet::new(),
+            })
+            .leases
+            .insert(lease_id.to_string());
+    }
+
+    /// The holder of a live lease.
+    pub(crate) fn holder_of(&self, lease_id: &str) -> Option<&LeaseHolder> {
+        self.active.get(lease_id).map(|r| &r.holder)
+    }
+
     /// Ends a live lease (completed, expired, or its operation finished):
     /// the one release path. Its holder is remembered, so that a repeated
     /// or late report from it is told from a forged one.

@@ -69,10 +69,14 @@ impl Scheduler {
         ));
         op.publish(&name, execution_stage::Value::Executing);
         tracing::debug!(operation = %name, work = %op.work.describe(), worker = %worker.worker_id, attempt = op.attempts, "assigned");
-        Some(
-            op.work
-                .lease(lease_id, name, self.keep_alive_interval(), op.attempts),
-        )
+        let lease = op.work.lease(
+            lease_id,
+            name.clone(),
+            self.keep_alive_interval(),
+            op.attempts,
+        );
+        state.journal_operation(&name);
+        Some(lease)
     }
 
     /// Extends `worker`'s leases, records progress, and returns the leases the
@@ -282,6 +286,7 @@ impl Scheduler {
             .push(event("requeued", Some(worker), Some(why.to_string())));
         op.publish(name, execution_stage::Value::Queued);
         state.queues.push(name, op);
+        state.journal_operation(name);
     }
 
     /// Requeues an operation whose worker gave it back (e.g. killed at its

@@ -12,13 +12,17 @@
 //! `operation` (an operation, the work it runs, its client-facing
 //! messages), `queue` (the queues), `lease_table` (leases and workers),
 //! `stats` (what metrics read); `leasing` is the worker side of the
-//! [`Scheduler`], this file the client side.
+//! [`Scheduler`], this file the client side; `journal` records unfinished
+//! operations in a [`RecordStore`](buildkube_records::RecordStore) and
+//! `restore` brings them back at start ([`Scheduler::restore`]).
 
+mod journal;
 mod lease_table;
 mod leasing;
 mod operation;
 mod platform;
 mod queue;
+mod restore;
 mod stats;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -32,6 +36,7 @@ use buildkube_proto::worker as wire;
 use buildkube_reapi::Digest;
 use tokio::sync::{watch, Notify};
 
+pub use journal::{JournalError, FINISHED_KIND, OPERATION_KIND};
 pub use lease_table::{LeaseHolder, LeaseRefused};
 pub use operation::{
     instance_of_operation, operation_name, OperationSummary, StepOutcome, StepProgress,
@@ -40,6 +45,7 @@ pub use operation::{
 pub use platform::PlatformKey;
 pub use stats::{Outcome, SchedulerStats};
 
+use journal::{finished_record, FinishedRecord, Journal};
 use lease_table::LeaseTable;
 use operation::{
     done_operation, event, pending_operation, status, ActionWork, Operation, Stage, StepWork, Work,
@@ -157,6 +163,11 @@ struct State {
     next_seq: u64,
     /// Instance → operations queued or running.
     unfinished: HashMap<String, usize>,
+    /// Where unfinished operations are recorded; `None`: memory only.
+    journal: Option<Arc<Journal>>,
+    /// Operations that finished before the last restart (at most
+    /// `journal::FINISHED_REMEMBERED`), so a client asking is told so.
+    finished_before_restart: HashMap<String, FinishedRecord>,
 }
 
 impl State {
@@ -176,6 +187,10 @@ impl State {
             return;
         };
         let merge_key = (op.instance.clone(), op.work.digest());
+        // Only actions are journaled (a CI job's steps are the job manager's).
+        if let (Some(journal), Work::Action(_)) = (&self.journal, &op.work) {
+            journal.record_finished(name, &finished_record(&merge_key.1, &response));
+        }
         let lease = op.complete(name, &response, step_result, what, worker);
         if let Some(count) = self.unfinished.get_mut(&merge_key.0) {
             *count -= 1;
@@ -191,6 +206,18 @@ impl State {
         }
         *self.outcomes.entry(outcome).or_default() += 1;
         self.retire(name, retain);
+    }
+
+    /// Records an unfinished operation's current state in the journal.
+    fn journal_operation(&self, name: &str) {
+        let (Some(journal), Some(op)) = (&self.journal, self.operations.get(name)) else {
+            return;
+        };
+        let holder = op.lease.as_deref().and_then(|id| self.leases.holder_of(id));
+        let holder = holder.map(|h| (h.identity.as_str(), h.worker_id.as_str()));
+        if let Some(record) = journal::operation_record(op, holder) {
+            journal.record_operation(name, Some(&record));
+        }
     }
 
     fn retire(&mut self, name: &str, retain: usize) {
@@ -210,8 +237,23 @@ pub struct Scheduler {
     config: SchedulerConfig,
 }
 
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        if let Some(journal) = self
+            .state
+            .get_mut()
+            .map(|s| s.journal.take())
+            .ok()
+            .flatten()
+        {
+            journal.close();
+        }
+    }
+}
+
 impl Scheduler {
-    /// A scheduler with no operations.
+    /// A scheduler with no operations, kept in memory only (see
+    /// [`Scheduler::restore`] for one that survives a restart).
     pub fn new(config: SchedulerConfig) -> Scheduler {
         Scheduler {
             state: Mutex::new(State::default()),
@@ -294,6 +336,7 @@ impl Scheduler {
         if let Some(key) = merge_key {
             state.in_flight.insert(key, name.clone());
         }
+        state.journal_operation(&name);
         drop(state);
         self.work_available.notify_waiters();
         Ok((name, receiver))
@@ -436,6 +479,35 @@ impl Scheduler {
         );
         state.retire(&name, self.config.retain_finished);
         done
+    }
+
+    /// Waits until every change to operations so far is in the journal
+    /// (at once without one). Execute awaits it before it answers with an
+    /// operation name, Lease before it hands out a lease, Complete before
+    /// it confirms a result, so that what they promise survives a restart.
+    pub async fn journal_written(&self) -> Result<(), JournalError> {
+        let journal = self.state.lock().unwrap().journal.clone();
+        match journal {
+            Some(journal) => journal.written(journal.recorded()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// What to tell a client about `name` if it finished before the server
+    /// last restarted (its result is not kept; the action cache may hold it).
+    pub fn finished_before_restart(&self, name: &str) -> Option<String> {
+        let state = self.state.lock().unwrap();
+        let finished = state.finished_before_restart.get(name)?;
+        let digest = finished
+            .action_digest
+            .as_ref()
+            .and_then(|d| Digest::try_from(d).ok())
+            .map_or_else(String::new, |d| format!(" (action {d})"));
+        Some(format!(
+            "operation {name:?}{digest} finished before the server restarted: {}; its result is not kept across restarts, \
+             Execute the action again (a cached result is answered from the action cache)",
+            finished.outcome()
+        ))
     }
 
     /// Subscribes to an operation's updates.
@@ -590,3 +662,6 @@ mod bounds_tests;
 
 #[cfg(test)]
 mod step_tests;
+
+#[cfg(test)]
+mod restart_tests;

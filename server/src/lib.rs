@@ -158,14 +158,21 @@ pub async fn run(
         action_cache,
         records,
     } = opened.context("opening storage (--storage-config)")?;
-    let scheduler = Arc::new(Scheduler::new(SchedulerConfig {
+    let scheduler_config = SchedulerConfig {
         lease_timeout: Duration::from_secs(args.lease_timeout_secs.max(1)),
         max_attempts: args.max_attempts.max(1),
         orphan_timeout: Duration::from_secs(args.orphan_timeout_secs.max(1)),
         max_unfinished_per_instance: args.max_queued_actions,
         ..Default::default()
-    }));
-    tracing::info!(records = %records.describe(), "durable records opened");
+    };
+    // Logs how many operations came back (info).
+    let scheduler = Arc::new(
+        Scheduler::restore(scheduler_config, records.clone(), |i| {
+            instances.check(i).is_ok()
+        })
+        .await
+        .context("restoring unfinished operations from the journal (--storage-config records)")?,
+    );
     let farm = Arc::new(Farm {
         cas,
         action_cache,

@@ -9,6 +9,9 @@ pub const OPERATIONS_PATH: &str = "/operations";
 pub const EVENT_ASSIGNED: &str = "assigned";
 /// Timeline event: a lease expired and the action went back to its queue.
 pub const EVENT_REQUEUED: &str = "requeued";
+/// Timeline event: the operation was brought back from the journal at a
+/// server start (with the worker still holding its lease, if leased).
+pub const EVENT_RESTORED: &str = "restored";
 /// Timeline event: a worker's result was accepted.
 pub const EVENT_COMPLETED: &str = "completed";
 

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use buildkube_config::auth::Scope;
 
-use super::operations::check_operation_scope;
+use super::operations::{check_operation_scope, unknown_operation};
 use crate::auth::Caller;
 use crate::error::{bad_digest, missing_blobs_status, to_tonic};
 use crate::farm::Farm;
@@ -169,6 +169,13 @@ impl Execution for ExecutionService {
                 self.farm.metrics.limit_hit("max-queued-actions");
                 Status::resource_exhausted(e.to_string())
             })?;
+        // The operation name goes out only once the operation is in the
+        // journal: a client that gets it can find it after a restart.
+        self.farm
+            .scheduler
+            .journal_written()
+            .await
+            .map_err(|e| Status::unavailable(format!("{e}; retry")))?;
         Ok(Response::new(follow(receiver, self.farm.stopping.clone())))
     }
 
@@ -183,18 +190,16 @@ impl Execution for ExecutionService {
         let name = request.into_inner().name;
         check_operation_scope(&caller, &name, Scope::Read).map_err(|status| {
             if status.code() == tonic::Code::NotFound {
-                Status::not_found(format!(
-                    "operation {name:?} not found; it may predate a server restart, retry with Execute"
-                ))
+                unknown_operation(&self.farm, &name)
             } else {
                 status
             }
         })?;
-        let receiver = self.farm.scheduler.watch(&name).ok_or_else(|| {
-            Status::not_found(format!(
-                "operation {name:?} not found; it may predate a server restart, retry with Execute"
-            ))
-        })?;
+        let receiver = self
+            .farm
+            .scheduler
+            .watch(&name)
+            .ok_or_else(|| unknown_operation(&self.farm, &name))?;
         Ok(Response::new(follow(receiver, self.farm.stopping.clone())))
     }
 }

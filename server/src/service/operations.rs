@@ -25,6 +25,18 @@ fn not_found(name: &str) -> Status {
     Status::not_found(format!("operation {name:?} not found"))
 }
 
+/// NOT_FOUND for an operation the scheduler does not hold: saying so if it
+/// finished before the server restarted (clients such as Bazel then Execute
+/// again and get the result from the action cache), else that it is unknown.
+pub(crate) fn unknown_operation(farm: &Farm, name: &str) -> Status {
+    match farm.scheduler.finished_before_restart(name) {
+        Some(message) => Status::not_found(message),
+        None => Status::not_found(format!(
+            "operation {name:?} not found; it is not one of this server's unfinished or recent operations, retry with Execute"
+        )),
+    }
+}
+
 /// Checks that the caller has `scope` on the instance `name` carries
 /// (`INSTANCE/operations/ID`); a name of no instance is simply not found.
 pub(crate) fn check_operation_scope(
@@ -91,7 +103,7 @@ impl Operations for OperationsService {
             .scheduler
             .get(&name)
             .map(Response::new)
-            .ok_or_else(|| not_found(&name))
+            .ok_or_else(|| unknown_operation(&self.farm, &name))
     }
 
     #[tracing::instrument(skip_all, fields(operation = %request.get_ref().name))]
@@ -134,7 +146,7 @@ impl Operations for OperationsService {
             .farm
             .scheduler
             .watch(&request.name)
-            .ok_or_else(|| not_found(&request.name))?;
+            .ok_or_else(|| unknown_operation(&self.farm, &request.name))?;
         let timeout = request
             .timeout
             .map(|d| std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))

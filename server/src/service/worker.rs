@@ -73,6 +73,13 @@ impl WorkerService for WorkerProtocolService {
             lease = self.farm.scheduler.lease(&worker, &identity, wait) => lease,
             _ = stopping.wait_for(|stop| *stop) => None,
         };
+        if lease.is_some() {
+            // Recorded first, so that after a restart this worker's
+            // keep-alives and result are still accepted.
+            if let Err(error) = self.farm.scheduler.journal_written().await {
+                tracing::warn!(%error, "lease handed out before it was journaled");
+            }
+        }
         Ok(Response::new(wire::LeaseResponse { lease }))
     }
 
@@ -153,6 +160,14 @@ impl WorkerService for WorkerProtocolService {
             .map_err(|refusal| refused(&holder, "Complete", refusal))?;
         if let Some(step) = step {
             self.farm.live_logs.finish(&log_key(&step));
+        }
+        // Confirmed once the operation's end is journaled: a worker whose
+        // Complete was cut off by a restart retries it, and the restored
+        // lease accepts it.
+        if accepted {
+            if let Err(error) = scheduler.journal_written().await {
+                tracing::warn!(%error, "result accepted before the operation's end was journaled");
+            }
         }
         Ok(Response::new(wire::CompleteResponse { accepted }))
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use buildkube_config::{METRIC_ACTIONS_RUNNING, METRIC_QUEUE_DEPTH};
 use buildkube_tests::fixture::{self, ALL_TARGETS, SLOW_TARGET};
-use buildkube_tests::operations::{Operation, EVENT_ASSIGNED, EVENT_REQUEUED};
+use buildkube_tests::operations::{Operation, EVENT_ASSIGNED, EVENT_REQUEUED, EVENT_RESTORED};
 use buildkube_tests::{
     poll_until, processes_under, remote_execution_flags, Bazel, BazelRun, Server, TcpProxy, Worker,
 };
@@ -276,8 +276,10 @@ fn worker_terminated_mid_build_drains() -> Result<()> {
 }
 
 /// The server SIGKILLed while actions run and restarted on the same data
-/// dir and port: the workers reconnect on their own, Bazel retries its
-/// Execute and WaitExecution calls, the build succeeds.
+/// dir and port: the workers reconnect on their own and keep their leases
+/// (the operations are restored from the journal, issue 7 item 3), Bazel
+/// re-attaches with WaitExecution, the build succeeds, and no action that
+/// was running at the kill ran again.
 #[test]
 fn server_killed_and_restarted_mid_build() -> Result<()> {
     server_restarted_mid_build(Server::kill_and_restart)
@@ -297,11 +299,16 @@ fn server_restarted_mid_build(restart: fn(&mut Server) -> Result<()>) -> Result<
     let bazel = Bazel::new()?;
     let args = build_args(&server);
 
-    let (run, running_at_stop) = build_during(&bazel, &args, || {
+    let (run, (running_at_stop, executing)) = build_during(&bazel, &args, || {
         let running = poll_until("actions running", BUILD_START_TIMEOUT, || {
             let running = server.metric(METRIC_ACTIONS_RUNNING)?.unwrap_or(0.0);
             Ok((running >= 2.0).then_some(running))
         })?;
+        let executing: Vec<Operation> = server
+            .operations()?
+            .into_iter()
+            .filter(Operation::is_executing)
+            .collect();
         let before = server.grpc_addr();
         let stopped = std::time::Instant::now();
         restart(&mut server)?;
@@ -312,15 +319,42 @@ fn server_restarted_mid_build(restart: fn(&mut Server) -> Result<()>) -> Result<
             server.grpc_addr()
         );
         server.wait_for_workers(2, WORKER_CONNECT_TIMEOUT)?;
-        Ok(running)
+        Ok((running, executing))
     })?;
     ensure_good_build(&run, &bazel)?;
 
-    // The restarted server holds only what Bazel sent after the stop.
     let ops = server.operations()?;
     ensure!(
         ops.iter().any(|op| op.completed_by().is_some()),
         "the restarted server ran no action: the build did not go on after the stop"
+    );
+    // What ran at the stop was restored and finished by the worker that
+    // held it, without running again (before the journal, the restarted
+    // server did not know these names and Bazel Executed them anew).
+    ensure!(
+        !executing.is_empty(),
+        "no operation was executing at the stop"
+    );
+    for before in &executing {
+        let worker = before
+            .last_assigned_worker()
+            .context("an executing operation names its worker")?;
+        let after = find(&ops, &before.name).with_context(|| {
+            format!(
+                "{} was executing at the stop but the restarted server does not know it",
+                before.describe()
+            )
+        })?;
+        ensure!(
+            after.has_event(EVENT_RESTORED, worker) && completed_by_without_requeue(after, worker),
+            "expected {} to be restored and completed by {worker} without a requeue",
+            after.describe()
+        );
+    }
+    report(
+        &ops,
+        &names(&executing),
+        "restored and completed by their worker",
     );
     for worker in &mut workers {
         ensure!(worker.is_running()?, "{} exited", worker.id());

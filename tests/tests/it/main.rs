@@ -15,5 +15,6 @@ mod podman;
 mod podman_git;
 mod protocol;
 mod reapi_client;
+mod restart;
 mod right_answers;
 mod startup;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use buildkube_config::{DEFAULT_INSTANCE, METRIC_ACTIONS_RUNNING};
 use buildkube_tests::fixture::{self, ALL_TARGETS, SLOW_TARGET};
-use buildkube_tests::operations::EVENT_REQUEUED;
+use buildkube_tests::operations::{EVENT_REQUEUED, EVENT_RESTORED};
 use buildkube_tests::podman::{
     Overlay, PlayedOverlay, Podman, CA_KEY, CERT_KEY, KEY_KEY, SERVER_IMAGE, WORKER_IMAGE,
     WORKER_TOOLCHAIN_IMAGE,
@@ -25,6 +25,7 @@ const WORKER_WORKLOAD: &str = "buildkube-worker-default";
 const CLIENT_TLS_SECRET: &str = "buildkube-client-tls";
 /// The server's Service: the name its certificate is for.
 const SERVER_SERVICE: &str = "buildkube-server";
+const SERVER_WORKLOAD: &str = "buildkube-server";
 
 /// Bazel's flags for an all-remote build through the played server pod,
 /// with the token of the generated Secret.
@@ -232,7 +233,20 @@ fn build_during(
     bazel: &Bazel,
     during: impl FnOnce() -> Result<()>,
 ) -> Result<BazelRun> {
-    let args = with(&remote_flags(played), &[ALL_TARGETS, SLOW_TARGET]);
+    build_during_with(played, bazel, &[], during)
+}
+
+/// [`build_during`] with `extra` Bazel flags.
+fn build_during_with(
+    played: &PlayedOverlay,
+    bazel: &Bazel,
+    extra: &[&str],
+    during: impl FnOnce() -> Result<()>,
+) -> Result<BazelRun> {
+    let args = with(
+        &with(&remote_flags(played), extra),
+        &[ALL_TARGETS, SLOW_TARGET],
+    );
     std::thread::scope(|scope| {
         let build = scope.spawn(|| bazel.build(&args));
         let done = poll_until(
@@ -306,6 +320,66 @@ fn podman_example_worker_pod_stopped_mid_build_drains() -> Result<()> {
     eprintln!(
         "{} action(s) running at the stop were finished by the draining worker",
         draining.len()
+    );
+    Ok(())
+}
+
+/// Bazel 4.2.3 retries a failed remote call `--remote_retries` times (default
+/// 5) with exponential backoff from 100 ms, capped at 5 s: about 3 s in all
+/// by default, less than a server pod takes to come back. 10 retries wait up
+/// to about 26 s. After the restart Bazel re-attaches to its operations with
+/// WaitExecution (on NOT_FOUND it would Execute again).
+const SURVIVE_SERVER_RESTART: &str = "--remote_retries=10";
+
+/// The server pod killed (SIGKILL, no grace period: a crash, an OOM kill)
+/// while actions run, and started again: the journal on its data volume
+/// brings the operations back, the worker pod keeps its leases and
+/// completes them, Bazel re-attaches with WaitExecution, and the build
+/// completes with byte-correct outputs, nothing that ran at the kill run
+/// again.
+#[test]
+fn podman_example_server_pod_killed_mid_build_completes() -> Result<()> {
+    let (podman, played) = play(Overlay::Example)?;
+    let pod = played.pod(SERVER_WORKLOAD);
+    let bazel = Bazel::new()?;
+    let mut executing = Vec::new();
+    let run = build_during_with(&played, &bazel, &[SURVIVE_SERVER_RESTART], || {
+        executing = played
+            .operations()?
+            .into_iter()
+            .filter(|op| op.is_executing())
+            .collect();
+        ensure!(!executing.is_empty(), "no action ran at the kill");
+        let killed = Instant::now();
+        podman.run(["pod", "kill", &pod])?;
+        podman.run(["pod", "start", &pod])?;
+        played.wait_until_server_ready(POD_READY_TIMEOUT)?;
+        eprintln!("the server pod was back after {:?}", killed.elapsed());
+        Ok(())
+    })?;
+    ensure_all_remote(&run).with_context(|| played.logs())?;
+    fixture::check_build_outputs(&bazel)?;
+    fixture::check_slow_outputs(&bazel)?;
+    let ops = played.operations()?;
+    for before in &executing {
+        let worker = before
+            .last_assigned_worker()
+            .context("an executing operation names its worker")?;
+        let after = ops
+            .iter()
+            .find(|op| op.name == before.name)
+            .with_context(|| format!("{} was not restored", before.describe()))?;
+        ensure!(
+            after.has_event(EVENT_RESTORED, worker)
+                && after.completed_by() == Some(worker)
+                && !after.timeline.iter().any(|e| e.event == EVENT_REQUEUED),
+            "expected {} to be restored and completed by {worker} without a requeue",
+            after.describe()
+        );
+    }
+    eprintln!(
+        "{} action(s) running at the kill were restored and completed by their worker",
+        executing.len()
     );
     Ok(())
 }
