@@ -10,14 +10,20 @@
 //! - [`webhook`]: GitHub and GitLab deliveries, authenticated (HMAC
 //!   signature or token, against secrets from a file) and turned into a
 //!   [`webhook::Trigger`]: repository, ref and commit to run.
+//! - [`run`]: the job runner: a job from a trigger or a request, its
+//!   pipeline step, its steps queued in the scheduler in dependency order,
+//!   retries, cancel, outcome; records kept in the server's durable
+//!   record store and resumed after a restart.
 //!
-//! This crate sits below the server and the worker: it does no I/O beyond
-//! reading files it is pointed at, and knows nothing of the scheduler.
+//! The crate sits below the server: what it needs of it (CAS reads, farm
+//! credentials) are the two small traits of [`run::server_side`].
 
 pub mod logs;
 pub mod pipeline;
+pub mod run;
 pub mod schema;
 pub mod webhook;
 
 pub use pipeline::{Pipeline, PipelineError, Step, StepKey};
+pub use run::{JobRecord, JobRunner};
 pub use webhook::{Trigger, WebhookError, WebhookOutcome};
