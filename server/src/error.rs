@@ -213,6 +213,17 @@ impl<B: http_body::Body + Unpin> http_body::Body for TruncatedTrailers<B> {
     }
 }
 
+/// A job runner's refusal as a gRPC status.
+pub(crate) fn job_error(error: buildkube_jobs::run::JobError) -> Status {
+    use buildkube_jobs::run::JobError;
+    let code = match &error {
+        JobError::Request(_) => Code::InvalidArgument,
+        JobError::InstanceFull { .. } => Code::ResourceExhausted,
+        JobError::NotFound { .. } => Code::NotFound,
+    };
+    Status::new(code, error.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

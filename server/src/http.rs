@@ -1,5 +1,5 @@
-//! The HTTP side: probes and operation timelines on `--http-listen`; probes
-//! and Prometheus metrics on `--metrics-listen`.
+//! The HTTP side: probes, operation timelines, jobs and webhooks on
+//! `--http-listen`; probes and Prometheus metrics on `--metrics-listen`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -26,13 +26,15 @@ pub struct HttpState {
     /// The credentials, with `--auth-config`: then the operation pages need
     /// a client token with the `read` scope (they name actions and workers).
     pub auth: Option<Arc<Authenticator>>,
+    /// CI jobs and webhooks, once storage is open.
+    pub jobs: Arc<OnceLock<crate::http_jobs::JobsHttp>>,
 }
 
 impl HttpState {
     /// The client calling, or 401 when auth is on and the request has no
     /// valid token, 403 for a worker credential.
     #[allow(clippy::result_large_err)]
-    fn caller(&self, headers: &HeaderMap) -> Result<Caller, Response> {
+    pub(crate) fn caller(&self, headers: &HeaderMap) -> Result<Caller, Response> {
         let Some(auth) = &self.auth else {
             return Ok(Caller::Open);
         };
@@ -67,13 +69,15 @@ struct RecentQuery {
     limit: Option<usize>,
 }
 
-/// Routes of `--http-listen`: `/healthz`, `/readyz`, `/operations`, `/operations/{id}`.
+/// Routes of `--http-listen`: `/healthz`, `/readyz`, `/operations`,
+/// `/operations/{id}`, and the job and webhook routes of [`crate::http_jobs`].
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route(names::HEALTHZ_PATH, get(|| async { "ok\n" }))
         .route(names::READYZ_PATH, get(readyz))
         .route("/operations", get(recent_operations))
         .route("/operations/{id}", get(operation))
+        .merge(crate::http_jobs::routes())
         .with_state(state)
 }
 

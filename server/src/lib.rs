@@ -16,8 +16,11 @@ pub mod auth;
 pub mod error;
 pub mod farm;
 pub mod http;
+pub mod http_jobs;
 mod input_tree;
 pub mod instances;
+pub mod job_logs;
+pub mod jobs;
 pub mod listener;
 pub mod metrics;
 pub mod service;
@@ -33,6 +36,7 @@ use std::time::Duration;
 use anyhow::Context;
 use buildkube_config::{ServerArgs, WorkerArgs};
 use buildkube_proto::bytestream::byte_stream_server::ByteStreamServer;
+use buildkube_proto::jobs::jobs_server::JobsServer;
 use buildkube_proto::longrunning::operations_server::OperationsServer;
 use buildkube_proto::reapi::action_cache_server::ActionCacheServer;
 use buildkube_proto::reapi::capabilities_server::CapabilitiesServer;
@@ -89,6 +93,10 @@ pub async fn run(
         Some(auth) if args.local_workers > 0 => Some(auth.add_local_worker_token()),
         _ => None,
     };
+    let webhooks = jobs::Webhooks::load(&args.jobs, instances.first())?;
+    instances
+        .check(&webhooks.instance)
+        .map_err(|e| anyhow::anyhow!("--webhook-instance: {}", e.message()))?;
     let grpc_tls = tls::ServerTls::load(&args.tls, tls::GRPC_ALPN)?;
     let http_tls = tls::ServerTls::load(&args.tls, tls::HTTP_ALPN)?;
     std::fs::create_dir_all(&args.data_dir)
@@ -187,6 +195,27 @@ pub async fn run(
     });
     let _ = http_state.farm.set(farm.clone());
 
+    // CI jobs: restored before anything is served, so their steps'
+    // operations are watched again before the orphan timeout.
+    let job_runner = jobs::runner(
+        &args.jobs,
+        scheduler.clone(),
+        farm.cas.clone(),
+        auth.clone(),
+        farm.records.clone(),
+    );
+    job_runner
+        .restore()
+        .await
+        .map_err(|e| anyhow::anyhow!("restoring stored jobs: {e}"))?;
+    let step_logs =
+        job_logs::StepLogs::new(job_runner.clone(), farm.live_logs.clone(), farm.cas.clone());
+    let _ = http_state.jobs.set(http_jobs::JobsHttp {
+        runner: job_runner.clone(),
+        logs: step_logs.clone(),
+        webhooks,
+    });
+
     let reaper = {
         let scheduler = scheduler.clone();
         tokio::spawn(async move {
@@ -253,6 +282,11 @@ pub async fn run(
         )))
         .add_service(OperationsServer::new(service::OperationsService::new(
             farm.clone(),
+        )))
+        .add_service(JobsServer::new(service::JobsService::new(
+            job_runner.clone(),
+            step_logs,
+            farm.instances.clone(),
         )))
         .add_service(
             WorkerServiceServer::new(service::WorkerProtocolService::new(farm.clone()))
@@ -325,6 +359,8 @@ pub async fn run(
         }
     }
     grpc.await?.context("gRPC server failed")?;
+    // Jobs stay as stored, to resume at the next start.
+    job_runner.stop();
     http.await?;
     metrics_http.await?;
     reaper.abort();

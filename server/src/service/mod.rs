@@ -6,6 +6,7 @@ mod capabilities;
 mod cas;
 mod execution;
 mod get_tree;
+mod jobs;
 mod operations;
 mod uploads;
 mod worker;
@@ -16,6 +17,7 @@ pub use bytestream::ByteStreamService;
 pub use capabilities::CapabilitiesService;
 pub use cas::CasService;
 pub use execution::ExecutionService;
+pub use jobs::JobsService;
 pub use operations::OperationsService;
 pub use worker::WorkerProtocolService;
 
