@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.1 GET over `std::net`, enough for /readyz and /metrics.
+//! A minimal HTTP/1.1 GET and POST over `std::net`, enough for /readyz,
+//! /metrics and webhook deliveries.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -44,6 +45,37 @@ pub fn http_get_with(
         .read_to_end(&mut raw)
         .with_context(|| format!("reading the response to GET http://{addr}{path}"))?;
     parse_response(&raw).with_context(|| format!("GET http://{addr}{path}"))
+}
+
+/// `POST path` on `addr` with `headers` and `body`, `Connection: close`.
+pub fn http_post(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<HttpResponse> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to http://{addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(body))
+        .with_context(|| format!("sending POST http://{addr}{path}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading the response to POST http://{addr}{path}"))?;
+    parse_response(&raw).with_context(|| format!("POST http://{addr}{path}"))
 }
 
 fn parse_response(raw: &[u8]) -> Result<HttpResponse> {

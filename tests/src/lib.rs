@@ -33,7 +33,7 @@ pub use bazel::{
     remote_cache_flags, remote_execution_flags, Bazel, BazelRun, ProcessSummary, BAZEL_ENV,
 };
 pub use daemon::LogFiles;
-pub use http::{http_get, http_get_with, HttpResponse};
+pub use http::{http_get, http_get_with, http_post, HttpResponse};
 pub use pki::TestPki;
 pub use proxy::TcpProxy;
 pub use server::Server;

@@ -10,6 +10,7 @@ mod compression;
 mod e2e_bazel;
 mod external_stores;
 mod faults;
+mod jobs;
 mod listeners;
 mod podman;
 mod podman_git;
