@@ -16,6 +16,7 @@ mod dispatch;
 mod execute;
 mod load;
 mod stats;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
