@@ -97,12 +97,17 @@ impl WebhookReport {
     }
 }
 
-struct Ledger {
+#[derive(Default)]
+struct Pending {
     /// Job id → when its delivery was sent (set once the 201 names it).
-    sent: Mutex<HashMap<String, Instant>>,
+    sent: HashMap<String, Instant>,
     /// Job id → when a worker leased its pipeline step, for leases that
     /// arrived before the 201 was read.
-    leased_early: Mutex<HashMap<String, Instant>>,
+    leased_early: HashMap<String, Instant>,
+}
+
+struct Ledger {
+    maps: Mutex<Pending>,
     running: LatencyRecorder,
     answered: LatencyRecorder,
     done: Mutex<usize>,
@@ -112,8 +117,7 @@ struct Ledger {
 impl Default for Ledger {
     fn default() -> Ledger {
         Ledger {
-            sent: Mutex::default(),
-            leased_early: Mutex::default(),
+            maps: Mutex::default(),
             running: LatencyRecorder::new(),
             answered: LatencyRecorder::new(),
             done: Mutex::default(),
@@ -129,21 +133,38 @@ impl Ledger {
         self.all_done.notify_waiters();
     }
 
+    // One lock for both maps: whichever of the 201 and the lease comes
+    // second records the sample, exactly once.
     fn on_sent(&self, job: String, sent: Instant) {
-        if let Some(leased) = self.leased_early.lock().unwrap().remove(&job) {
+        let leased = {
+            let mut maps = self.maps.lock().unwrap();
+            let leased = maps.leased_early.remove(&job);
+            if leased.is_none() {
+                maps.sent.insert(job, sent);
+            }
+            leased
+        };
+        if let Some(leased) = leased {
             self.record(leased - sent);
-        } else {
-            self.sent.lock().unwrap().insert(job, sent);
         }
     }
 
     fn on_leased(&self, job: String, leased: Instant) {
-        match self.sent.lock().unwrap().remove(&job) {
-            Some(sent) => self.record(leased - sent),
-            None => {
-                self.leased_early.lock().unwrap().insert(job, leased);
+        let sent = {
+            let mut maps = self.maps.lock().unwrap();
+            let sent = maps.sent.remove(&job);
+            if sent.is_none() {
+                maps.leased_early.insert(job, leased);
             }
+            sent
+        };
+        if let Some(sent) = sent {
+            self.record(leased - sent);
         }
+    }
+
+    fn waiting(&self, job: &str) -> bool {
+        self.maps.lock().unwrap().sent.contains_key(job)
     }
 }
 
@@ -290,7 +311,7 @@ pub async fn run(args: &WebhookArgs) -> anyhow::Result<WebhookReport> {
                 ledger.on_sent(job.clone(), sent);
                 // One job of this sender at a time until a worker holds it:
                 // at most `concurrency` jobs wait for a worker at once.
-                while ledger.sent.lock().unwrap().contains_key(&job) {
+                while ledger.waiting(&job) {
                     let notified = ledger.all_done.notified();
                     let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
                 }
