@@ -476,3 +476,100 @@ async fn a_job_survives_a_server_restart_and_finishes_after_it() {
         .await;
     assert_eq!(step(&done, "test").workers, ["w2"]);
 }
+
+/// Runs the `buildkube` client against `server`; its exit code and stdout.
+fn buildkube_cli(server: &Server, args: &[&str]) -> (i32, String) {
+    let output = std::process::Command::new(buildkube_tests::bin_path("buildkube"))
+        .arg("--server")
+        .arg(server.worker_endpoint())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.code().is_some(),
+        "buildkube {args:?} was killed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        output.status.code().unwrap(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn buildkube_run_job_on_real_workers_then_logs_and_artifact_download_byte_exact() {
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(repo.path().join(".buildkube")).unwrap();
+    std::fs::write(
+        repo.path().join(".buildkube/pipeline.yaml"),
+        "steps:
+  - key: build
+    commands: ['mkdir -p out && head -c 100000 /dev/urandom > out/blob.bin && echo built']
+    artifacts: ['out/*.bin']
+  - key: test
+    depends_on: [build]
+    commands: ['echo tested']
+",
+    )
+    .unwrap();
+    for args in [
+        &["init", "-q", "-b", "main", "."][..],
+        &["add", "-A"],
+        &[
+            "-c",
+            "user.email=t@example.com",
+            "-c",
+            "user.name=t",
+            "commit",
+            "-qm",
+            "init",
+        ],
+    ] {
+        let status = std::process::Command::new("git")
+            .args(args)
+            .current_dir(repo.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "git {args:?}");
+    }
+    let server = Server::start_with(|args| args.local_workers = 1).unwrap();
+    let url = format!("file://{}", repo.path().display());
+    let (code, stdout) = buildkube_cli(
+        &server,
+        &["run", "--repo", &url, "--ref", "refs/heads/main", "--wait"],
+    );
+    assert_eq!(code, 0, "run --wait exits with the job's outcome");
+    let id = stdout.trim().to_string();
+    let (code, log) = buildkube_cli(&server, &["logs", "-f", &id]);
+    assert_eq!(code, 0);
+    assert!(
+        log.contains(" | built\n") && log.contains(" | tested\n"),
+        "{log}"
+    );
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("blob.bin");
+    let (code, _) = buildkube_cli(
+        &server,
+        &[
+            "artifacts",
+            "download",
+            &id,
+            "out/blob.bin",
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0);
+    let mut farm = Farm::connect(&server);
+    let job = farm.job(&id).await;
+    let artifact = &step(&job, "build").artifacts[0];
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(bytes.len(), 100_000);
+    assert_eq!(
+        Digest::of_bytes(&bytes).to_proto(),
+        artifact.digest.clone().unwrap(),
+        "the download is the artifact, byte for byte"
+    );
+    let (code, _) = buildkube_cli(&server, &["cancel", &id]);
+    assert_eq!(code, 0, "cancelling a finished job reports its outcome");
+}
