@@ -372,15 +372,14 @@ fn list_token(job: &JobRecord) -> String {
 }
 
 impl Inner {
-    /// Publishes a driver's new version of a job's record and stores it.
+    /// Stores a driver's new version of a job's record, then publishes it:
+    /// whoever sees a state sees one a restart would resume from.
     async fn publish(&self, record: &JobRecord) {
-        {
-            let table = self.table.lock().unwrap();
-            if let Some(entry) = table.by_id.get(&record.id) {
-                entry.record.send_replace(record.clone());
-            }
-        }
         self.persist(record).await;
+        let table = self.table.lock().unwrap();
+        if let Some(entry) = table.by_id.get(&record.id) {
+            entry.record.send_replace(record.clone());
+        }
     }
 
     async fn persist(&self, record: &JobRecord) {

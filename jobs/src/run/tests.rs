@@ -261,7 +261,8 @@ async fn two_step_pipeline_job_runs_its_steps_in_dependency_order() {
         .is_none());
     let running = farm
         .wait_for(&job.id, "build running", |r| {
-            r.step("build").unwrap().state == StepState::Running
+            r.step("build")
+                .is_some_and(|s| s.state == StepState::Running)
         })
         .await;
     assert_eq!(running.state, JobState::Running);
@@ -423,7 +424,8 @@ async fn cancelling_a_job_cancels_its_running_step_operation() {
     farm.run_pipeline_step(TWO_STEPS).await;
     let (lease, _holder) = farm.lease("w1").await;
     farm.wait_for(&job.id, "build running", |r| {
-        r.step("build").unwrap().state == StepState::Running
+        r.step("build")
+            .is_some_and(|s| s.state == StepState::Running)
     })
     .await;
     let cancelled = farm.runner.cancel("main", &job.id, "by ci").await.unwrap();
@@ -468,7 +470,8 @@ async fn a_job_survives_a_restart_of_its_runner_and_resumes_its_running_step() {
     let (lease, holder) = first.lease("w1").await;
     first
         .wait_for(&job.id, "build running", |r| {
-            r.step("build").unwrap().state == StepState::Running
+            r.step("build")
+                .is_some_and(|s| s.state == StepState::Running)
         })
         .await;
     first.runner.stop();
