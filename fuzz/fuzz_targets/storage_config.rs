@@ -48,6 +48,7 @@ fn any_config(u: &mut Unstructured<'_>) -> Result<StorageConfig> {
     Ok(StorageConfig {
         cas: any_store(u, 0)?,
         action_cache: any_store(u, 0)?,
+        records: any_store(u, 0)?,
     })
 }
 
