@@ -316,21 +316,15 @@ impl Scheduler {
             execution_stage::Value::Queued,
         ));
         tracing::debug!(operation = %name, action = %new.action_digest, instance = %new.instance, %platform, "action queued");
-        let op = Operation {
-            instance: new.instance,
+        let op = Operation::queued(
+            new.instance,
             work,
             platform,
-            priority: new.priority,
+            new.priority,
             seq,
-            stage: Stage::Queued,
-            attempts: 0,
-            lease: None,
-            workers_tried: vec![],
-            queued_at: SystemTime::now(),
             updates,
-            timeline: vec![event("queued", None, None)],
-            unwatched_since: None,
-        };
+            None,
+        );
         state.queues.push(&name, &op);
         state.operations.insert(name.clone(), op);
         if let Some(key) = merge_key {
@@ -384,21 +378,15 @@ impl Scheduler {
             execution_stage::Value::Queued,
         ));
         tracing::debug!(operation = %name, instance = %new.instance, %platform, "{what} queued");
-        let op = Operation {
-            instance: new.instance,
+        let op = Operation::queued(
+            new.instance,
             work,
             platform,
-            priority: new.priority,
+            new.priority,
             seq,
-            stage: Stage::Queued,
-            attempts: 0,
-            lease: None,
-            workers_tried: vec![],
-            queued_at: SystemTime::now(),
             updates,
-            timeline: vec![event("queued", None, Some(what))],
-            unwatched_since: None,
-        };
+            Some(what),
+        );
         state.queues.push(&name, &op);
         state.operations.insert(name.clone(), op);
         drop(state);

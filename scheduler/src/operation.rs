@@ -216,6 +216,34 @@ pub(crate) struct Operation {
 }
 
 impl Operation {
+    /// A newly queued operation: no attempt yet, a timeline of one `queued`
+    /// event (with `detail`, e.g. what kind of work it is).
+    pub(crate) fn queued(
+        instance: String,
+        work: Work,
+        platform: PlatformKey,
+        priority: i32,
+        seq: u64,
+        updates: watch::Sender<longrunning::Operation>,
+        detail: Option<String>,
+    ) -> Operation {
+        Operation {
+            instance,
+            work,
+            platform,
+            priority,
+            seq,
+            stage: Stage::Queued,
+            attempts: 0,
+            lease: None,
+            workers_tried: vec![],
+            queued_at: SystemTime::now(),
+            updates,
+            timeline: vec![event("queued", None, detail)],
+            unwatched_since: None,
+        }
+    }
+
     /// Tells watchers the operation is at `stage` (not done): queued, or
     /// executing on the last worker tried.
     pub(crate) fn publish(&self, name: &str, stage: execution_stage::Value) {
