@@ -367,6 +367,10 @@ impl Driver {
                     Ok(pipeline) => {
                         self.job.add_pipeline_steps(&pipeline);
                         self.pipeline = Some(pipeline);
+                        // Every step is stored and visible (waiting) before
+                        // any is queued: no worker leases a step that
+                        // watchers and a restarted server do not know of.
+                        self.publish().await;
                     }
                     Err(message) => {
                         let step = self.job.step_mut(key).expect("the step exists");

@@ -578,3 +578,64 @@ async fn pipeline_step_failure_fails_the_job_with_the_workers_message() {
         done.message
     );
 }
+
+/// A record store whose writes take a while, as on a slow disk.
+struct SlowWrites {
+    inner: Arc<dyn RecordStore>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl RecordStore for SlowWrites {
+    async fn apply(
+        &self,
+        changes: Vec<buildkube_records::RecordChange>,
+    ) -> Result<(), buildkube_records::RecordError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.apply(changes).await
+    }
+    async fn get(
+        &self,
+        kind: &str,
+        key: &str,
+    ) -> Result<Option<Bytes>, buildkube_records::RecordError> {
+        self.inner.get(kind, key).await
+    }
+    async fn load_all(
+        &self,
+        kind: &str,
+    ) -> Result<Vec<(String, Bytes)>, buildkube_records::RecordError> {
+        self.inner.load_all(kind).await
+    }
+    fn describe(&self) -> String {
+        format!("slow {}", self.inner.describe())
+    }
+}
+
+#[tokio::test]
+async fn a_pipeline_step_is_in_the_job_record_before_a_worker_can_lease_it() {
+    let plain = record_store().await;
+    let store = TestStore {
+        records: Arc::new(SlowWrites {
+            inner: plain.records.clone(),
+            delay: Duration::from_millis(300),
+        }),
+        _dir: plain._dir.clone(),
+    };
+    let farm = Farm::with(
+        Arc::new(Scheduler::new(SchedulerConfig::default())),
+        store,
+        Arc::new(MemoryCas::default()),
+        JobLimits::default(),
+    );
+    let job = farm.start().await;
+    farm.run_pipeline_step(TWO_STEPS).await;
+    let (lease, _holder) = farm.lease("w1").await;
+    assert_eq!(lease.step.unwrap().step_key, "build");
+    // Watchers see it, and so would a server restarted now.
+    let seen = farm.runner.get("main", &job.id).unwrap();
+    assert!(seen.step("build").is_some(), "{seen:#?}");
+    let stored = plain.records.get(JOB_RECORD_KIND, &job.id).await.unwrap();
+    let stored: JobRecord = serde_json::from_slice(&stored.unwrap()).unwrap();
+    assert!(stored.step("build").is_some(), "{stored:#?}");
+}
