@@ -10,7 +10,7 @@ mod action_cache;
 pub mod factory;
 mod fs_cas;
 mod postgres;
-mod postgres_records;
+
 mod read_cache;
 mod redis_store;
 mod size_partitioned;
@@ -26,8 +26,9 @@ pub use action_cache::FsActionCache;
 pub use fs_cas::{FsBlobWriter, FsCas};
 pub use postgres::{
     MaintenanceReport, PostgresActionCache, PostgresCas, PostgresCasOptions, PostgresPool,
+    PostgresRecords,
 };
-pub use postgres_records::PostgresRecords;
+
 pub use read_cache::ReadCache;
 pub use redis_store::RedisActionCache;
 pub use size_partitioned::SizePartitioned;
