@@ -122,6 +122,7 @@ impl SimulatedWorker {
                 instance_name: instance.to_string(),
                 platform,
                 concurrency: slots,
+                runs_steps: false,
             },
         }
     }

@@ -275,6 +275,7 @@ pub async fn run(args: &WebhookArgs) -> anyhow::Result<WebhookReport> {
             instance_name: args.instance.clone(),
             platform: None,
             concurrency: 1,
+            runs_steps: true,
         };
         runners.push(tokio::spawn(step_runner(
             WorkerServiceClient::new(channel.clone()),

@@ -494,6 +494,13 @@ pub struct WorkerArgs {
     /// a client's token is refused on the worker protocol.
     #[arg(long, env = "BUILDKUBE_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// Run CI job steps as well as actions (a slot runs one or the other).
+    /// Without it the server never leases this worker a step: steps clone
+    /// repositories, keep git mirrors under --work-dir and run a
+    /// pipeline's commands, so only workers meant for that should. Env:
+    /// `true`/`false`.
+    #[arg(long, env = "BUILDKUBE_RUN_STEPS")]
+    pub run_steps: bool,
     /// Shell script sourced (by bash) before every command, e.g. to export credentials.
     #[arg(long, env = "BUILDKUBE_ENV_SCRIPT")]
     pub env_script: Option<PathBuf>,
@@ -587,6 +594,9 @@ impl WorkerArgs {
         }
         if let Some(path) = &self.auth_token_file {
             args.push(format!("--auth-token-file={}", path.display()));
+        }
+        if self.run_steps {
+            args.push("--run-steps".to_string());
         }
         if let Some(path) = &self.env_script {
             args.push(format!("--env-script={}", path.display()));
@@ -730,6 +740,7 @@ mod tests {
         args.addr_file = Some("/run/buildkube-worker.addr".into());
         args.git_credentials_dir = Some("/etc/buildkube/credentials".into());
         args.hooks_dir = Some("/etc/buildkube/hooks".into());
+        args.run_steps = true;
         args.redacted_vars = vec!["DEPLOY_*".into(), "*_TOKEN".into()];
         args.action_limits.max_input_files = 10;
         args.tls = ClientTlsArgs {
@@ -740,6 +751,13 @@ mod tests {
         let mut cmd = vec!["buildkube-worker".to_string()];
         cmd.extend(args.to_args());
         assert_eq!(WorkerArgs::try_parse_from(cmd).unwrap(), args);
+    }
+
+    #[test]
+    fn workers_run_no_ci_steps_unless_told() {
+        let args = WorkerArgs::default();
+        assert!(!args.run_steps);
+        assert!(!args.to_args().iter().any(|a| a.starts_with("--run-steps")));
     }
 
     #[test]

@@ -41,6 +41,7 @@ fn worker_offering(properties: &[(String, String)]) -> wire::WorkerInfo {
         instance_name: "main".into(),
         platform: Some(platform_of(properties)),
         concurrency: 1,
+        runs_steps: false,
     }
 }
 

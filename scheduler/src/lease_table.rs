@@ -69,6 +69,8 @@ pub(crate) struct WorkerRecord {
     /// Metric label of the platform the worker offers.
     pub(crate) platform: String,
     pub(crate) last_seen: Instant,
+    /// It runs CI job steps (`WorkerInfo.runs_steps`).
+    pub(crate) runs_steps: bool,
     /// Ids of the leases it holds.
     pub(crate) leases: HashSet<String>,
 }
@@ -119,15 +121,17 @@ impl LeaseTable {
     /// Records that `worker` polled or kept alive just now.
     pub(crate) fn touch_worker(&mut self, worker: &wire::WorkerInfo) {
         let record = self.workers.entry(worker.worker_id.clone()).or_insert_with(|| {
-            tracing::info!(worker = %worker.worker_id, instance = %worker.instance_name, "worker connected");
+            tracing::info!(worker = %worker.worker_id, instance = %worker.instance_name, runs_steps = worker.runs_steps, "worker connected");
             WorkerRecord {
                 instance: worker.instance_name.clone(),
                 platform: String::new(),
                 last_seen: Instant::now(),
+                runs_steps: worker.runs_steps,
                 leases: HashSet::new(),
             }
         });
         record.last_seen = Instant::now();
+        record.runs_steps = worker.runs_steps;
         record.instance = worker.instance_name.clone();
         record.platform = PlatformKey::from_proto(worker.platform.as_ref()).label();
     }
@@ -180,6 +184,8 @@ impl LeaseTable {
                 instance: instance.to_string(),
                 platform: String::new(),
                 last_seen: Instant::now(),
+                // Unknown until it polls; only a poll may say it runs steps.
+                runs_steps: false,
                 leases: HashSet::new(),
             })
             .leases
@@ -315,6 +321,14 @@ impl LeaseTable {
         self.workers
             .values()
             .filter(move |w| w.last_seen.elapsed() < fresh || !w.leases.is_empty())
+    }
+
+    /// Whether a worker of `instance` that runs CI steps is known (it polled
+    /// lately or holds a lease; silent ones are forgotten by the reaper).
+    pub(crate) fn has_step_worker(&self, instance: &str) -> bool {
+        self.workers
+            .values()
+            .any(|w| w.runs_steps && w.instance == instance)
     }
 
     /// Forgets workers silent for `silent` that hold no lease.

@@ -14,7 +14,9 @@ use crate::platform::PlatformKey;
 use crate::{LeaseOutcome, Outcome, Scheduler, State};
 
 impl Scheduler {
-    /// Takes the best queued action `worker` can run, waiting up to `wait`.
+    /// Takes the best queued work `worker` can run, waiting up to `wait`:
+    /// an action its platform satisfies, or a CI step if it also runs steps
+    /// (`WorkerInfo.runs_steps`).
     /// The lease is bound to `worker.worker_id` and the worker credential
     /// `identity`: only both together may keep it alive or complete it.
     pub async fn lease(
@@ -48,7 +50,11 @@ impl Scheduler {
         let mut state = self.state.lock().unwrap();
         let state = &mut *state;
         state.leases.touch_worker(worker);
-        let name = state.queues.pop_best(&worker.instance_name, offered)?;
+        // A worker that does not run steps is never handed one, whatever it
+        // asks for: the check is here, not in the worker.
+        let name = state
+            .queues
+            .pop_best(&worker.instance_name, offered, worker.runs_steps)?;
         let holder = LeaseHolder {
             identity: identity.to_string(),
             worker_id: worker.worker_id.clone(),

@@ -378,7 +378,12 @@ impl Scheduler {
             execution_stage::Value::Queued,
         ));
         tracing::debug!(operation = %name, instance = %new.instance, %platform, "{what} queued");
-        let op = Operation::queued(
+        let no_step_worker = !state.leases.has_step_worker(&new.instance);
+        if no_step_worker {
+            tracing::warn!(operation = %name, instance = %new.instance, %platform,
+                "{what} queued, but no connected worker of the instance runs CI steps (worker flag --run-steps); it waits for one");
+        }
+        let mut op = Operation::queued(
             new.instance,
             work,
             platform,
@@ -387,6 +392,13 @@ impl Scheduler {
             updates,
             Some(what),
         );
+        if no_step_worker {
+            op.timeline.push(event(
+                "waiting",
+                None,
+                Some("no connected worker runs CI steps (--run-steps)".into()),
+            ));
+        }
         state.queues.push(&name, &op);
         state.operations.insert(name.clone(), op);
         drop(state);

@@ -1,10 +1,12 @@
-//! The queues of waiting operations: one per (instance, platform), each
-//! ordered by priority (lower first), then by arrival.
+//! The queues of waiting operations: one per (instance, platform, kind of
+//! work), each ordered by priority (lower first), then by arrival. Actions
+//! and CI steps queue apart so that a worker that does not run steps is
+//! never handed one; the metrics add the two up.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
-use crate::operation::Operation;
+use crate::operation::{Operation, Work};
 use crate::platform::PlatformKey;
 
 /// Which queue an operation waits in.
@@ -12,6 +14,8 @@ use crate::platform::PlatformKey;
 pub(crate) struct QueueKey {
     pub(crate) instance: String,
     pub(crate) platform: PlatformKey,
+    /// A queue of CI job steps (only workers that run steps take from it).
+    pub(crate) steps: bool,
 }
 
 impl QueueKey {
@@ -20,6 +24,7 @@ impl QueueKey {
         QueueKey {
             instance: op.instance.clone(),
             platform: op.platform.clone(),
+            steps: matches!(op.work, Work::Step(_)),
         }
     }
 
@@ -63,13 +68,22 @@ impl Queues {
     }
 
     /// Takes the first operation of `instance` that a worker offering
-    /// `offered` can run, across every queue whose platform it satisfies.
-    pub(crate) fn pop_best(&mut self, instance: &str, offered: &PlatformKey) -> Option<String> {
+    /// `offered` can run, across every queue whose platform it satisfies;
+    /// CI steps only if the worker `runs_steps`.
+    pub(crate) fn pop_best(
+        &mut self,
+        instance: &str,
+        offered: &PlatformKey,
+        runs_steps: bool,
+    ) -> Option<String> {
         let best = self
             .by_key
             .iter()
             .filter(|(key, queue)| {
-                key.instance == instance && !queue.is_empty() && key.platform.satisfied_by(offered)
+                key.instance == instance
+                    && (runs_steps || !key.steps)
+                    && !queue.is_empty()
+                    && key.platform.satisfied_by(offered)
             })
             .max_by(|(_, a), (_, b)| a.peek().cmp(&b.peek()))
             .map(|(key, _)| key.clone())?;

@@ -21,6 +21,7 @@ fn worker(id: &str) -> wire::WorkerInfo {
         instance_name: "main".into(),
         platform: None,
         concurrency: 1,
+        runs_steps: false,
     }
 }
 

@@ -83,6 +83,73 @@ async fn job_steps_lease_by_platform_and_priority_beside_actions() {
     );
 }
 
+/// A worker offering `props` that runs actions only (no `--run-steps`).
+fn action_worker(id: &str, props: &[(&str, &str)]) -> wire::WorkerInfo {
+    wire::WorkerInfo {
+        runs_steps: false,
+        ..worker(id, props)
+    }
+}
+
+fn timeline_events(s: &Scheduler, name: &str) -> Vec<String> {
+    let summary = s.summary_of(name).unwrap();
+    summary.timeline.into_iter().map(|e| e.event).collect()
+}
+
+#[tokio::test]
+async fn job_steps_go_only_to_workers_that_run_steps_actions_to_every_worker() {
+    let s = Scheduler::new(SchedulerConfig::default());
+    // Before any worker that runs steps polled, a step says it waits for one.
+    let (step_name, _r1) = s.enqueue_step(step("build", &[], -5, 1)).unwrap();
+    assert_eq!(timeline_events(&s, &step_name), ["queued", "waiting"]);
+    let (act, _r2) = s.enqueue(action("a", &[], 0)).unwrap();
+
+    // The step comes first by priority, but a worker that does not run
+    // steps (whatever else it asks for) gets the action, then nothing.
+    let plain = action_worker("plain", &[]);
+    let first = s.lease(&plain, ID, NO_WAIT).await.unwrap();
+    assert_eq!(first.operation_name, act);
+    assert!(first.step.is_none());
+    assert!(
+        s.lease(&plain, ID, NO_WAIT).await.is_none(),
+        "a step must not go to a worker without --run-steps"
+    );
+    assert_eq!(timeline_events(&s, &step_name), ["queued", "waiting"]);
+
+    // A worker that runs steps but lacks the platform of a step does not get it.
+    let (gpu_step, _r3) = s.enqueue_step(step("gpu", &[("gpu", "1")], -9, 1)).unwrap();
+    let cpu_steps = worker("cpu-steps", &[]);
+    let lease = s.lease(&cpu_steps, ID, NO_WAIT).await.unwrap();
+    assert_eq!(lease.operation_name, step_name);
+    assert!(lease.step.is_some());
+    assert!(s.lease(&cpu_steps, ID, NO_WAIT).await.is_none());
+    // Now that one is connected, a new step no longer says it waits.
+    let (later, _r4) = s.enqueue_step(step("later", &[], 0, 1)).unwrap();
+    assert_eq!(timeline_events(&s, &later), ["queued"]);
+
+    // Actions still go to step workers too.
+    let (act2, _r5) = s.enqueue(action("b", &[], -20)).unwrap();
+    assert_eq!(
+        s.lease(&cpu_steps, ID, NO_WAIT)
+            .await
+            .unwrap()
+            .operation_name,
+        act2
+    );
+    assert!(s
+        .lease(&action_worker("gpu-plain", &[("gpu", "1")]), ID, NO_WAIT)
+        .await
+        .is_none());
+    let gpu_steps = worker("gpu-steps", &[("gpu", "1")]);
+    assert_eq!(
+        s.lease(&gpu_steps, ID, NO_WAIT)
+            .await
+            .unwrap()
+            .operation_name,
+        gpu_step
+    );
+}
+
 #[tokio::test]
 async fn job_steps_are_never_merged_and_count_in_queue_depth() {
     let s = Scheduler::new(SchedulerConfig::default());

@@ -17,12 +17,14 @@ fn platform(props: &[(&str, &str)]) -> reapi::Platform {
     }
 }
 
+/// A worker offering `props` that runs actions and CI steps.
 pub(crate) fn worker(id: &str, props: &[(&str, &str)]) -> wire::WorkerInfo {
     wire::WorkerInfo {
         worker_id: id.into(),
         instance_name: "main".into(),
         platform: Some(platform(props)),
         concurrency: 1,
+        runs_steps: true,
     }
 }
 

@@ -329,6 +329,8 @@ pub async fn run(
             work_dir: args.data_dir.join("local-workers").join(i.to_string()),
             concurrency: Some(1),
             worker_id: Some(format!("local-{i}")),
+            // The one-process farm does everything, CI steps included.
+            run_steps: true,
             http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             log_format: args.log_format,
             action_limits: args.action_limits.clone(),

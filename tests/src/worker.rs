@@ -43,8 +43,9 @@ impl Worker {
 
     /// Starts a worker after `configure` adjusted its arguments. The harness
     /// has already set the server endpoint, the server's first instance, a temp
-    /// work dir, a concurrency of 4, a unique worker id and an HTTP listener on
-    /// a kernel-chosen loopback port.
+    /// work dir, a concurrency of 4, a unique worker id, an HTTP listener on
+    /// a kernel-chosen loopback port, and `--run-steps` (it runs CI steps
+    /// as well as actions, like the server's in-process workers).
     pub fn start_with(server: &Server, configure: impl FnOnce(&mut WorkerArgs)) -> Result<Worker> {
         let scratch = tempfile::Builder::new()
             .prefix("buildkube-worker-")
@@ -59,6 +60,7 @@ impl Worker {
             worker_id: Some(format!("e2e-worker-{}-{number}", std::process::id())),
             // Several workers share this machine: no fixed port.
             http_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            run_steps: true,
             ..WorkerArgs::default()
         };
         configure(&mut args);

@@ -78,6 +78,7 @@ pub use metrics::{
 pub use runner::{BWRAP, NETWORK_ON, PLATFORM_NETWORK_KEY, RUNNER_PLAIN, RUNNER_SANDBOX};
 
 use crate::action::{ActionContext, ActionOutcome, LeaseTracker, Limits, Signals};
+use crate::action_error::ActionError;
 use crate::file_cache::FileCache;
 use crate::metrics::WorkerMetrics;
 use crate::runner::KillReason;
@@ -350,6 +351,7 @@ impl Worker {
             instance_name: args.instance.clone(),
             platform: Some(platform.clone()),
             concurrency: concurrency as u32,
+            runs_steps: args.run_steps,
         };
         let link = Arc::new(ServerLink::new(channel.clone(), info));
         let steps = step::StepContext::new(
@@ -429,6 +431,7 @@ impl Worker {
             instance = %args.instance,
             concurrency,
             platform = %offered.join(","),
+            run_steps = args.run_steps,
             http = %http_addr,
             work_dir = %work_dir.display(),
             "worker started"
@@ -612,6 +615,17 @@ async fn run_lease(shared: &Arc<Shared>, lease: Lease) {
             give_up: shared.give_up.subscribe(),
         };
         let outcome = match &lease.step {
+            // The server leases steps only to workers that run them; an
+            // older or confused one is refused here rather than obeyed.
+            Some(spec) if !shared.link.info().runs_steps => {
+                ActionOutcome::Failed(ActionError::new(
+                    tonic::Code::FailedPrecondition,
+                    format!(
+                        "worker {} does not run CI steps (no --run-steps) but was leased step {}/{}",
+                        shared.worker_id, spec.job_id, spec.step_key
+                    ),
+                ))
+            }
             Some(spec) => {
                 tracker.set(buildkube_proto::worker::Stage::Executing);
                 step::execute(&shared.steps, &lease.lease_id, spec, signals.kill).await

@@ -150,6 +150,7 @@ impl Farm {
             instance_name: "main".into(),
             platform: None,
             concurrency: 1,
+            runs_steps: true,
         };
         let lease = self
             .scheduler
@@ -252,6 +253,7 @@ async fn two_step_pipeline_job_runs_its_steps_in_dependency_order() {
     let info = wire::WorkerInfo {
         worker_id: "w2".into(),
         instance_name: "main".into(),
+        runs_steps: true,
         ..Default::default()
     };
     assert!(farm
@@ -437,6 +439,7 @@ async fn cancelling_a_job_cancels_its_running_step_operation() {
     let info = wire::WorkerInfo {
         worker_id: "w1".into(),
         instance_name: "main".into(),
+        runs_steps: true,
         ..Default::default()
     };
     let abandon = farm

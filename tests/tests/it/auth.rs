@@ -51,6 +51,7 @@ fn worker_info(id: &str) -> Option<WorkerInfo> {
         instance_name: INSTANCE.into(),
         platform: None,
         concurrency: 1,
+        runs_steps: false,
     })
 }
 

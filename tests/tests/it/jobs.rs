@@ -135,6 +135,7 @@ impl Farm {
             instance_name: INSTANCE.into(),
             platform: None,
             concurrency: 1,
+            runs_steps: true,
         }
     }
 

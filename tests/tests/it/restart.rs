@@ -52,6 +52,7 @@ impl FakeWorker {
                 instance_name: instance.into(),
                 platform: None,
                 concurrency: 1,
+                runs_steps: false,
             },
         }
     }

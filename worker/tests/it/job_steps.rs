@@ -173,6 +173,7 @@ impl RunningWorker {
             format!("--work-dir={}", work_dir.display()),
             "--concurrency=1".into(),
             "--worker-id=step-worker".into(),
+            "--run-steps".into(),
         ];
         argv.extend(extra.iter().cloned());
         let worker = Worker::start(WorkerArgs::parse_from(argv)).await.unwrap();
@@ -660,4 +661,56 @@ async fn job_step_running_when_the_worker_drains_is_finished_and_reported() {
     let log = String::from_utf8(farm.blob(&result.log).await).unwrap();
     assert_eq!(result.exit_code, 0, "{}\n{log}", result.message);
     assert!(log.contains("finished after the drain began"), "{log}");
+}
+
+#[tokio::test]
+async fn job_step_leased_to_a_worker_without_run_steps_is_refused_not_run() {
+    // The real scheduler never does this (scheduler::step_tests); a server
+    // that does (older, or forged) gets a clear refusal and nothing runs.
+    let server = crate::fake_server::FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let mut worker = crate::start_worker(&server, &[]).await;
+    server.state.enqueue(buildkube_proto::worker::Lease {
+        lease_id: "lease-1".into(),
+        operation_name: "main/operations/step-1".into(),
+        attempt: 1,
+        step: Some(StepSpec {
+            job_id: "job-1".into(),
+            step_key: "build".into(),
+            kind: StepKind::Command as i32,
+            repository: "file:///nowhere".into(),
+            commit: "a".repeat(40),
+            commands: vec![format!("touch {}", marker.display())],
+            attempt: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let completed = server.state.wait_completed(1, WAIT).await;
+    let Some(buildkube_proto::worker::complete_request::Outcome::Error(status)) =
+        &completed[0].0.outcome
+    else {
+        panic!("{:?}", completed[0].0.outcome)
+    };
+    assert_eq!(status.code, tonic::Code::FailedPrecondition as i32);
+    assert!(
+        status.message.contains("does not run CI steps") && status.message.contains("job-1/build"),
+        "{}",
+        status.message
+    );
+    assert!(!marker.exists());
+    assert!(!server.state.workers.lock().unwrap()[0].runs_steps);
+    worker.drain().await.unwrap();
+
+    // With --run-steps the worker says so when it asks for work.
+    let server = crate::fake_server::FakeServer::start().await;
+    let mut worker = crate::start_worker(&server, &["--run-steps"]).await;
+    let deadline = Instant::now() + WAIT;
+    while server.state.workers.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the worker never polled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.state.workers.lock().unwrap()[0].runs_steps);
+    worker.drain().await.unwrap();
 }

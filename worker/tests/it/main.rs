@@ -660,7 +660,7 @@ async fn two_workers_with_default_http_listen_share_a_host() {
 #[tokio::test]
 async fn job_step_lease_without_a_kind_is_refused_naming_the_field() {
     let server = FakeServer::start().await;
-    let mut worker = start_worker(&server, &[]).await;
+    let mut worker = start_worker(&server, &["--run-steps"]).await;
     server.state.enqueue(Lease {
         lease_id: "step-lease".into(),
         operation_name: "operations/step".into(),
