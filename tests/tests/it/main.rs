@@ -8,6 +8,7 @@ mod bounds;
 mod cancel;
 mod compression;
 mod e2e_bazel;
+mod execution;
 mod external_stores;
 mod faults;
 mod jobs;
