@@ -5,6 +5,7 @@
 //! - [`objects`]: Kubernetes objects as typed k8s-openapi values;
 //! - [`auth`]: the worker and client token Secrets and the server's auth config;
 //! - [`autoscaling`]: each pool's load query, KEDA and HPA objects, adapter rules;
+//! - [`jobs`]: CI jobs' hooks ConfigMap, webhook Secret and webhook Ingress;
 //! - [`crd`]: typed KEDA, Prometheus Operator and cert-manager resources;
 //! - [`network`]: the server's and workers' NetworkPolicies;
 //! - [`tls`]: mutual TLS Secrets, flags and cert-manager certificates;
@@ -15,6 +16,7 @@
 pub mod auth;
 pub mod autoscaling;
 pub mod crd;
+pub mod jobs;
 pub mod kustomize;
 pub mod network;
 pub mod objects;

@@ -225,14 +225,18 @@ pub fn cert_manager_objects() -> (Named<Issuer>, Named<Certificate>) {
 }
 
 /// Annotations that make ingress-nginx speak mutual TLS to the server:
-/// gRPC over TLS, the server certificate checked against the stack's CA
-/// under the name [`SERVER_NAME`], the client certificate of
-/// [`CLIENT_TLS_SECRET`] (in `namespace`) presented.
-pub fn ingress_backend_tls_annotations(namespace: &str) -> Vec<(&'static str, String)> {
+/// `backend_protocol` (`GRPCS` to the gRPC port, `HTTPS` to the HTTP port),
+/// the server certificate checked against the stack's CA under the name
+/// [`SERVER_NAME`], the client certificate of [`CLIENT_TLS_SECRET`] (in
+/// `namespace`) presented.
+pub fn ingress_backend_tls_annotations(
+    namespace: &str,
+    backend_protocol: &str,
+) -> Vec<(&'static str, String)> {
     vec![
         (
             "nginx.ingress.kubernetes.io/backend-protocol",
-            "GRPCS".into(),
+            backend_protocol.into(),
         ),
         (
             "nginx.ingress.kubernetes.io/proxy-ssl-secret",

@@ -41,7 +41,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::crd::{Endpoint, ServiceMonitor, ServiceMonitorSpec};
-use crate::spec::{quantity_to_bytes, LogFormatSpec, ResourcesSpec, StackSpec, WorkerPoolSpec};
+use crate::spec::{
+    quantity_to_bytes, LogFormatSpec, ResourcesSpec, StackSpec, WebhooksSpec, WorkerPoolSpec,
+};
 
 /// Name of the server Deployment, Service, ServiceAccount and NetworkPolicy.
 pub const SERVER_NAME: &str = "buildkube-server";
@@ -200,11 +202,18 @@ fn any_addr(port: u16) -> SocketAddr {
 
 /// The server's flags; `auth` adds the auth config, `external_stores` the
 /// storage config of [`external_storage_config`], `tls` the certificate
-/// files of the `tls` component (mutual TLS).
+/// files of the `tls` component (mutual TLS), `webhooks` the webhook
+/// secret files and clone URL.
 // `..Default` keeps flags added to the binary later at their defaults until
 // the spec models them, even when every current field is set here.
 #[allow(clippy::needless_update)]
-pub fn server_args(spec: &StackSpec, auth: bool, external_stores: bool, tls: bool) -> ServerArgs {
+pub fn server_args(
+    spec: &StackSpec,
+    auth: bool,
+    external_stores: bool,
+    tls: bool,
+    webhooks: &WebhooksSpec,
+) -> ServerArgs {
     ServerArgs {
         listen: any_addr(DEFAULT_GRPC_PORT),
         http_listen: any_addr(DEFAULT_HTTP_PORT),
@@ -225,6 +234,7 @@ pub fn server_args(spec: &StackSpec, auth: bool, external_stores: bool, tls: boo
         log_format: log_format(spec),
         addr_file: None,
         storage_config: external_stores.then(storage_config_path),
+        jobs: crate::jobs::job_args(webhooks),
         // Flags added later keep the binary's defaults until the spec models them.
         ..ServerArgs::default()
     }
@@ -232,7 +242,8 @@ pub fn server_args(spec: &StackSpec, auth: bool, external_stores: bool, tls: boo
 
 /// A worker pool's flags; `auth` adds the worker token file, `credentials`
 /// the git credentials directory and the env script, `tls` an `https://`
-/// server and the worker's certificate.
+/// server and the worker's certificate; a pool with `jobs` runs steps,
+/// with the hooks directory.
 #[allow(clippy::needless_update)]
 pub fn worker_args(
     spec: &StackSpec,
@@ -264,6 +275,8 @@ pub fn worker_args(
         env_script: credentials
             .then(|| PathBuf::from(format!("{CREDENTIALS_MOUNT_DIR}/{ENV_SCRIPT_KEY}"))),
         git_credentials_dir: credentials.then(|| PathBuf::from(CREDENTIALS_MOUNT_DIR)),
+        run_steps: pool.jobs,
+        hooks_dir: pool.jobs.then(crate::jobs::hooks_dir),
         cache_max_size: buildkube_config::parse_byte_size(&pool.cache_max_size)
             .expect("validated: cache_max_size"),
         drain_timeout_secs: pool.drain_timeout_secs,
@@ -495,7 +508,7 @@ pub fn server_deployment(spec: &StackSpec) -> Deployment {
         name: SERVER_CONTAINER.into(),
         image: Some(SERVER_IMAGE.into()),
         image_pull_policy: Some("IfNotPresent".into()),
-        args: Some(server_args(spec, false, false, false).to_args()),
+        args: Some(server_args(spec, false, false, false, &WebhooksSpec::default()).to_args()),
         ports: Some(vec![
             port(GRPC_PORT_NAME, DEFAULT_GRPC_PORT),
             port(HTTP_PORT_NAME, DEFAULT_HTTP_PORT),

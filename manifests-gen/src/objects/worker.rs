@@ -2,8 +2,19 @@
 
 use super::*;
 
-/// One worker pool's Deployment.
+/// One worker pool's Deployment; a pool with `jobs` mounts the hooks.
 pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment {
+    let mut volumes = worker_volumes(pool);
+    let mut mounts = vec![
+        mount("work", WORKER_WORK_DIR, false),
+        mount("home", WORKER_HOME, false),
+        mount("tmp", "/tmp", false),
+    ];
+    if pool.jobs {
+        let (volume, mount) = crate::jobs::hooks_volume();
+        volumes.push(volume);
+        mounts.push(mount);
+    }
     let container = Container {
         name: WORKER_CONTAINER.into(),
         image: Some(WORKER_IMAGE.into()),
@@ -29,11 +40,7 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
         // Not ready while draining, so rollouts wait for the drain.
         readiness_probe: Some(http_probe(READYZ_PATH, HTTP_PORT_NAME, 5, 2)),
         security_context: Some(container_security(pool.read_only_root_filesystem)),
-        volume_mounts: Some(vec![
-            mount("work", WORKER_WORK_DIR, false),
-            mount("home", WORKER_HOME, false),
-            mount("tmp", "/tmp", false),
-        ]),
+        volume_mounts: Some(mounts),
         ..Default::default()
     };
     Deployment {
@@ -65,7 +72,7 @@ pub fn worker_deployment(spec: &StackSpec, pool: &WorkerPoolSpec) -> Deployment 
                     // SIGTERM drains: running actions get drain_timeout_secs to finish.
                     termination_grace_period_seconds: Some(termination_grace_secs(pool)),
                     containers: vec![container],
-                    volumes: Some(worker_volumes(pool)),
+                    volumes: Some(volumes),
                     ..Default::default()
                 }),
             },

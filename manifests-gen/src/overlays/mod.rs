@@ -14,6 +14,7 @@ use crate::auth::{
     WORKER_TOKEN_SECRET,
 };
 use crate::autoscaling::{adapter_rules, worker_hpa, worker_scaled_object};
+use crate::jobs;
 use crate::kustomize::{
     ImageOverride, Kustomization, PatchOp, PatchRef, PatchTarget, SecretGenerator,
 };
@@ -297,6 +298,14 @@ fn base(spec: &StackSpec, tree: &mut Tree) {
             yaml(&worker_network_policy(spec)),
         ),
     ];
+    // The hooks of the pools that run steps: a plain ConfigMap (no content
+    // hash), so a patch of it reaches running workers without rolling them.
+    if spec.worker_pools.iter().any(|pool| pool.jobs) {
+        files.push((
+            jobs::HOOKS_CONFIGMAP_FILE.into(),
+            yaml(&jobs::hooks_configmap()),
+        ));
+    }
     for pool in &spec.worker_pools {
         files.push((
             format!("worker-{}-deployment.yaml", pool.name),

@@ -77,6 +77,26 @@ fn secret_files(overlay: &OverlaySpec, env: &Environment<'_>) -> Vec<SecretFile>
             placeholder: render(env, "env.sh", credentials_context()),
         });
     }
+    // Empty: the server refuses to start on an empty secrets file (naming
+    // its flag), so a forgotten one never accepts a well-known secret.
+    if overlay.webhooks.github {
+        files.push(SecretFile {
+            file: jobs::GITHUB_WEBHOOK_SECRET_FILE,
+            secret: jobs::WEBHOOKS_SECRET,
+            key: jobs::GITHUB_WEBHOOK_KEY,
+            purpose: "GitHub webhook secret, one per line (two while rotating), the same as in the repository's webhook settings (`openssl rand -hex 32 > secrets/github-webhook-secret`); empty, the server does not start",
+            placeholder: String::new(),
+        });
+    }
+    if overlay.webhooks.gitlab {
+        files.push(SecretFile {
+            file: jobs::GITLAB_WEBHOOK_TOKEN_FILE,
+            secret: jobs::WEBHOOKS_SECRET,
+            key: jobs::GITLAB_WEBHOOK_KEY,
+            purpose: "GitLab webhook secret token, one per line (two while rotating), the same as the hook's (`openssl rand -hex 32 > secrets/gitlab-webhook-token`); empty, the server does not start",
+            placeholder: String::new(),
+        });
+    }
     if overlay.tls == TlsKind::Secrets {
         for (file, secret, key, purpose) in [
             ("server-tls.crt", tls::SERVER_TLS_SECRET, tls::CERT_KEY, "the server's PEM certificate chain (names: buildkube-server and its in-cluster Service names)"),
@@ -158,19 +178,44 @@ pub(super) fn overlay_dir(
             server_resources(&spec.for_overlay(overlay)),
         ));
     }
-    if overlay.auth {
-        kustomization.resources.push(AUTH_CONFIGMAP_FILE.into());
-        tree.insert(&dir(AUTH_CONFIGMAP_FILE), yaml(&auth::auth_configmap()));
+    if overlay.auth || overlay.webhooks.any() {
         server_ops.push(PatchOp::replace(
             "/spec/template/spec/containers/0/args",
             server_args(
                 spec,
-                true,
+                overlay.auth,
                 overlay.external_stores,
                 overlay.tls != TlsKind::None,
+                &overlay.webhooks,
             )
             .to_args(),
         ));
+    }
+    if overlay.webhooks.any() {
+        let (volume, mount) = jobs::webhooks_volume();
+        server_ops.push(PatchOp::add("/spec/template/spec/volumes/-", volume));
+        server_ops.push(PatchOp::add(
+            "/spec/template/spec/containers/0/volumeMounts/-",
+            mount,
+        ));
+        if matches!(overlay.expose, ExposeSpec::Ingress) {
+            kustomization
+                .resources
+                .push(jobs::WEBHOOKS_INGRESS_FILE.into());
+            let backend_tls = (overlay.tls != TlsKind::None).then_some(overlay.namespace.as_str());
+            tree.insert(
+                &dir(jobs::WEBHOOKS_INGRESS_FILE),
+                yaml(&jobs::webhooks_ingress(
+                    spec,
+                    &overlay.webhooks,
+                    backend_tls,
+                )),
+            );
+        }
+    }
+    if overlay.auth {
+        kustomization.resources.push(AUTH_CONFIGMAP_FILE.into());
+        tree.insert(&dir(AUTH_CONFIGMAP_FILE), yaml(&auth::auth_configmap()));
         for (volume, mount) in auth::server_auth_volumes() {
             server_ops.push(PatchOp::add("/spec/template/spec/volumes/-", volume));
             server_ops.push(PatchOp::add(
@@ -287,7 +332,7 @@ pub(super) fn overlay_dir(
                 key.replace('~', "~0").replace('/', "~1")
             )
         };
-        let ops: Vec<PatchOp> = tls::ingress_backend_tls_annotations(&overlay.namespace)
+        let ops: Vec<PatchOp> = tls::ingress_backend_tls_annotations(&overlay.namespace, "GRPCS")
             .into_iter()
             .map(|(key, value)| PatchOp::add(&annotation(key), value))
             .collect();
@@ -380,6 +425,23 @@ pub(super) fn overlay_dir(
         );
     }
 
+    // Where a forge posts its deliveries.
+    let webhook_urls: Vec<String> = jobs::webhook_paths(&overlay.webhooks)
+        .into_iter()
+        .map(|path| match overlay.expose {
+            ExposeSpec::Ingress => format!("https://{}{path}", spec.ingress.host),
+            _ => format!(
+                "{}://{SERVER_NAME}.{}.svc:{}{path}",
+                if overlay.tls == TlsKind::None {
+                    "http"
+                } else {
+                    "https"
+                },
+                overlay.namespace,
+                buildkube_config::DEFAULT_HTTP_PORT
+            ),
+        })
+        .collect();
     let deployed = spec.for_overlay(overlay);
     let readme = render(
         env,
@@ -405,6 +467,8 @@ pub(super) fn overlay_dir(
             host_token_path => HOST_TOKEN_PATH.0,
             auth_secret => CLIENT_TOKENS_SECRET,
             auth_mount_dir => auth::CLIENT_TOKENS_MOUNT_DIR,
+            webhook_urls => webhook_urls,
+            jobs_pools => spec.worker_pools.iter().filter(|p| p.jobs).map(|p| p.name.clone()).collect::<Vec<_>>(),
         },
     );
     tree.insert(&dir("README.md"), GeneratedFile::text(readme));

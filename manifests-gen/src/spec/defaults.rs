@@ -46,6 +46,10 @@ impl Default for StackSpec {
             max_unavailable: 1,
             // Credentials reach every action of a pool: off unless a stack opts in.
             git_credentials: false,
+            // One pool runs actions and CI steps: the queue gauges cannot
+            // tell them apart, so a separate steps pool could not be scaled
+            // on its own queue (docs/deploy.md, "CI jobs").
+            jobs: true,
             read_only_root_filesystem: true,
             resources: ResourcesSpec {
                 cpu_request: "4".into(),
@@ -84,6 +88,7 @@ impl Default for StackSpec {
                     server_resources: None,
                     pool_sizes: BTreeMap::new(),
                     kind_cluster: None,
+                    webhooks: WebhooksSpec::default(),
                 },
             ),
             (
@@ -129,12 +134,13 @@ impl Default for StackSpec {
                         },
                     )]),
                     kind_cluster: Some(KindClusterSpec { name: "buildkube".into(), host_port: 8980 }),
+                    webhooks: WebhooksSpec::default(),
                 },
             ),
             (
                 "production".to_string(),
                 OverlaySpec {
-                    description: "Auth, TLS ingress, mutual TLS inside (cert-manager), KEDA autoscaling, Prometheus, spread workers, external stores.".into(),
+                    description: "Auth, TLS ingress (gRPC, GitHub webhooks), mutual TLS inside (cert-manager), KEDA autoscaling, Prometheus, spread workers, external stores.".into(),
                     namespace: "buildkube".into(),
                     images: images(Some("ghcr.io/buildkube"), env!("CARGO_PKG_VERSION")),
                     auth: true,
@@ -149,6 +155,13 @@ impl Default for StackSpec {
                     server_resources: None,
                     pool_sizes: BTreeMap::new(),
                     kind_cluster: None,
+                    // GitHub through the Ingress; HTTPS clone URLs, so public
+                    // repositories build without credentials on the workers.
+                    webhooks: WebhooksSpec {
+                        github: true,
+                        gitlab: false,
+                        clone_url: CloneUrlSpec::Https,
+                    },
                 },
             ),
         ]);

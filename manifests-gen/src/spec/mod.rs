@@ -157,6 +157,18 @@ pub struct WorkerPoolSpec {
     /// all use the credentials. Default: off.
     #[serde(default)]
     pub git_credentials: bool,
+    /// Run CI job steps as well as actions: the pool's workers get
+    /// `--run-steps` (the server leases steps only to such workers) and the
+    /// hooks ConfigMap (`buildkube-hooks`, in the base; overlays patch it)
+    /// read-only at `--hooks-dir`. Steps clone with
+    /// the worker's git credentials: a pool running steps of private
+    /// repositories (or of webhook jobs cloning over SSH) also sets
+    /// `git_credentials`, in overlays with `worker_credentials`. The
+    /// autoscaler cannot tell a step from an action (the server's queue
+    /// gauges count both, by instance and platform), so a jobs pool comes
+    /// before every other pool of its instance. Default: off.
+    #[serde(default)]
+    pub jobs: bool,
     /// Whether the container's root filesystem is read-only (the work
     /// directory, HOME and /tmp stay writable).
     pub read_only_root_filesystem: bool,
@@ -285,6 +297,51 @@ pub struct OverlaySpec {
     /// Generate `bin/up` and `bin/down` that run this overlay in a local kind cluster.
     #[serde(default)]
     pub kind_cluster: Option<KindClusterSpec>,
+    /// Forge webhooks that start CI jobs (on the first instance, in a pool
+    /// with `jobs`). Default: none.
+    #[serde(default)]
+    pub webhooks: WebhooksSpec,
+}
+
+/// The webhook endpoints an overlay's server serves on its HTTP port. Each
+/// one's secret comes from the Secret `buildkube-webhooks` (a file under the
+/// overlay's `secrets/`); with `expose: ingress` an Ingress routes exactly
+/// these paths, and nothing else of the HTTP port, to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksSpec {
+    /// `POST /webhooks/github`, signed with the secret in
+    /// `secrets/github-webhook-secret` (`--github-webhook-secret-file`).
+    #[serde(default)]
+    pub github: bool,
+    /// `POST /webhooks/gitlab`, carrying the token in
+    /// `secrets/gitlab-webhook-token` (`--gitlab-webhook-token-file`).
+    #[serde(default)]
+    pub gitlab: bool,
+    /// Which clone URL of a delivery the jobs clone (`--webhook-clone-url`):
+    /// `ssh` needs the workers' SSH key (`worker_credentials`), `https`
+    /// clones public repositories without credentials and private ones with
+    /// the credential store. Default: `ssh`.
+    #[serde(default)]
+    pub clone_url: CloneUrlSpec,
+}
+
+impl WebhooksSpec {
+    /// Whether any webhook endpoint is on.
+    pub fn any(&self) -> bool {
+        self.github || self.gitlab
+    }
+}
+
+/// A delivery's clone URL (`--webhook-clone-url`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneUrlSpec {
+    /// `git@host:owner/name.git`.
+    #[default]
+    Ssh,
+    /// `https://host/owner/name.git`.
+    Https,
 }
 
 /// An overlay's sizes for one worker pool, replacing the pool's fields of the same names.

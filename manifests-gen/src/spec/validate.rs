@@ -144,6 +144,26 @@ impl StackSpec {
                     ),
                 );
             }
+            // The queue gauges count steps with actions, by platform, and
+            // each platform's load goes to the first pool that can run it;
+            // a step asking for no platform is then counted for the first
+            // pool of the instance, which must run steps.
+            if pool.jobs {
+                if let Some(earlier) = self.worker_pools[..i]
+                    .iter()
+                    .find(|other| other.instance == pool.instance && !other.jobs)
+                {
+                    v.error(
+                        &at("jobs"),
+                        format!(
+                            "pool `{}`, listed before, does not run steps, so the autoscaler \
+                             would count this pool's steps for it (the queue gauges count steps \
+                             with actions, by platform); list this pool first",
+                            earlier.name
+                        ),
+                    );
+                }
+            }
             if pool.platform.len() > MAX_POOL_PROPERTIES {
                 v.error(
                     &at("platform"),
@@ -335,6 +355,9 @@ impl StackSpec {
                     "no worker pool sets git_credentials, so the credentials would reach nothing",
                 );
             }
+            if overlay.webhooks.any() {
+                v.webhooks(self, overlay, &at("webhooks"));
+            }
             if let Some(resources) = &overlay.server_resources {
                 v.resources(&at("server_resources"), resources);
             }
@@ -482,6 +505,37 @@ impl Validator {
                 );
                 None
             }
+        }
+    }
+
+    /// Webhook jobs run on the first instance, in a pool that runs steps;
+    /// cloning over SSH needs the workers' SSH key there.
+    fn webhooks(&mut self, spec: &StackSpec, overlay: &OverlaySpec, at: &str) {
+        // No instance at all is reported on its own.
+        let Some(instance) = spec.instances.first() else {
+            return;
+        };
+        let pools: Vec<&WorkerPoolSpec> = spec
+            .worker_pools
+            .iter()
+            .filter(|pool| pool.jobs && &pool.instance == instance)
+            .collect();
+        if pools.is_empty() {
+            self.error(
+                at,
+                format!(
+                    "webhook jobs run on instance `{instance}` (the first), and no worker pool \
+                     of it sets `jobs`: their steps would never run"
+                ),
+            );
+        } else if overlay.webhooks.clone_url == CloneUrlSpec::Ssh
+            && !(overlay.worker_credentials && pools.iter().any(|pool| pool.git_credentials))
+        {
+            self.error(
+                &format!("{at}.clone_url"),
+                "`ssh` needs the workers' SSH key: set this overlay's worker_credentials and \
+                 git_credentials on a pool with `jobs`, or clone over `https`",
+            );
         }
     }
 

@@ -34,10 +34,10 @@ const INSTALL_KUBECTL: &str = "install kubectl (e.g. `apt-get install -y kubectl
 const INSTALL_VALIDATE: &str = "pip install kubernetes-validate==1.37.0";
 
 /// The objects `kubectl kustomize` built for one overlay.
-struct Built {
-    overlay: String,
+pub(crate) struct Built {
+    pub(crate) overlay: String,
     dir: PathBuf,
-    docs: Vec<Value>,
+    pub(crate) docs: Vec<Value>,
 }
 
 fn kustomize(dir: &Path) -> String {
@@ -55,7 +55,7 @@ fn kustomize(dir: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn build(root: &Path, overlay: &str) -> Built {
+pub(crate) fn build(root: &Path, overlay: &str) -> Built {
     let dir = root.join(overlay);
     let text = kustomize(&dir);
     let file = root.join(format!("{overlay}.built.yaml"));
@@ -170,11 +170,11 @@ fn validate_against(root: &Path, built: &Built, version: &str) -> Vec<String> {
     problems
 }
 
-fn str_of(v: &Value) -> &str {
+pub(crate) fn str_of(v: &Value) -> &str {
     v.as_str().unwrap_or("")
 }
 
-fn name_of(doc: &Value) -> &str {
+pub(crate) fn name_of(doc: &Value) -> &str {
     str_of(&doc["metadata"]["name"])
 }
 
@@ -202,11 +202,11 @@ struct Workload<'a> {
 }
 
 impl Built {
-    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    pub(crate) fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
         self.docs.iter().filter(move |d| d["kind"] == kind)
     }
 
-    fn find(&self, kind: &str, name: &str) -> Option<&Value> {
+    pub(crate) fn find(&self, kind: &str, name: &str) -> Option<&Value> {
         self.docs
             .iter()
             .find(|d| d["kind"] == kind && name_of(d) == name)
@@ -229,7 +229,7 @@ impl Built {
             .collect()
     }
 
-    fn containers<'a>(&'a self, image: &'a str) -> Vec<(&'a Value, &'a Value, &'a str)> {
+    pub(crate) fn containers<'a>(&'a self, image: &'a str) -> Vec<(&'a Value, &'a Value, &'a str)> {
         // (pod spec, container, workload name) of containers whose image names `image`.
         let mut found = Vec::new();
         for w in self.workloads() {
@@ -266,7 +266,7 @@ fn container_port(pod: &Value, target: &Value) -> Option<i64> {
         })
 }
 
-fn args_of(container: &Value, program: &str) -> Vec<String> {
+pub(crate) fn args_of(container: &Value, program: &str) -> Vec<String> {
     let mut args = vec![program.to_string()];
     args.extend(
         container["args"]
@@ -279,7 +279,7 @@ fn args_of(container: &Value, program: &str) -> Vec<String> {
 }
 
 /// The Secret or ConfigMap key that provides file `path` in this container, if any.
-fn file_source(
+pub(crate) fn file_source(
     built: &Built,
     pod: &Value,
     container: &Value,
@@ -499,7 +499,7 @@ fn storage_invariants(
 }
 
 /// Every invariant over one built overlay; returns the violations.
-fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
+pub(crate) fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
     let mut bad = Vec::new();
     let overlay = spec.overlays.get(&built.overlay);
     let workloads = built.workloads();
@@ -696,9 +696,19 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
     for ingress in built.of_kind("Ingress") {
         for tls in ingress["spec"]["tls"].as_array().into_iter().flatten() {
             let secret = str_of(&tls["secretName"]);
-            let issued = !ingress["metadata"]["annotations"]
-                [manifests_gen::objects::CERT_MANAGER_ISSUER_ANNOTATION]
-                .is_null();
+            // cert-manager issues it for this Ingress, or for another one
+            // with the same hosts in the same Secret (the webhook Ingress
+            // shares the gRPC Ingress's certificate).
+            let issued = built.of_kind("Ingress").any(|other| {
+                !other["metadata"]["annotations"]
+                    [manifests_gen::objects::CERT_MANAGER_ISSUER_ANNOTATION]
+                    .is_null()
+                    && other["spec"]["tls"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|t| t["secretName"] == tls["secretName"] && t["hosts"] == tls["hosts"])
+            });
             if built.find("Secret", secret).is_none() && !issued {
                 bad.push(format!(
                     "Ingress {} TLS Secret {secret} neither exists nor is issued by cert-manager",
@@ -763,6 +773,7 @@ fn invariants(built: &Built, spec: &StackSpec) -> Vec<String> {
     }
     bad.extend(network_policy_invariants(built));
     bad.extend(redis_invariants(built));
+    bad.extend(crate::jobs::invariants(built, spec));
     // Issue 8: worker and client tokens come from different Secrets, every
     // token the server's --auth-config names is mounted in the server.
     let auth = auth_invariants(built, &server, server_pod, server_container, &mut bad);
@@ -1726,7 +1737,7 @@ fn kind_maps(dir: &Path, node_port: Option<i64>, host_port: i64) -> bool {
 }
 
 /// Builds, validates and checks every overlay of `spec`, plus the base.
-fn build_and_check(spec: &StackSpec) -> Vec<String> {
+pub(crate) fn build_and_check(spec: &StackSpec) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     generate(spec)
         .write(dir.path(), &owned_roots(spec))

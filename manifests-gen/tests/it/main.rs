@@ -5,11 +5,14 @@
 //! - `check`: the committed `overlays/` is what the generator writes;
 //! - `spec_errors`: rejected specs name the field;
 //! - `built`: `kubectl kustomize` of every overlay, strict schema
-//!   validation, and the cross-object invariants over the built objects.
+//!   validation, and the cross-object invariants over the built objects;
+//! - `jobs`: CI jobs' objects: pools that run steps, the webhook Secret and
+//!   the webhook Ingress (their invariants run with `built`'s).
 
 mod built;
 mod check;
 mod images;
+mod jobs;
 mod snapshots;
 mod spec_errors;
 

@@ -377,8 +377,9 @@ impl Drop for PlayedOverlay {
 
 /// The `overlays/` tree at `overlays` copied into `dir`, the secrets of
 /// overlay `name` filled in as a user does (overlays/*/README.md): the
-/// files of `secrets` as given, random tokens and passwords instead of the
-/// placeholders, which the server refuses (every token is the same).
+/// files of `secrets` as given, random tokens, passwords and webhook
+/// secrets instead of the placeholders, which the server refuses (every
+/// token is the same; a webhook secret's placeholder is empty).
 /// Returns the copy of the overlay's directory.
 fn stage_overlays(
     dir: &Path,
@@ -397,7 +398,10 @@ fn stage_overlays(
         let file = entry.file_name().to_string_lossy().into_owned();
         let value = if let Some(value) = secrets.get(&file) {
             value.clone()
-        } else if file.ends_with("-token") || file.ends_with("-password") {
+        } else if file.ends_with("-token")
+            || file.ends_with("-password")
+            || file.ends_with("-secret")
+        {
             format!("{}\n", random_hex(32)?)
         } else {
             bail!("overlay {name}: the podman test gave no value for secrets/{file}");
