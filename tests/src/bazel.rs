@@ -336,8 +336,10 @@ impl Drop for Bazel {
 }
 
 /// The offline bazelrc: our stubs' template with `@STUBS@` filled in, plus the
-/// harness's own settings for output that tests can read.
-fn offline_bazelrc() -> Result<String> {
+/// harness's own settings for output that tests can read. A test repository
+/// may commit it as its workspace `.bazelrc`, for a Bazel that the test does
+/// not start itself (a CI step's).
+pub fn offline_bazelrc() -> Result<String> {
     let stubs = fixtures_dir().join("bazel-stubs");
     let template_path = stubs.join("offline.bazelrc.in");
     let template = std::fs::read_to_string(&template_path)
@@ -362,7 +364,7 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 
 /// Copies a tree of regular files and directories (a fixture has nothing
 /// else), leaving out Bazel's output symlinks of a by-hand run.
-fn copy_tree(source: &Path, target: &Path) -> Result<()> {
+pub fn copy_tree(source: &Path, target: &Path) -> Result<()> {
     let walk = walkdir::WalkDir::new(source)
         .into_iter()
         .filter_entry(|entry| {

@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 
 pub use auth::TestCredentials;
 pub use bazel::{
-    remote_cache_flags, remote_execution_flags, Bazel, BazelRun, ProcessSummary, BAZEL_ENV,
+    copy_tree, offline_bazelrc, remote_cache_flags, remote_execution_flags, Bazel, BazelRun,
+    ProcessSummary, BAZEL_ENV,
 };
 pub use daemon::LogFiles;
 pub use http::{http_get, http_get_with, http_post, HttpResponse};

@@ -1,7 +1,10 @@
-//! Processes left behind by a previous worker that died without cleaning up
-//! (SIGKILL, OOM kill). Actions run in their own process groups, so they
-//! outlive the worker; at start-up the worker finds those still working in
-//! its actions directory and kills their groups before reusing it.
+//! Processes left running under a directory. Actions and step commands
+//! run in their own process groups, and a daemon they start (Bazel's
+//! server) leaves that group for a session of its own, so neither dies
+//! with its parent. At start-up the worker kills what a previous worker
+//! left in its actions and steps directories (it died without cleaning
+//! up: SIGKILL, OOM kill); at a step's end, what the step left in its own
+//! directory.
 
 use std::path::Path;
 
@@ -9,13 +12,24 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{getpgid, Pid};
 
 /// Kills the process group of every process whose working directory is
-/// under `actions_dir`. Returns how many groups were killed.
+/// under `actions_dir`, logging each. Returns how many groups were killed.
 pub(crate) fn kill_leftover_actions(actions_dir: &Path) -> usize {
+    let killed = kill_groups_working_under(actions_dir);
+    for (pgid, cwd) in &killed {
+        tracing::warn!(pgid, cwd = %cwd.display(), "killing an action left running by a previous worker");
+    }
+    killed.len()
+}
+
+/// SIGKILLs the process group of every process (other than the worker's
+/// own group) whose working directory is under `dir`; returns each group
+/// killed with the working directory it was found by.
+pub(crate) fn kill_groups_working_under(dir: &Path) -> Vec<(i32, std::path::PathBuf)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
+        return Vec::new();
     };
     let own_group = getpgid(None).ok();
-    let mut killed = std::collections::BTreeSet::new();
+    let mut killed = std::collections::BTreeMap::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -27,7 +41,7 @@ pub(crate) fn kill_leftover_actions(actions_dir: &Path) -> usize {
         let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
             continue;
         };
-        if !cwd.starts_with(actions_dir) {
+        if !cwd.starts_with(dir) {
             continue;
         }
         let Ok(group) = getpgid(Some(Pid::from_raw(pid))) else {
@@ -36,12 +50,12 @@ pub(crate) fn kill_leftover_actions(actions_dir: &Path) -> usize {
         if Some(group) == own_group || group.as_raw() <= 1 {
             continue;
         }
-        if killed.insert(group.as_raw()) {
-            tracing::warn!(pgid = group.as_raw(), cwd = %cwd.display(), "killing an action left running by a previous worker");
+        if let std::collections::btree_map::Entry::Vacant(slot) = killed.entry(group.as_raw()) {
             let _ = killpg(group, Signal::SIGKILL);
+            slot.insert(cwd);
         }
     }
-    killed.len()
+    killed.into_iter().collect()
 }
 
 #[cfg(test)]

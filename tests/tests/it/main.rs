@@ -12,6 +12,7 @@ mod execution;
 mod external_stores;
 mod faults;
 mod jobs;
+mod jobs_e2e;
 mod listeners;
 mod podman;
 mod podman_git;

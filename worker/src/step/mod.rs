@@ -453,7 +453,19 @@ pub(crate) async fn execute(
     let dir = ctx.steps_dir.join(uuid::Uuid::new_v4().to_string());
     let result = execute_in(ctx, lease_id, spec, &dir, &mut lease_kill).await;
     let cleanup = dir.clone();
-    let _ = tokio::task::spawn_blocking(move || crate::fs_util::remove_tree(&cleanup)).await;
+    // What the step started outside its commands' process groups (Bazel's
+    // server daemonizes into a session of its own) dies with the step.
+    let left = tokio::task::spawn_blocking(move || {
+        let left = crate::leftovers::kill_groups_working_under(&cleanup);
+        let _ = crate::fs_util::remove_tree(&cleanup);
+        left
+    })
+    .await
+    .unwrap_or_default();
+    for (pgid, cwd) in left {
+        debug!(job = %spec.job_id, step = %spec.step_key, pgid, cwd = %cwd.display(),
+            "killed a process group the step left running");
+    }
     result
 }
 

@@ -592,6 +592,43 @@ async fn job_step_timeout_and_cancel_kill_the_process_group() {
 }
 
 #[tokio::test]
+async fn job_step_daemon_that_left_its_process_group_dies_with_the_step() {
+    let scratch = tempfile::tempdir().unwrap();
+    let root = scratch.path();
+    let (repo, commit) = repository(root, "repo.git");
+    let url = format!("file://{}", repo.display());
+    let farm = TestFarm::start().await;
+    let worker = RunningWorker::start(&farm, root, &[]).await;
+    // A session of its own, as Bazel's server makes: killing the step's
+    // process group misses it.
+    let pid_file = root.join("daemon.pid");
+    let mut spec = step(
+        StepKind::Command,
+        "daemon",
+        &url,
+        &commit,
+        &["setsid sleep 600 < /dev/null > /dev/null 2>&1 & echo $! > \"$PID_FILE\"; echo started"],
+    );
+    spec.env
+        .insert("PID_FILE".into(), pid_file.display().to_string());
+    let (_, progress) = farm.enqueue(spec);
+    let result = ran(progress).await;
+    assert_eq!(result.exit_code, 0, "{}", result.message);
+    let daemon = pid_in(&pid_file).await;
+    // Killed before the step was reported; allow for the signal's delivery.
+    if tokio::time::timeout(Duration::from_secs(2), wait_gone(daemon))
+        .await
+        .is_err()
+    {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &daemon.to_string()])
+            .status();
+        panic!("the step's daemon {daemon} outlived the step");
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn job_step_pipeline_file_missing_fails_with_a_clear_message() {
     let scratch = tempfile::tempdir().unwrap();
     let root = scratch.path();
