@@ -130,6 +130,13 @@ impl Worker {
         status
     }
 
+    /// SIGKILLs the worker and waits, and nothing else: the commands it ran
+    /// in process groups of their own are left to fend for themselves, as
+    /// on a host without a container runtime to kill them.
+    pub fn kill_process_only(&mut self) -> Result<ExitStatus> {
+        self.daemon.kill()
+    }
+
     /// Actions run in process groups of their own, which killing the
     /// worker's group misses: they are found by their working directory.
     fn kill_commands_left(&self) {

@@ -13,6 +13,7 @@ mod external_stores;
 mod faults;
 mod jobs;
 mod jobs_e2e;
+mod jobs_worker_lost;
 mod listeners;
 mod podman;
 mod podman_git;

@@ -1,7 +1,8 @@
 //! Running a step's processes (git, hooks, commands): each in its own
 //! process group, its stdout and stderr merged into the step's log, killed
 //! with its whole group at the step's deadline or when the step is
-//! stopped.
+//! stopped, or when the worker dies (SIGKILL included): a step whose
+//! worker is lost reruns elsewhere, so its first run must not go on.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
@@ -83,6 +84,38 @@ fn command(spec: &ProcessSpec) -> tokio::process::Command {
     command
 }
 
+/// A process in a step's process group that kills the group when the
+/// worker dies: it waits for the end of a pipe only the worker holds,
+/// which the kernel closes when the worker exits however it exits. It
+/// dies with the group when the worker kills the group itself.
+struct GroupWatchdog {
+    _worker_alive: std::io::PipeWriter,
+    process: tokio::process::Child,
+}
+
+impl GroupWatchdog {
+    /// Joins group `pgid`; `None` if it cannot (the group is already gone).
+    fn join(pgid: i32) -> Option<GroupWatchdog> {
+        let (reader, writer) = std::io::pipe().ok()?;
+        let process = tokio::process::Command::new("/bin/sh")
+            .args(["-c", "read _ignored; kill -9 0"])
+            .env_clear()
+            .current_dir("/")
+            .process_group(pgid)
+            .stdin(Stdio::from(reader))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .inspect_err(|e| tracing::debug!(pgid, error = %e, "no watchdog for the process group"))
+            .ok()?;
+        Some(GroupWatchdog {
+            _worker_alive: writer,
+            process,
+        })
+    }
+}
+
 /// Waits for `child` until it exits, the deadline passes or the step is
 /// stopped; then kills its group, so nothing it started outlives it.
 async fn wait(
@@ -91,6 +124,7 @@ async fn wait(
     kill: &mut watch::Receiver<Option<KillReason>>,
 ) -> ProcessEnd {
     let pgid = child.id().map_or(0, |id| id as i32);
+    let watchdog = GroupWatchdog::join(pgid);
     let end = tokio::select! {
         status = child.wait() => match status {
             Ok(status) => ProcessEnd::Exited(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))),
@@ -101,6 +135,9 @@ async fn wait(
     };
     kill_group(pgid);
     let _ = child.wait().await;
+    if let Some(mut watchdog) = watchdog {
+        let _ = watchdog.process.wait().await;
+    }
     end
 }
 
