@@ -530,6 +530,16 @@ pub struct WorkerArgs {
     /// Local input file cache budget.
     #[arg(long, env = "BUILDKUBE_CACHE_MAX_SIZE", default_value = "5GiB", value_parser = parse_byte_size)]
     pub cache_max_size: u64,
+    /// Most git mirrors (one per repository) CI steps keep under
+    /// `{--work-dir}/git/mirrors`; beyond it, or beyond
+    /// --git-mirrors-max-size, the least recently used mirrors no running
+    /// step uses are deleted.
+    #[arg(long, env = "BUILDKUBE_GIT_MIRRORS_MAX_COUNT", default_value_t = 64)]
+    pub git_mirrors_max_count: usize,
+    /// Largest total size of the git mirrors, measured after each fetch
+    /// (mirrors in use by running steps are kept even beyond it).
+    #[arg(long, env = "BUILDKUBE_GIT_MIRRORS_MAX_SIZE", default_value = "20GiB", value_parser = parse_byte_size)]
+    pub git_mirrors_max_size: u64,
     /// On SIGTERM, seconds to let running actions finish before they are killed.
     #[arg(long, env = "BUILDKUBE_DRAIN_TIMEOUT_SECS", default_value_t = 600)]
     pub drain_timeout_secs: u64,
@@ -612,6 +622,19 @@ impl WorkerArgs {
             args.push(format!("--redacted-vars={}", self.redacted_vars.join(",")));
         }
         args.push(format!("--cache-max-size={}", self.cache_max_size));
+        // Only when changed: generated manifests stay as they were.
+        if self.git_mirrors_max_count != Self::default().git_mirrors_max_count {
+            args.push(format!(
+                "--git-mirrors-max-count={}",
+                self.git_mirrors_max_count
+            ));
+        }
+        if self.git_mirrors_max_size != Self::default().git_mirrors_max_size {
+            args.push(format!(
+                "--git-mirrors-max-size={}",
+                self.git_mirrors_max_size
+            ));
+        }
         args.push(format!("--drain-timeout-secs={}", self.drain_timeout_secs));
         args.push(format!("--max-output-size={}", self.max_output_size));
         args.push(format!("--max-stdio-size={}", self.max_stdio_size));
@@ -741,6 +764,8 @@ mod tests {
         args.git_credentials_dir = Some("/etc/buildkube/credentials".into());
         args.hooks_dir = Some("/etc/buildkube/hooks".into());
         args.run_steps = true;
+        args.git_mirrors_max_count = 3;
+        args.git_mirrors_max_size = 1 << 30;
         args.redacted_vars = vec!["DEPLOY_*".into(), "*_TOKEN".into()];
         args.action_limits.max_input_files = 10;
         args.tls = ClientTlsArgs {

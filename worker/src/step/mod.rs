@@ -32,7 +32,7 @@ pub(crate) use bazelrc::FarmEndpoint;
 pub(crate) use mirror::Mirrors;
 
 use self::log::{LogSink, StepLog};
-use self::mirror::{GitRun, MirrorError};
+use self::mirror::{GitRun, MirrorError, MirrorLimits, MirrorUse};
 use self::process::{run_logged, stopped, ProcessEnd, ProcessSpec};
 use self::redact::Redactor;
 use crate::action::ActionOutcome;
@@ -100,7 +100,14 @@ impl StepContext {
             cas,
             link,
             steps_dir: work_dir.join("steps"),
-            mirrors: Mirrors::new(work_dir.join("git").join("mirrors"), git_env),
+            mirrors: Mirrors::new(
+                work_dir.join("git").join("mirrors"),
+                git_env,
+                MirrorLimits {
+                    max_count: args.git_mirrors_max_count.max(1),
+                    max_bytes: args.git_mirrors_max_size,
+                },
+            ),
             hooks_dir: args.hooks_dir.clone(),
             env_script: args.env_script.clone(),
             git,
@@ -181,6 +188,8 @@ struct Run<'a> {
     phases: Vec<StepPhase>,
     commit: String,
     pipeline_file: Option<Digest>,
+    /// The mirror the checkout borrows from, in use until the step ends.
+    mirror: Option<MirrorUse>,
 }
 
 impl Run<'_> {
@@ -257,6 +266,9 @@ impl Run<'_> {
         .await;
         let timeout = self.timeout;
         let (mirror, commit) = result.map_err(|e| Stop::from_mirror(e, timeout))?;
+        // The working tree borrows the mirror's objects: it stays until the step ends.
+        let mirror_path = mirror.path().to_path_buf();
+        self.mirror = Some(mirror);
         self.commit = commit.clone();
         if spec.kind == StepKind::Pipeline as i32 {
             let mut run = self.git_run();
@@ -264,7 +276,7 @@ impl Run<'_> {
             let bytes = self
                 .ctx
                 .mirrors
-                .read_pipeline(&mirror, &commit, limit, &mut run)
+                .read_pipeline(&mirror_path, &commit, limit, &mut run)
                 .await
                 .map_err(|e| Stop::from_mirror(e, timeout))?;
             let digest = Digest::of_bytes(&bytes);
@@ -546,6 +558,7 @@ async fn execute_in(
         phases: vec![],
         commit: spec.commit.clone(),
         pipeline_file: None,
+        mirror: None,
     };
     run.log
         .note(format!(
