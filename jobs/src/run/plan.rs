@@ -28,7 +28,8 @@ pub enum AttemptEnd {
 /// What a worker reported for an attempt that ran.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RanAttempt {
-    /// The commands' exit code; -1 when killed by the timeout or a signal.
+    /// The commands' exit code; -1 when they did not exit by themselves
+    /// (timeout, signal, or a failure before them: checkout, hooks).
     pub exit_code: i32,
     /// The worker's explanation, if any.
     pub message: String,
@@ -78,7 +79,11 @@ pub fn end_attempt(step: &mut StepRecord, end: AttemptEnd, retry: &Retry) -> Aft
                 }
                 attempt.timeline.extend(ran.phases);
                 attempt.timeline.push(StepEvent {
-                    name: format!("exited {}", ran.exit_code),
+                    name: if ran.exit_code < 0 {
+                        "stopped".to_string()
+                    } else {
+                        format!("exited {}", ran.exit_code)
+                    },
                     start_ms: now,
                     end_ms: None,
                     worker: ran.worker.clone(),
@@ -95,8 +100,13 @@ pub fn end_attempt(step: &mut StepRecord, end: AttemptEnd, retry: &Retry) -> Aft
                 AttemptFailure::Exited(ran.exit_code)
             };
             let allowed = retry.reruns_allowed(failure);
-            let what = if ran.exit_code < 0 {
-                "was killed (timeout or signal)".to_string()
+            // -1: the commands never exited by themselves: the timeout, a
+            // signal, or a failure before them (checkout, a hook), which
+            // the worker's message names.
+            let what = if ran.exit_code < 0 && ran.message.is_empty() {
+                "stopped before its commands exited".to_string()
+            } else if ran.exit_code < 0 {
+                "did not complete".to_string()
             } else {
                 format!("exited with code {}", ran.exit_code)
             };
@@ -423,8 +433,34 @@ mod tests {
         assert_eq!(end_attempt(step, exited(1), &retry), AfterAttempt::Failed);
         // Nor is a timeout.
         step.state = StepState::Running;
-        assert_eq!(end_attempt(step, exited(-1), &retry), AfterAttempt::Failed);
-        assert!(step.message.contains("killed"), "{}", step.message);
+        let timed_out = AttemptEnd::Ran(RanAttempt {
+            exit_code: -1,
+            message: "the step timed out after 60s (the commands were running)".into(),
+            ..Default::default()
+        });
+        assert_eq!(end_attempt(step, timed_out, &retry), AfterAttempt::Failed);
+        assert!(
+            step.message.ends_with(
+                "did not complete: the step timed out after 60s (the commands were running)"
+            ),
+            "{}",
+            step.message
+        );
+        // A checkout that failed is said as such, not as a kill.
+        step.state = StepState::Running;
+        let fetch = AttemptEnd::Ran(RanAttempt {
+            exit_code: -1,
+            message: "fetching refs/heads/main failed: exit code 128".into(),
+            ..Default::default()
+        });
+        assert_eq!(end_attempt(step, fetch, &retry), AfterAttempt::Failed);
+        assert!(
+            step.message
+                .ends_with("did not complete: fetching refs/heads/main failed: exit code 128")
+                && !step.message.contains("kill"),
+            "{}",
+            step.message
+        );
     }
 
     #[test]
