@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use nix::unistd::Pid;
 use serde::Deserialize as _;
 use serde_yaml::Value;
 use tempfile::TempDir;
@@ -290,6 +291,85 @@ impl PlayedOverlay {
     /// `podman <args>` with this overlay's configuration.
     pub fn podman(&self) -> &Podman {
         &self.podman
+    }
+
+    /// The host pid of `program` (e.g. `buildkube-server`), which
+    /// `workload`'s container `container` runs under tini, for signals
+    /// from the host as a crash or the kernel's OOM killer would send.
+    pub fn main_pid(&self, workload: &str, container: &str, program: &str) -> Result<Pid> {
+        let name = self.container(workload, container);
+        let init: u32 = self
+            .inspect(&name, "{{.State.Pid}}")?
+            .parse()
+            .with_context(|| format!("{name} is not running"))?;
+        let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+            .with_context(|| format!("reading the children of {name}'s init (pid {init})"))?;
+        let pid = children
+            .split_whitespace()
+            .filter_map(|pid| pid.parse::<i32>().ok())
+            .find(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                    cmdline
+                        .split(|b| *b == 0)
+                        .next()
+                        .is_some_and(|arg0| arg0.ends_with(program.as_bytes()))
+                })
+            })
+            .with_context(|| {
+                format!(
+                    "no {program} among the children ({children:?}) of {name}'s init (pid {init})"
+                )
+            })?;
+        Ok(Pid::from_raw(pid))
+    }
+
+    /// How many times podman restarted `workload`'s container `container`.
+    pub fn restart_count(&self, workload: &str, container: &str) -> Result<u64> {
+        let name = self.container(workload, container);
+        let count = self.inspect(&name, "{{.RestartCount}}")?;
+        count
+            .parse()
+            .with_context(|| format!("{name}'s restart count {count:?}"))
+    }
+
+    /// Waits until podman has restarted `workload`'s container `container`
+    /// more than `before` times and it runs. The played pods' containers
+    /// have restart policy `always` (kube play's reading of the pod
+    /// template's `restartPolicy: Always`): when their program dies, podman
+    /// starts the container again in its pod, on the same volumes, as the
+    /// kubelet would.
+    ///
+    /// (Not `podman pod kill` and `podman pod start`: podman 4.3 cleans up a
+    /// killed container asynchronously, in conmon's exit command, and that
+    /// cleanup applies the pod's exit policy, `stop` for kube play's pods,
+    /// without looking at the container's new state: run after the `pod
+    /// start`, it stops the pod just started (`pod stop` in the events log
+    /// right after `pod start`, the server logging SIGTERM), and nothing
+    /// starts it again.)
+    pub fn await_restart(
+        &self,
+        workload: &str,
+        container: &str,
+        before: u64,
+        timeout: Duration,
+    ) -> Result<()> {
+        let name = self.container(workload, container);
+        poll_until(&format!("podman restarting {name}"), timeout, || {
+            let restarted = self.restart_count(workload, container)? > before
+                && self.inspect(&name, "{{.State.Status}}")? == "running";
+            Ok(restarted.then_some(()))
+        })
+        .with_context(|| self.logs())?;
+        Ok(())
+    }
+
+    /// `podman inspect --format FORMAT NAME`, trimmed.
+    fn inspect(&self, name: &str, format: &str) -> Result<String> {
+        Ok(self
+            .podman
+            .run(["inspect", "--format", format, name])?
+            .trim()
+            .to_string())
     }
 
     /// The exit code of a container that has stopped.
