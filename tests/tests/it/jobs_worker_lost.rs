@@ -59,7 +59,8 @@ fn repository(dir: &Path, worker_lost_retries: u32) -> String {
 }
 
 struct Farm {
-    server: Server,
+    /// Held so the server runs (and is stopped) with the farm.
+    _server: Server,
     workers: Vec<Worker>,
     jobs: JobsClient<AuthChannel>,
 }
@@ -74,7 +75,7 @@ impl Farm {
         let channel =
             connect_channel(&server.worker_endpoint(), None, &Default::default()).unwrap();
         Farm {
-            server,
+            _server: server,
             workers,
             jobs: JobsClient::new(channel),
         }
