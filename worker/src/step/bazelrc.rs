@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use buildkube_config::ClientTlsArgs;
+
 /// How a step's Bazel reaches this farm.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct FarmEndpoint {
@@ -14,11 +16,18 @@ pub(crate) struct FarmEndpoint {
     pub(crate) executor: Option<String>,
     /// CA certificate that verifies the server, for `grpcs://`.
     pub(crate) tls_ca_file: Option<PathBuf>,
+    /// The worker's own client certificate and key, for a server that
+    /// requires mutual TLS (`--tls-client-ca-file`): without them the
+    /// step's Bazel could not even connect. Steps run as the worker's user,
+    /// which can read these files anyway; what a step may do on the farm is
+    /// still only what the job's token allows.
+    pub(crate) tls_client: Option<(PathBuf, PathBuf)>,
 }
 
 impl FarmEndpoint {
-    /// From the worker's `--server` (`http://` → `grpc://`, `https://` → `grpcs://`).
-    pub(crate) fn from_server(server: &str, tls_ca_file: Option<PathBuf>) -> FarmEndpoint {
+    /// From the worker's `--server` (`http://` → `grpc://`, `https://` →
+    /// `grpcs://`) and its TLS files.
+    pub(crate) fn from_server(server: &str, tls: &ClientTlsArgs) -> FarmEndpoint {
         let executor = if let Some(rest) = server.strip_prefix("http://") {
             Some(format!("grpc://{}", rest.trim_end_matches('/')))
         } else {
@@ -26,9 +35,14 @@ impl FarmEndpoint {
                 .strip_prefix("https://")
                 .map(|rest| format!("grpcs://{}", rest.trim_end_matches('/')))
         };
+        let tls_client = tls
+            .tls_client_cert_file
+            .clone()
+            .zip(tls.tls_client_key_file.clone());
         FarmEndpoint {
             executor,
-            tls_ca_file,
+            tls_ca_file: tls.tls_ca_file.clone(),
+            tls_client,
         }
     }
 }
@@ -52,9 +66,20 @@ pub(crate) fn render(farm: &FarmEndpoint, instance: &str, token: &str) -> String
             "build --remote_header=authorization=Bearer {token}\n"
         ));
     }
-    if let (Some(ca), Some(executor)) = (&farm.tls_ca_file, &farm.executor) {
-        if executor.starts_with("grpcs://") {
+    if farm
+        .executor
+        .as_deref()
+        .is_some_and(|e| e.starts_with("grpcs://"))
+    {
+        if let Some(ca) = &farm.tls_ca_file {
             rc.push_str(&format!("build --tls_certificate={}\n", ca.display()));
+        }
+        if let Some((cert, key)) = &farm.tls_client {
+            rc.push_str(&format!(
+                "build --tls_client_certificate={}\nbuild --tls_client_key={}\n",
+                cert.display(),
+                key.display()
+            ));
         }
     }
     rc
@@ -84,7 +109,11 @@ mod tests {
 
     #[test]
     fn job_step_bazelrc_points_at_the_farm() {
-        let farm = FarmEndpoint::from_server("https://farm.example:8980/", Some("/ca.pem".into()));
+        let ca_only = ClientTlsArgs {
+            tls_ca_file: Some("/ca.pem".into()),
+            ..Default::default()
+        };
+        let farm = FarmEndpoint::from_server("https://farm.example:8980/", &ca_only);
         let rc = render(&farm, "ci", "tok-123");
         assert_eq!(
             rc.lines().skip(1).collect::<Vec<_>>(),
@@ -95,8 +124,39 @@ mod tests {
                 "build --tls_certificate=/ca.pem",
             ]
         );
-        let plain = FarmEndpoint::from_server("http://127.0.0.1:8980", None);
+        let none = ClientTlsArgs::default();
+        let plain = FarmEndpoint::from_server("http://127.0.0.1:8980", &none);
         assert_eq!(plain.executor.as_deref(), Some("grpc://127.0.0.1:8980"));
-        assert_eq!(FarmEndpoint::from_server("in-process", None).executor, None);
+        assert_eq!(
+            FarmEndpoint::from_server("in-process", &none).executor,
+            None
+        );
+    }
+
+    #[test]
+    fn job_step_bazelrc_carries_the_workers_client_certificate_for_mutual_tls() {
+        let mutual = ClientTlsArgs {
+            tls_ca_file: Some("/tls/ca.crt".into()),
+            tls_client_cert_file: Some("/tls/tls.crt".into()),
+            tls_client_key_file: Some("/tls/tls.key".into()),
+        };
+        let rc = render(
+            &FarmEndpoint::from_server("https://buildkube-server:8980", &mutual),
+            "main",
+            "",
+        );
+        assert!(
+            rc.contains("build --tls_certificate=/tls/ca.crt\n")
+                && rc.contains("build --tls_client_certificate=/tls/tls.crt\n")
+                && rc.contains("build --tls_client_key=/tls/tls.key\n"),
+            "{rc}"
+        );
+        // Never towards a plaintext endpoint.
+        let rc = render(
+            &FarmEndpoint::from_server("http://buildkube-server:8980", &mutual),
+            "main",
+            "",
+        );
+        assert!(!rc.contains("--tls_"), "{rc}");
     }
 }

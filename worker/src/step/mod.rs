@@ -112,7 +112,7 @@ impl StepContext {
             env_script: args.env_script.clone(),
             git,
             redacted_vars: redacted.build().map_err(|e| e.to_string())?,
-            farm: FarmEndpoint::from_server(&args.server, args.tls.tls_ca_file.clone()),
+            farm: FarmEndpoint::from_server(&args.server, &args.tls),
             max_log_bytes: args.max_stdio_size,
             max_timeout: Duration::from_secs(args.max_action_timeout_secs.max(1)),
         })
