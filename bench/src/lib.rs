@@ -12,6 +12,7 @@
 mod action_cache;
 mod blobs;
 mod cas;
+pub mod checkout;
 mod dispatch;
 mod execute;
 mod load;
