@@ -412,6 +412,33 @@ pub(crate) fn note(quiet: bool, message: impl std::fmt::Display) {
     }
 }
 
+/// Ends a report binary: the report as JSON (`json`) or as `text`, exit 0;
+/// the error after `name: `, exit 1.
+pub fn finish<R: serde::Serialize>(
+    name: &str,
+    outcome: anyhow::Result<R>,
+    json: bool,
+    text: impl FnOnce(&R) -> String,
+) -> std::process::ExitCode {
+    match outcome {
+        Ok(report) if json => {
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("the report serializes")
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{}", text(&report));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{name}: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

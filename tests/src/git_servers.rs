@@ -41,14 +41,11 @@ pub fn run(program: &str, args: &[&str], dir: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// A bare repository `NAME.git` under `root` whose one commit holds `file`
-/// with `content`.
-pub fn bare_repository(root: &Path, name: &str, file: &str, content: &str) -> Result<PathBuf> {
-    let work = root.join(format!("{name}-work"));
-    std::fs::create_dir_all(&work)?;
-    run("git", &["init", "-q", "-b", "main", "."], &work)?;
-    std::fs::write(work.join(file), content)?;
-    run("git", &["add", file], &work)?;
+/// Makes `work` a git repository on `main` whose one commit holds every
+/// file in it; returns the commit id.
+pub fn commit_all(work: &Path) -> Result<String> {
+    run("git", &["init", "-q", "-b", "main", "."], work)?;
+    run("git", &["add", "-A"], work)?;
     run(
         "git",
         &[
@@ -60,12 +57,27 @@ pub fn bare_repository(root: &Path, name: &str, file: &str, content: &str) -> Re
             "-qm",
             "one",
         ],
-        &work,
+        work,
     )?;
+    Ok(run("git", &["rev-parse", "HEAD"], work)?.trim().to_string())
+}
+
+/// A bare clone `NAME.git` of `work` under `root`.
+pub fn bare_clone(root: &Path, name: &str, work: &Path) -> Result<PathBuf> {
     let bare = root.join(format!("{name}.git"));
     let (work, bare_arg) = (work.display().to_string(), bare.display().to_string());
     run("git", &["clone", "-q", "--bare", &work, &bare_arg], root)?;
     Ok(bare)
+}
+
+/// A bare repository `NAME.git` under `root` whose one commit holds `file`
+/// with `content`.
+pub fn bare_repository(root: &Path, name: &str, file: &str, content: &str) -> Result<PathBuf> {
+    let work = root.join(format!("{name}-work"));
+    std::fs::create_dir_all(&work)?;
+    std::fs::write(work.join(file), content)?;
+    commit_all(&work)?;
+    bare_clone(root, name, &work)
 }
 
 /// An ed25519 key pair `dir/NAME` and `dir/NAME.pub`; returns the public

@@ -4,26 +4,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use reapi_bench::checkout::{run, CheckoutArgs};
+use reapi_bench::checkout::{run, CheckoutArgs, CheckoutReport};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = CheckoutArgs::parse();
-    match run(&args).await {
-        Ok(report) if args.json => {
-            println!(
-                "{}",
-                serde_json::to_string(&report).expect("the report serializes")
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(report) => {
-            print!("{}", report.render_text());
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("checkout-time: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    reapi_bench::finish(
+        "checkout-time",
+        run(&args).await,
+        args.json,
+        CheckoutReport::render_text,
+    )
 }

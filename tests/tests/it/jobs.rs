@@ -513,26 +513,7 @@ async fn buildkube_run_job_on_real_workers_then_logs_and_artifact_download_byte_
 ",
     )
     .unwrap();
-    for args in [
-        &["init", "-q", "-b", "main", "."][..],
-        &["add", "-A"],
-        &[
-            "-c",
-            "user.email=t@example.com",
-            "-c",
-            "user.name=t",
-            "commit",
-            "-qm",
-            "init",
-        ],
-    ] {
-        let status = std::process::Command::new("git")
-            .args(args)
-            .current_dir(repo.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "git {args:?}");
-    }
+    buildkube_tests::git_servers::commit_all(repo.path()).unwrap();
     let server = Server::start_with(|args| args.local_workers = 1).unwrap();
     let url = format!("file://{}", repo.path().display());
     let (code, stdout) = buildkube_cli(

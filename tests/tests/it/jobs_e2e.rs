@@ -21,7 +21,7 @@ use buildkube_jobs::webhook::WebhookSecrets;
 use buildkube_proto::jobs::{self as api, jobs_client::JobsClient};
 use buildkube_reapi::{connect_channel, AuthChannel, Digest};
 use buildkube_tests::fixture::{self, BIG_PATH};
-use buildkube_tests::git_servers::{run, ssh_key, Sshd};
+use buildkube_tests::git_servers::{bare_clone, commit_all, run, ssh_key, Sshd};
 use buildkube_tests::{
     bin_path, copy_tree, fixtures_dir, http_post, offline_bazelrc, poll_until, ProcessSummary,
     Server, Worker,
@@ -63,27 +63,8 @@ fn pushed_repository(root: &Path) -> Result<(PathBuf, String)> {
     std::fs::write(work.join(".bazelrc"), offline_bazelrc()?)?;
     std::fs::create_dir_all(work.join(".buildkube"))?;
     std::fs::write(work.join(".buildkube/pipeline.yaml"), PIPELINE)?;
-    run("git", &["init", "-q", "-b", "main", "."], &work)?;
-    run("git", &["add", "-A"], &work)?;
-    run(
-        "git",
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "commit",
-            "-qm",
-            "farm demo",
-        ],
-        &work,
-    )?;
-    let commit = run("git", &["rev-parse", "HEAD"], &work)?
-        .trim()
-        .to_string();
-    let bare = root.join("farm-demo.git");
-    let (work, bare_arg) = (work.display().to_string(), bare.display().to_string());
-    run("git", &["clone", "-q", "--bare", &work, &bare_arg], root)?;
+    let commit = commit_all(&work)?;
+    let bare = bare_clone(root, "farm-demo", &work)?;
     Ok((bare, commit))
 }
 

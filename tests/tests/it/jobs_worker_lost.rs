@@ -35,26 +35,7 @@ fn repository(dir: &Path, worker_lost_retries: u32) -> String {
         ),
     )
     .unwrap();
-    for args in [
-        &["init", "-q", "-b", "main", "."][..],
-        &["add", "-A"],
-        &[
-            "-c",
-            "user.email=t@example.com",
-            "-c",
-            "user.name=t",
-            "commit",
-            "-qm",
-            "init",
-        ],
-    ] {
-        let status = std::process::Command::new("git")
-            .args(args)
-            .current_dir(&repo)
-            .status()
-            .unwrap();
-        assert!(status.success(), "git {args:?}");
-    }
+    buildkube_tests::git_servers::commit_all(&repo).unwrap();
     format!("file://{}", repo.display())
 }
 
