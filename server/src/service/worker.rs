@@ -262,10 +262,12 @@ mod tests {
         (farm, stop)
     }
 
+    /// A worker that runs steps (`--run-steps`): the only kind leased one.
     fn worker(id: &str) -> wire::WorkerInfo {
         wire::WorkerInfo {
             worker_id: id.into(),
             instance_name: "main".into(),
+            runs_steps: true,
             ..Default::default()
         }
     }
