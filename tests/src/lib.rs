@@ -16,6 +16,7 @@ mod daemon;
 pub mod fixture;
 pub mod git_servers;
 mod http;
+pub mod jobs;
 pub mod operations;
 mod pki;
 pub mod podman;
@@ -35,6 +36,7 @@ pub use bazel::{
 };
 pub use daemon::LogFiles;
 pub use http::{http_get, http_get_with, http_post, HttpResponse};
+pub use jobs::{job_finished, watch_job_until};
 pub use pki::TestPki;
 pub use proxy::TcpProxy;
 pub use server::Server;

@@ -10,7 +10,7 @@ use buildkube_jobs::webhook::WebhookSecrets;
 use buildkube_proto::jobs::{self as api, jobs_client::JobsClient};
 use buildkube_proto::worker::{self as wire, worker_service_client::WorkerServiceClient};
 use buildkube_reapi::{connect_channel, AuthChannel, CasClient, Digest};
-use buildkube_tests::{http_post, Server};
+use buildkube_tests::{http_post, watch_job_until, Server};
 use bytes::Bytes;
 use futures::StreamExt;
 
@@ -100,33 +100,16 @@ impl Farm {
         what: &str,
         done: impl Fn(&api::Job) -> bool,
     ) -> api::Job {
-        let mut updates = self
-            .jobs
-            .watch_job(api::WatchJobRequest {
-                instance_name: INSTANCE.into(),
-                job_id: id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut last = None;
-        let waited = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(job) = updates.next().await {
-                let job = job.unwrap();
-                let ok = done(&job);
-                last = Some(job);
-                if ok {
-                    return;
-                }
-            }
-        })
-        .await;
-        let last = last.expect("WatchJob sends the job at once");
-        assert!(
-            waited.is_ok() && done(&last),
-            "waiting for {what}: {last:#?}"
-        );
-        last
+        watch_job_until(
+            &mut self.jobs,
+            INSTANCE,
+            id,
+            what,
+            Duration::from_secs(30),
+            done,
+        )
+        .await
+        .unwrap()
     }
 
     fn info(worker: &str) -> wire::WorkerInfo {

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use buildkube_config::jobs::GITHUB_WEBHOOK_PATH;
 use buildkube_config::{KNOWN_HOSTS_FILE, SSH_KEY_FILE};
 use buildkube_jobs::webhook::WebhookSecrets;
@@ -23,8 +23,8 @@ use buildkube_reapi::{connect_channel, AuthChannel, Digest};
 use buildkube_tests::fixture::{self, BIG_PATH};
 use buildkube_tests::git_servers::{bare_clone, commit_all, run, ssh_key, Sshd};
 use buildkube_tests::{
-    bin_path, copy_tree, fixtures_dir, http_post, offline_bazelrc, poll_until, ProcessSummary,
-    Server, Worker,
+    bin_path, copy_tree, fixtures_dir, http_post, job_finished, offline_bazelrc, poll_until,
+    watch_job_until, ProcessSummary, Server, Worker,
 };
 use futures::StreamExt;
 
@@ -110,35 +110,15 @@ async fn finished(
     instance: &str,
     id: &str,
 ) -> Result<api::Job> {
-    let mut updates = jobs
-        .watch_job(api::WatchJobRequest {
-            instance_name: instance.into(),
-            job_id: id.into(),
-        })
-        .await?
-        .into_inner();
-    let mut last = None;
-    let waited = tokio::time::timeout(JOB_TIMEOUT, async {
-        while let Some(job) = updates.next().await {
-            let job = job?;
-            let done = matches!(
-                job.state(),
-                api::JobState::Succeeded | api::JobState::Failed | api::JobState::Cancelled
-            );
-            last = Some(job);
-            if done {
-                break;
-            }
-        }
-        anyhow::Ok(())
-    })
-    .await;
-    let last = last.context("WatchJob sends the job at once")?;
-    match waited {
-        Ok(watched) => watched?,
-        Err(_) => bail!("job {id} did not finish within {JOB_TIMEOUT:?}: {last:#?}"),
-    }
-    Ok(last)
+    watch_job_until(
+        jobs,
+        instance,
+        id,
+        "the job to finish",
+        JOB_TIMEOUT,
+        job_finished,
+    )
+    .await
 }
 
 /// The whole log of a finished step, from the Jobs service.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use buildkube_proto::jobs::{self as api, jobs_client::JobsClient};
 use buildkube_reapi::{connect_channel, AuthChannel};
-use buildkube_tests::{processes_under, Server, Worker};
+use buildkube_tests::{processes_under, watch_job_until, Server, Worker};
 
 const INSTANCE: &str = "main";
 const WAIT: Duration = Duration::from_secs(60);
@@ -83,23 +83,9 @@ impl Farm {
         what: &str,
         done: impl Fn(&api::Job) -> bool,
     ) -> api::Job {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let job = self
-                .jobs
-                .get_job(api::GetJobRequest {
-                    instance_name: INSTANCE.into(),
-                    job_id: id.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if done(&job) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "waiting for {what}: {job:#?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        watch_job_until(&mut self.jobs, INSTANCE, id, what, WAIT, done)
+            .await
+            .unwrap()
     }
 
     /// Kills the worker that started the step (named by the file it
