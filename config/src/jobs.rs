@@ -7,6 +7,11 @@ use clap::{Args, ValueEnum};
 
 use crate::{ClientTlsArgs, DEFAULT_GRPC_PORT, DEFAULT_INSTANCE};
 
+/// The largest webhook delivery body the server accepts (and the one the
+/// generated Ingress lets through). GitHub lists up to 2,048 commits in a
+/// push payload; this holds that with room.
+pub const WEBHOOK_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
 /// HTTP path of GitHub webhook deliveries on the server's HTTP port.
 pub const GITHUB_WEBHOOK_PATH: &str = "/webhooks/github";
 /// HTTP path of GitLab webhook deliveries on the server's HTTP port.

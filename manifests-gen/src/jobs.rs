@@ -49,9 +49,8 @@ pub const HOOKS_CONFIGMAP_FILE: &str = "worker-hooks-configmap.yaml";
 /// The overlay's file of the webhook Ingress (webhooks with `expose: ingress`).
 pub const WEBHOOKS_INGRESS_FILE: &str = "server-webhooks-ingress.yaml";
 /// Largest delivery the Ingress passes on (nginx's `proxy-body-size`): the
-/// server's own limit, `buildkube_jobs::webhook::DEFAULT_MAX_BODY_BYTES`
-/// (a test keeps them equal), beyond which it answers 413 itself.
-pub const WEBHOOK_BODY_BYTES: usize = 8 << 20;
+/// server's own limit, beyond which it answers 413 itself.
+pub const WEBHOOK_BODY_BYTES: usize = buildkube_config::jobs::WEBHOOK_MAX_BODY_BYTES;
 
 /// The `--hooks-dir` of pools with `jobs`.
 pub fn hooks_dir() -> PathBuf {

@@ -25,10 +25,10 @@ pub use gitlab::GitLabWebhook;
 pub use secrets::{SecretsFileError, WebhookSecrets, MAX_SECRETS, MAX_SECRETS_FILE_BYTES};
 pub use trigger::{CommitSha, GitRef, Provider, RepositoryUrls, Trigger, TriggerEvent};
 
-/// The largest delivery body accepted by default. GitHub lists up to 2,048
-/// commits in a push payload; this holds that with room, and the endpoint
-/// holds no more than this per request.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// The largest delivery body accepted by default
+/// ([`buildkube_config::jobs::WEBHOOK_MAX_BODY_BYTES`]); the endpoint holds
+/// no more than this per request.
+pub const DEFAULT_MAX_BODY_BYTES: usize = buildkube_config::jobs::WEBHOOK_MAX_BODY_BYTES;
 
 /// What a delivery asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
